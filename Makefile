@@ -1,0 +1,58 @@
+# slurm_ray: one command to try it (make demo), one to test it (make test).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.slurm_ray_installed
+CLUSTER := scripts/devcluster.sh
+PYTEST_ARGS ?=
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+# The Airflow-side environment: rebuilt when a requirements file changes.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@command -v $(PY) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+venv: $(STAMP)  ## Airflow-side virtualenv (.venv)
+
+cluster-up:  ## start the local Slurm cluster + sshd (+ cluster-side venv); idempotent
+	bash $(CLUSTER) up
+
+cluster-status:  ## sinfo, squeue and the login node's sshd
+	bash $(CLUSTER) status
+
+cluster-down:  ## stop everything the cluster started (by PID) and remove its network
+	bash $(CLUSTER) down
+
+lint: venv  ## ruff + mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check plugins dags tests include bench
+	$(VENV)/bin/mypy
+
+# Brings the cluster up, runs every test, and brings it down even when tests fail.
+test: venv  ## set everything up and run all tests (pure + real cluster)
+	@rc=0; \
+	bash $(CLUSTER) up || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS) || rc=$$?; \
+	  bash $(CLUSTER) status || true; \
+	fi; \
+	bash $(CLUSTER) down || true; \
+	exit $$rc
+
+test-unit: venv  ## pure tests only (no cluster)
+	$(VENV)/bin/pytest -m 'not cluster and not slow' $(PYTEST_ARGS)
+
+demo: venv cluster-up  ## set everything up and run the main job
+	$(VENV)/bin/python scripts/demo.py
+
+down: cluster-down  ## stop everything make demo started
+
+.PHONY: help venv cluster-up cluster-status cluster-down lint test test-unit demo down

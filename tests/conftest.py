@@ -1,0 +1,87 @@
+"""Shared fixtures: the real local dev cluster (scripts/devcluster.sh)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_SCRIPT = ROOT / "scripts" / "devcluster.sh"
+STATE = Path(os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev"))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def load_cluster_env() -> dict[str, str]:
+    """Parse .dev/cluster.env (simple `export K='V'` lines) into a dict."""
+    env: dict[str, str] = {}
+    for line in (STATE / "cluster.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@dataclass
+class DevCluster:
+    """Handle on the running dev cluster for tests."""
+
+    state: Path
+    env: dict[str, str]
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.state / "ssh_config"
+
+    @property
+    def scratch(self) -> Path:
+        return self.state / "scratch"
+
+    @property
+    def venv(self) -> Path:
+        return self.state / "venv"
+
+    def ssh(
+        self, command: str, *, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `command` on the login node as the job user, through the real sshd."""
+        proc = subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), "dev-cluster", command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"ssh command failed rc={proc.returncode}: {command}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def new_dir(self, prefix: str = "t") -> str:
+        """A fresh directory in the shared scratch, owned by the job user."""
+        path = f"{self.scratch}/tests/{prefix}-{uuid.uuid4().hex[:10]}"
+        self.ssh(f"mkdir -p {shlex.quote(path)}")
+        return path
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[DevCluster]:
+    """The real local Slurm cluster with sshd; brought up if needed (idempotent)."""
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"devcluster up failed:\n{proc.stderr[-4000:]}")
+    env = load_cluster_env()
+    for key in ("SLURM_CONF", "AIRFLOW_CONN_SLURM_DEV"):
+        os.environ[key] = env[key]
+    yield DevCluster(state=STATE, env=env)
