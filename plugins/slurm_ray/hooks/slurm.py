@@ -1,0 +1,335 @@
+"""SSH access to a Slurm cluster's login node: commands, files, jobs.
+
+Built on the SSH provider: :class:`SSHHook` (paramiko) for the operator side,
+:class:`SSHHookAsync` (asyncssh) for triggers.  All shell text comes from the
+pure builders in :mod:`slurm_ray.utils.remote`; this module only transports.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowException
+
+from slurm_ray.utils import remote
+from slurm_ray.utils.quoting import quote
+from slurm_ray.utils.states import JobInfo
+
+if TYPE_CHECKING:
+    import asyncssh
+    import paramiko
+
+
+class SlurmSSHError(AirflowException):
+    """The login node could not be reached or a remote command failed."""
+
+
+class HostKeyError(SlurmSSHError):
+    """The server's host key is unknown or differs from the one configured."""
+
+
+class RemoteCommandError(SlurmSSHError):
+    """A remote command exited non-zero; carries the evidence."""
+
+    def __init__(self, command: str, exit_code: int, stdout: str, stderr: str) -> None:
+        self.command = command
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        detail = (stderr.strip() or stdout.strip())[-2000:]
+        super().__init__(f"remote command failed (exit {exit_code}): {command[:300]}\n{detail}")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Outcome of one remote command."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    stdout_bytes: bytes = b""
+
+    def check(self, command: str) -> CommandResult:
+        """Raise :class:`RemoteCommandError` unless the command succeeded."""
+        if self.exit_code != 0:
+            raise RemoteCommandError(command, self.exit_code, self.stdout, self.stderr)
+        return self
+
+
+def parse_job_id(sbatch_output: str) -> str:
+    """Job id from ``sbatch --parsable`` output (``ID`` or ``ID;cluster``)."""
+    line = sbatch_output.strip().splitlines()[-1] if sbatch_output.strip() else ""
+    job_id = line.split(";", 1)[0].strip()
+    if not job_id.isdigit():
+        raise SlurmSSHError(f"sbatch did not print a job id: {sbatch_output!r}")
+    return job_id
+
+
+def _host_key_message(conn_id: str | None, exc: BaseException) -> str:
+    return (
+        f"SSH host key verification failed for connection {conn_id!r}: {exc}. "
+        "Refusing to run anything. Put the server's public key into the connection's "
+        "`host_key` extra (e.g. `ssh-keyscan -p PORT HOST`, verified out of band)."
+    )
+
+
+class SlurmHook(BaseHook):
+    """
+    Talk to a Slurm cluster through its login node over SSH.
+
+    :param ssh_conn_id: Airflow SSH connection of the login node. Its ``host_key``
+        extra pins the server key; without it the key must be in ``known_hosts``.
+    :param command_timeout: default seconds a remote command may take.
+    :param conn_timeout: seconds to establish the SSH connection.
+    """
+
+    conn_name_attr = "ssh_conn_id"
+    default_conn_name = "slurm_default"
+    conn_type = "ssh"
+    hook_name = "Slurm (SSH)"
+
+    def __init__(
+        self,
+        ssh_conn_id: str = default_conn_name,
+        *,
+        command_timeout: float = 120.0,
+        conn_timeout: int = 10,
+    ) -> None:
+        super().__init__()
+        self.ssh_conn_id = ssh_conn_id
+        self.command_timeout = command_timeout
+        self.conn_timeout = conn_timeout
+
+    @cached_property
+    def ssh_hook(self) -> Any:
+        from airflow.providers.ssh.hooks.ssh import SSHHook
+
+        # One attempt: our callers decide about retries, and a host key
+        # mismatch must not be retried at all.
+        return SSHHook(
+            ssh_conn_id=self.ssh_conn_id, conn_timeout=self.conn_timeout, conn_retry_attempts=1
+        )
+
+    def get_conn(self) -> paramiko.SSHClient:
+        """The (cached) paramiko client; host key failures become :class:`HostKeyError`."""
+        import paramiko
+
+        try:
+            return self.ssh_hook.get_conn()
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
+        except paramiko.SSHException as exc:
+            if "known_hosts" in str(exc) or "host key" in str(exc).lower():
+                raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
+            raise SlurmSSHError(f"SSH to {self.ssh_conn_id!r} failed: {exc}") from exc
+        except OSError as exc:
+            raise SlurmSSHError(f"SSH to {self.ssh_conn_id!r} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the SSH connection if one is open."""
+        client = self.ssh_hook.client
+        if client is not None:
+            client.close()
+            self.ssh_hook.client = None
+
+    # -- commands ---------------------------------------------------------------
+
+    def run(
+        self, command: str, *, timeout: float | None = None, check: bool = False
+    ) -> CommandResult:
+        """
+        Run ``command`` in the login node's shell.
+
+        :param timeout: seconds before the command is abandoned (channel closed).
+        :param check: raise :class:`RemoteCommandError` on a non-zero exit.
+        """
+        limit = self.command_timeout if timeout is None else timeout
+        transport = self.get_conn().get_transport()
+        if transport is None:
+            raise SlurmSSHError(f"SSH transport to {self.ssh_conn_id!r} is closed")
+        chan = transport.open_session()
+        try:
+            chan.settimeout(limit)
+            chan.exec_command(command)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = time.monotonic() + limit
+            # Drain both streams as they come: reading one to the end first
+            # deadlocks once the other fills its window.
+            while True:
+                busy = False
+                if chan.recv_ready():
+                    out += chan.recv(1 << 16)
+                    busy = True
+                if chan.recv_stderr_ready():
+                    err += chan.recv_stderr(1 << 16)
+                    busy = True
+                if (
+                    not busy
+                    and chan.exit_status_ready()
+                    and not chan.recv_ready()
+                    and not chan.recv_stderr_ready()
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
+                if not busy:
+                    time.sleep(0.005)
+            code = chan.recv_exit_status()
+        finally:
+            chan.close()
+        result = CommandResult(
+            # -1: the remote side died from a signal; never read that as success.
+            exit_code=code if code is not None else -1,
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
+            stdout_bytes=bytes(out),
+        )
+        return result.check(command) if check else result
+
+    # -- files ------------------------------------------------------------------
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        return self.get_conn().open_sftp()
+
+    def upload_bytes(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
+        """Write ``data`` to ``remote_path`` (atomically: temp file then rename)."""
+        tmp = f"{remote_path}.part"
+        with self._sftp() as sftp:
+            sftp.putfo(io.BytesIO(data), tmp)
+            sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, remote_path)
+
+    def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
+        """Copy a local file to the cluster, keeping its mode unless ``mode`` is given."""
+        import os
+
+        with open(local_path, "rb") as fh:
+            data = fh.read()
+        self.upload_bytes(
+            data, remote_path, mode=mode if mode is not None else stat.S_IMODE(os.stat(local_path).st_mode)
+        )
+
+    def download(self, remote_path: str, local_path: str) -> None:
+        """Copy a remote file to ``local_path``."""
+        with self._sftp() as sftp:
+            sftp.get(remote_path, local_path)
+
+    def read_file(self, remote_path: str) -> bytes | None:
+        """Whole remote file, or None when it does not exist."""
+        with self._sftp() as sftp:
+            try:
+                with sftp.open(remote_path, "rb") as fh:
+                    return fh.read()
+            except FileNotFoundError:
+                return None
+
+    def read_from_offset(self, remote_path: str, offset: int, max_bytes: int = 1 << 20) -> bytes:
+        """Bytes of ``remote_path`` from byte ``offset`` (empty if missing or no new data)."""
+        cmd = remote.build_read_from_offset_command(remote_path, offset, max_bytes)
+        return self.run(cmd, check=True).stdout_bytes
+
+    def makedirs(self, remote_path: str) -> None:
+        """``mkdir -p`` and prove the directory is writable (one-line error if not)."""
+        probe = posixpath.join(remote_path, ".slurm_ray_write_probe")
+        cmd = (
+            f"mkdir -p -- {quote(remote_path)} && : > {quote(probe)} && rm -f -- {quote(probe)}"
+        )
+        res = self.run(cmd)
+        if res.exit_code != 0:
+            reason = (res.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise SlurmSSHError(f"remote run directory {remote_path!r} is not writable: {reason}")
+
+    # -- jobs -------------------------------------------------------------------
+
+    def submit(self, script_path: str, *, cwd: str | None = None) -> str:
+        """``sbatch --parsable`` an uploaded script; returns the job id."""
+        directory = cwd or posixpath.dirname(script_path)
+        cmd = f"cd {quote(directory)} && sbatch --parsable {quote(script_path)}"
+        return parse_job_id(self.run(cmd, check=True).stdout)
+
+    def states(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+        """States of many jobs with one remote command (squeue → scontrol → sacct)."""
+        if not job_ids:
+            return {}
+        cmd = remote.build_states_command(job_ids)
+        res = self.run(cmd)
+        return remote.parse_states_output(res.stdout, job_ids)
+
+    def find_jobs_by_name(self, name: str) -> list[JobInfo]:
+        """The current user's jobs named exactly ``name``, any state Slurm still knows."""
+        res = self.run(remote.build_find_jobs_by_name_command(name), check=True)
+        return remote.parse_find_jobs_by_name(res.stdout, name)
+
+    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
+        """``scancel`` the job (or send it ``signal``)."""
+        self.run(remote.build_cancel_command(job_id, signal=signal), check=True)
+
+
+class AsyncSlurmClient:
+    """
+    One asyncssh connection to a login node, for triggers.
+
+    :param ssh_conn_id: the same Airflow SSH connection the operator used.
+    """
+
+    def __init__(self, ssh_conn_id: str, *, command_timeout: float = 60.0) -> None:
+        self.ssh_conn_id = ssh_conn_id
+        self.command_timeout = command_timeout
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def connect(self) -> None:
+        """Open the connection (no-op while one is open)."""
+        import asyncssh
+        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        try:
+            self._conn = await SSHHookAsync(ssh_conn_id=self.ssh_conn_id).get_conn()
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
+
+    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
+        """Run ``command``; connection failures raise ``OSError``/asyncssh errors."""
+        await self.connect()
+        assert self._conn is not None
+        res = await self._conn.run(
+            command,
+            check=False,
+            encoding=None,
+            timeout=self.command_timeout if timeout is None else timeout,
+        )
+        out = res.stdout if isinstance(res.stdout, bytes) else (res.stdout or "").encode()
+        err = res.stderr if isinstance(res.stderr, bytes) else (res.stderr or "").encode()
+        return CommandResult(
+            # None means killed by a signal or the channel dropped: not success.
+            exit_code=res.exit_status if res.exit_status is not None else -1,
+            stdout=out.decode("utf-8", "replace"),
+            stderr=err.decode("utf-8", "replace"),
+            stdout_bytes=out,
+        )
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+        """Same as :meth:`SlurmHook.states`, async."""
+        res = await self.run(remote.build_states_command(job_ids))
+        return remote.parse_states_output(res.stdout, job_ids)
+
+    async def cancel(self, job_id: str) -> CommandResult:
+        """``scancel`` the job."""
+        return await self.run(remote.build_cancel_command(job_id))

@@ -1,0 +1,481 @@
+"""SlurmRayOperator: one Slurm job that starts a multi-node Ray cluster and trains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.configuration import conf
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from slurm_ray.hooks.slurm import SlurmHook
+from slurm_ray.links import SlurmJobLink
+from slurm_ray.utils.batch import JobSpec, render_batch_script
+from slurm_ray.utils.environment import EnvironmentSpec
+from slurm_ray.utils.quoting import quote
+from slurm_ray.utils.states import JobInfo, SlurmState, is_active, is_terminal
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Cluster-side files staged into every run directory.
+INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py")
+#: Exit code of the driver when it checkpointed on Slurm's pre-timeout signal.
+EXIT_CHECKPOINTED = 75
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def include_dir() -> Path:
+    """Where the cluster-side files live (``SLURM_RAY_INCLUDE_DIR`` overrides)."""
+    import os
+
+    return Path(os.environ.get("SLURM_RAY_INCLUDE_DIR", str(INCLUDE_DIR)))
+
+
+def sanitize(component: str, max_len: int = 120) -> str:
+    """A path/job-name safe version of ``component`` (never ``.``/``..``)."""
+    text = _SAFE.sub("_", component).strip("_") or "x"
+    if set(text) <= {"."}:
+        text = text.replace(".", "_")
+    if len(text) > max_len:
+        digest = hashlib.sha256(component.encode()).hexdigest()[:10]
+        text = f"{text[: max_len - 11]}-{digest}"
+    return text
+
+
+def run_identity(
+    dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int
+) -> tuple[str, str]:
+    """(job name, run-dir suffix) derived deterministically from the task try."""
+    task = task_id if map_index < 0 else f"{task_id}__{map_index}"
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}\0{task}".encode()).hexdigest()[:12]
+    job_name = f"sr-{digest}-{sanitize(task, 40)}-t{try_number}"
+    suffix = posixpath.join(sanitize(dag_id), sanitize(run_id), sanitize(task), f"try_{try_number}")
+    return job_name, suffix
+
+
+class SlurmRayOperator(BaseOperator):
+    """
+    Run a Ray program across the nodes of one Slurm job, submitted over SSH.
+
+    The job starts a Ray head on its first node and a worker on every other
+    node (``include/ray_launch.sh``), then runs ``entrypoint`` on the head node;
+    by default the RLlib driver ``train.py`` with ``config``.
+
+    :param ssh_conn_id: SSH connection of the cluster's login node.
+    :param job_spec: Slurm job parameters (:class:`~slurm_ray.utils.batch.JobSpec`
+        fields: nodes, ntasks_per_node, cpus_per_task, mem, gpus_per_node, partition,
+        account, qos, time, constraint, exclusive, extra, ...). ``job_name`` is derived.
+    :param environment: how the job activates Python
+        (:class:`~slurm_ray.utils.environment.EnvironmentSpec` fields).
+    :param entrypoint: shell command run on the head node once Ray is up
+        (default: the RLlib driver). ``RAY_ADDRESS`` and ``SLURM_RAY_RUN_DIR`` are set.
+    :param config: training config (dict, templated), written to ``config.json``.
+    :param remote_base_dir: root of run directories (``{user}`` = remote user).
+    :param poll_interval: seconds between job state polls.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param env_vars: extra environment for the job (values are quoted).
+    :param extra_files: more local files to stage (name -> local path).
+    :param join_timeout: seconds the launcher waits for all Ray nodes.
+    :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
+        time limit so the driver can checkpoint (0 disables).
+    :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
+    """
+
+    template_fields: Sequence[str] = (
+        "config",
+        "job_spec",
+        "entrypoint",
+        "remote_base_dir",
+        "env_vars",
+        "environment",
+    )
+    template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
+    operator_extra_links = (SlurmJobLink(),)
+    ui_color = "#d8ecf7"
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_id: str,
+        remote_base_dir: str,
+        job_spec: Mapping[str, Any] | None = None,
+        environment: Mapping[str, Any] | None = None,
+        entrypoint: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        poll_interval: float = 10.0,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        env_vars: Mapping[str, str] | None = None,
+        extra_files: Mapping[str, str] | None = None,
+        join_timeout: int = 180,
+        checkpoint_signal_s: int = 60,
+        mlflow: Mapping[str, Any] | None = None,
+        cluster_name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.ssh_conn_id = ssh_conn_id
+        self.remote_base_dir = remote_base_dir
+        self.job_spec = dict(job_spec or {})
+        self.environment = dict(environment or {})
+        self.entrypoint = entrypoint
+        self.config = dict(config or {})
+        self.poll_interval = poll_interval
+        self.deferrable = deferrable
+        self.env_vars = dict(env_vars or {})
+        self.extra_files = dict(extra_files or {})
+        self.join_timeout = join_timeout
+        self.checkpoint_signal_s = checkpoint_signal_s
+        self.mlflow = dict(mlflow) if mlflow else None
+        self.cluster_name = cluster_name or ssh_conn_id
+        self._job_id: str | None = None
+
+    # -- helpers ------------------------------------------------------------------
+
+    @property
+    def hook(self) -> SlurmHook:
+        if not hasattr(self, "_hook"):
+            self._hook = SlurmHook(self.ssh_conn_id)
+        return self._hook
+
+    def _validated(self, job_name: str, log_path: str) -> tuple[JobSpec, EnvironmentSpec, dict[str, Any] | None]:
+        """Validate everything before the cluster is touched; errors name the field."""
+        spec_dict = {k: v for k, v in self.job_spec.items() if v is not None}
+        if "job_name" in spec_dict:
+            raise AirflowException("job_spec.job_name: derived from the task; do not set it")
+        spec_dict.setdefault("output", log_path)
+        if self.checkpoint_signal_s and self.entrypoint is None:
+            spec_dict.setdefault("signal", f"B:USR1@{int(self.checkpoint_signal_s)}")
+        try:
+            spec = JobSpec.from_dict({**spec_dict, "job_name": job_name})
+            env = EnvironmentSpec.from_dict(self.environment)
+        except ValueError as exc:
+            raise AirflowException(str(exc)) from exc
+        config: dict[str, Any] | None = None
+        if self.entrypoint is None:
+            from slurm_ray.training_config import ConfigError, validate_config
+
+            try:
+                config = validate_config(self.config).to_dict()
+            except ConfigError as exc:
+                raise AirflowException(str(exc)) from exc
+        for key in self.env_vars:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
+        return spec, env, config
+
+    def _remote_user(self) -> str:
+        return self.hook.run("id -un", check=True).stdout.strip()
+
+    def _resolve_user(self, text: str, user: str | None) -> str:
+        return text.replace("{user}", user) if user and "{user}" in text else text
+
+    def _identity(self, context: Context) -> tuple[str, str]:
+        ti = context["ti"]
+        return run_identity(
+            ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), ti.try_number
+        )
+
+    def render_script(
+        self, spec: JobSpec, env: EnvironmentSpec, run_dir: str, config: dict[str, Any] | None
+    ) -> str:
+        """The batch script: environment, then the Ray launcher running the entrypoint."""
+        if config is not None:
+            command = (
+                "python -u train.py --config config.json --run-dir "
+                f"{quote(run_dir)}{self._resume_arg(run_dir)}"
+            )
+        else:
+            command = f"bash -c {quote(self.entrypoint or 'true')}"
+        env_vars = {
+            "SLURM_RAY_RUN_DIR": run_dir,
+            "SLURM_RAY_JOIN_TIMEOUT": str(self.join_timeout),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+            **self.env_vars,
+        }
+        setup = [f"cd {quote(run_dir)}", *env.activation_lines()]
+        return render_batch_script(
+            spec,
+            command=f"exec bash ray_launch.sh {command}",
+            setup_lines=setup,
+            env=env_vars,
+            header_comment=f"slurm_ray {self.task_id}: rendered by SlurmRayOperator",
+        )
+
+    def _resume_arg(self, run_dir: str) -> str:
+        prev = getattr(self, "_resume_from", None)
+        return f" --resume-from {quote(prev)}" if prev else ""
+
+    def _find_previous_checkpoint(self, run_dir: str) -> str | None:
+        """Newest checkpoint of an earlier try of this task (a retry resumes from it)."""
+        task_dir = posixpath.dirname(run_dir)
+        cmd = (
+            f"cd {quote(task_dir)} 2>/dev/null && "
+            "ls -1d try_*/checkpoints/iter_* 2>/dev/null | "
+            "awk -F/ '{n=$3; sub(/iter_/,\"\",n); print n+0, $0}' | sort -n | tail -1 | cut -d' ' -f2"
+        )
+        found = self.hook.run(cmd).stdout.strip()
+        if found and not found.startswith(posixpath.basename(run_dir) + "/"):
+            return posixpath.join(task_dir, found)
+        return None
+
+    # -- execute ------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        job_name, suffix = self._identity(context)
+        user = None
+        base = self.remote_base_dir
+        needs_user = "{user}" in base or "{user}" in str(self.environment.get("prefix", ""))
+        log_rel = "slurm-%j.out"
+        spec, env, config = self._validated(job_name, log_rel)
+        if needs_user:
+            user = self._remote_user()
+            base = self._resolve_user(base, user)
+            if env.prefix:
+                env = EnvironmentSpec.from_dict(
+                    {**env.to_dict(), "prefix": self._resolve_user(env.prefix, user)}
+                )
+        run_dir = posixpath.join(base, suffix)
+        ti = context["ti"]
+
+        job = self._existing_job(job_name)
+        if job is not None and is_active(job.state):
+            self.log.info("Re-attaching to Slurm job %s (%s) named %s", job.job_id, job.state.value, job_name)
+            return self._follow(context, job.job_id, run_dir)
+        result = self._read_result(run_dir)
+        if job is not None and is_terminal(job.state):
+            self.log.info("This try's job %s already ended %s; collecting it", job.job_id, job.state.value)
+            return self._finish(job.job_id, run_dir, job, result)
+        if result is not None and result.get("status") == "completed":
+            self.log.info("result.json already present in %s; collecting it", run_dir)
+            return self._summary(result.get("slurm_job_id", ""), run_dir, None, result)
+
+        self.hook.makedirs(run_dir)
+        self._resume_from = self._find_previous_checkpoint(run_dir) if config is not None else None
+        if self._resume_from:
+            self.log.info("Resuming from checkpoint of an earlier try: %s", self._resume_from)
+        self._stage(run_dir, config)
+        script = self.render_script(spec, env, run_dir, config)
+        self.hook.upload_bytes(script.encode(), posixpath.join(run_dir, "job.sbatch"), mode=0o644)
+        job_id, attached = self._submit_once(run_dir, job_name)
+        self.log.info(
+            "%s Slurm job %s (%s) in %s", "Re-attached to" if attached else "Submitted", job_id, job_name, run_dir
+        )
+        ti.xcom_push(key="slurm_job_id", value=job_id)
+        ti.xcom_push(key="run_dir", value=run_dir)
+        ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        return self._follow(context, job_id, run_dir)
+
+    def _existing_job(self, job_name: str) -> JobInfo | None:
+        jobs = self.hook.find_jobs_by_name(job_name)
+        active = [j for j in jobs if is_active(j.state)]
+        if active:
+            return active[0]
+        return max(jobs, key=lambda j: int(re.sub(r"\D.*", "", j.job_id) or 0), default=None)
+
+    def _read_result(self, run_dir: str) -> dict[str, Any] | None:
+        raw = self.hook.read_file(posixpath.join(run_dir, "result.json"))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _stage(self, run_dir: str, config: dict[str, Any] | None) -> None:
+        files: dict[str, Path] = {name: include_dir() / name for name in DEFAULT_FILES}
+        files["training_config.py"] = PLUGIN_DIR / "training_config.py"
+        files.update({name: Path(path) for name, path in self.extra_files.items()})
+        for name, local in files.items():
+            if "/" in name or name in ("", ".", ".."):
+                raise AirflowException(f"extra_files: {name!r} must be a plain file name")
+            self.hook.upload_bytes(local.read_bytes(), posixpath.join(run_dir, name), mode=0o755 if name.endswith(".sh") else 0o644)
+        payload = config if config is not None else self.config
+        self.hook.upload_bytes(
+            json.dumps(payload, indent=2, sort_keys=True).encode(), posixpath.join(run_dir, "config.json")
+        )
+
+    def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
+        """Submit unless a job of this name is already queued; atomic on the cluster.
+
+        Two executions of the same try (a double trigger, a scheduler race)
+        serialise on a lock file in the run directory, so only one submits.
+        """
+        cmd = (
+            f"cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
+            f"existing=$(squeue -h -u \"$(id -un)\" --name={quote(job_name)} "
+            "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
+            'if [ -n "$existing" ]; then echo "attach:$existing"; '
+            "else sbatch --parsable job.sbatch; fi"
+        )
+        out = self.hook.run(cmd, check=True).stdout.strip().splitlines()
+        last = out[-1] if out else ""
+        if last.startswith("attach:"):
+            return last.split(":", 1)[1].strip(), True
+        from slurm_ray.hooks.slurm import parse_job_id
+
+        return parse_job_id(last), False
+
+    def _follow(self, context: Context, job_id: str, run_dir: str) -> Any:
+        self._job_id = job_id
+        log_path = posixpath.join(run_dir, f"slurm-{job_id}.out")
+        deadline = None
+        if self.execution_timeout:
+            deadline = time.time() + self.execution_timeout.total_seconds()
+        if self.deferrable:
+            from slurm_ray.triggers.slurm_job import SlurmJobTrigger
+
+            self.defer(
+                trigger=SlurmJobTrigger(
+                    job_id=job_id,
+                    ssh_conn_id=self.ssh_conn_id,
+                    log_path=log_path,
+                    metrics_path=posixpath.join(run_dir, "metrics.jsonl"),
+                    poll_interval=self.poll_interval,
+                    deadline=deadline,
+                    relay=self._relay_settings(context, job_id, run_dir),
+                ),
+                method_name="execute_complete",
+                kwargs={"run_dir": run_dir},
+            )
+        return self._poll_until_done(job_id, run_dir, log_path)
+
+    def _relay_settings(self, context: Context, job_id: str, run_dir: str) -> dict[str, Any] | None:
+        return None
+
+    def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
+        """Non-deferrable mode: poll from the worker; cancel the job if we are stopped."""
+        offset = 0
+        buf = b""
+        last_state = None
+        try:
+            while True:
+                info = self.hook.states([job_id]).get(job_id)
+                chunk = self.hook.read_from_offset(log_path, offset)
+                if chunk:
+                    offset += len(chunk)
+                    *lines, buf = (buf + chunk).split(b"\n")
+                    for line in lines:
+                        self.log.info("[slurm %s] %s", job_id, line.decode("utf-8", "replace"))
+                if info is not None and info.state != last_state:
+                    self.log.info("Slurm job %s is %s", job_id, info.state.value)
+                    last_state = info.state
+                if info is not None and is_terminal(info.state):
+                    return self._finish(job_id, run_dir, info, self._read_result(run_dir))
+                time.sleep(self.poll_interval)
+        except BaseException:
+            # execution_timeout, SIGTERM from a cleared task, or an error: never
+            # leave the job running behind us.
+            if last_state is None or not is_terminal(last_state):
+                self._cancel_quietly(job_id)
+            raise
+
+    def execute_complete(self, context: Context, event: dict[str, Any], run_dir: str = "") -> Any:
+        """Turn the trigger's final event into the task's result or a clear error."""
+        job_id = str(event.get("job_id", ""))
+        self._job_id = job_id
+        status = event.get("status")
+        if status == "timeout":
+            from airflow.sdk.exceptions import AirflowTaskTimeout
+
+            raise AirflowTaskTimeout(
+                f"execution_timeout reached; Slurm job {job_id} was cancelled. {event.get('message', '')}"
+            )
+        if status != "terminal":
+            self._cancel_quietly(job_id)
+            raise AirflowException(
+                f"lost track of Slurm job {job_id}: {event.get('message')} (a cancel was attempted)"
+            )
+        info = JobInfo(
+            job_id=job_id,
+            state=SlurmState(event["state"]),
+            reason=event.get("reason") or "",
+            name="",
+            nodelist=event.get("nodelist") or "",
+            num_nodes=None,
+            exit_code=event.get("exit_code"),
+            elapsed=None,
+            source="trigger",
+        )
+        return self._finish(job_id, run_dir, info, self._read_result(run_dir))
+
+    def _log_tail(self, run_dir: str, job_id: str, lines: int = 40) -> str:
+        path = posixpath.join(run_dir, f"slurm-{job_id}.out")
+        res = self.hook.run(f"tail -n {int(lines)} -- {quote(path)} 2>&1")
+        return res.stdout.rstrip()
+
+    def _finish(
+        self, job_id: str, run_dir: str, info: JobInfo | None, result: dict[str, Any] | None
+    ) -> Any:
+        state = info.state if info else SlurmState.UNKNOWN
+        if state == SlurmState.COMPLETED:
+            return self._summary(job_id, run_dir, info, result)
+        reason = info.reason if info else ""
+        where = f" on {info.nodelist}" if info and info.nodelist else ""
+        hint = {
+            SlurmState.TIMEOUT: "the job hit its time limit; a retry resumes from the newest checkpoint",
+            SlurmState.NODE_FAIL: f"a node failed{where}",
+            SlurmState.OUT_OF_MEMORY: "a step ran out of memory; raise job_spec.mem",
+            SlurmState.CANCELLED: "the job was cancelled (scancel, or by an administrator)",
+            SlurmState.PREEMPTED: "the job was preempted by a higher-priority job",
+            SlurmState.NOT_FOUND: "Slurm no longer knows the job and the site has no accounting",
+        }.get(state, "")
+        raise AirflowException(
+            f"Slurm job {job_id} ended {state.value}"
+            + (f" (reason: {reason})" if reason and reason != "None" else "")
+            + (f", exit code {info.exit_code}" if info and info.exit_code else "")
+            + (f": {hint}" if hint else "")
+            + f"\nrun dir: {run_dir}\n--- last lines of slurm-{job_id}.out ---\n"
+            + self._log_tail(run_dir, job_id)
+        )
+
+    def _summary(
+        self, job_id: str, run_dir: str, info: JobInfo | None, result: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "job_id": job_id,
+            "run_dir": run_dir,
+            "state": SlurmState.COMPLETED.value,
+            "nodelist": info.nodelist if info else "",
+            "cluster": self.cluster_name,
+        }
+        if result:
+            for key in (
+                "iterations",
+                "env_steps",
+                "episode_return_mean",
+                "eval_return_mean",
+                "checkpoint",
+                "rl_module_checkpoint",
+                "stop_reason",
+                "wall_s",
+            ):
+                if key in result:
+                    summary[key] = result[key]
+        return summary
+
+    def _cancel_quietly(self, job_id: str | None) -> None:
+        if not job_id:
+            return
+        try:
+            self.hook.cancel(job_id)
+            self.log.info("Cancelled Slurm job %s", job_id)
+        except Exception as exc:  # noqa: BLE001 - best effort while failing anyway
+            self.log.warning("Could not cancel Slurm job %s: %s", job_id, exc)
+
+    def on_kill(self) -> None:
+        """The task was killed while running in a worker: cancel the job."""
+        self._cancel_quietly(self._job_id)

@@ -1,0 +1,168 @@
+"""Cluster profiles: everything site-specific, in one place.
+
+A profile names the SSH connection of the login node, where run directories
+go, the site's module lines, how the Python environment is activated, and
+default Slurm placement.  DAG code only ever says ``profile="kestrel"``.
+
+Add a site: :func:`register_profile` from a DAG-folder module, or set the
+``SLURM_RAY_PROFILES`` environment variable to a JSON file path whose content
+is ``{"name": {...ClusterProfile fields...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from slurm_ray.utils.environment import EnvironmentSpec
+
+
+class ProfileError(ValueError):
+    """Unknown profile or bad profile definition."""
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """
+    One HPC site.
+
+    :param name: profile id used in Params (``local``, ``eagle``, ``kestrel``).
+    :param ssh_conn_id: Airflow SSH connection of the login node.
+    :param login_host: documentation only: the host the connection points at.
+    :param remote_base_dir: root of run directories; ``{user}`` is the remote user.
+    :param cores_per_node: CPUs of one compute node.
+    :param gpus_per_node: GPUs of one GPU node (0 if none).
+    :param partition: default partition (None: the site default).
+    :param account: default account; ``None`` where the site needs none.
+    :param environment: how jobs activate the Python environment.
+    :param job_url_template: link to a job page (Open OnDemand etc.); ``{job_id}``,
+        ``{cluster}`` are filled in. Empty: the link shows the id and cluster only.
+    """
+
+    name: str
+    ssh_conn_id: str
+    login_host: str = ""
+    remote_base_dir: str = "/scratch/{user}/slurm_ray"
+    cores_per_node: int = 1
+    gpus_per_node: int = 0
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    environment: EnvironmentSpec = field(default_factory=EnvironmentSpec)
+    job_url_template: str = ""
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> ClusterProfile:
+        data = dict(data)
+        env = EnvironmentSpec.from_dict(data.pop("environment", None))
+        valid = set(cls.__dataclass_fields__) - {"name", "environment"}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ProfileError(
+                f"profile {name!r}: unknown key(s) {unknown}; valid keys are: {sorted(valid)}"
+            )
+        return cls(name=name, environment=env, **data)
+
+    def base_dir_for(self, user: str) -> str:
+        """``remote_base_dir`` with ``{user}`` filled in."""
+        return self.remote_base_dir.replace("{user}", user)
+
+
+_LOCAL_STATE = os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev")
+
+_BUILTIN: dict[str, ClusterProfile] = {
+    "local": ClusterProfile(
+        name="local",
+        ssh_conn_id="slurm_dev",
+        login_host="127.0.0.1:22022",
+        remote_base_dir=f"{_LOCAL_STATE}/scratch/runs",
+        cores_per_node=4,
+        partition="debug",
+        environment=EnvironmentSpec(
+            kind="venv",
+            prefix=f"{_LOCAL_STATE}/venv",
+            spec_file="requirements-cluster.txt",
+            python="/usr/bin/python3",
+        ),
+        description="The local dev cluster of scripts/devcluster.sh (two nodes n1, n2).",
+    ),
+    # NREL Eagle (retired; kept because the tutorial this project grew from ran there).
+    "eagle": ClusterProfile(
+        name="eagle",
+        ssh_conn_id="slurm_eagle",
+        login_host="el1.hpc.nrel.gov",
+        remote_base_dir="/scratch/{user}/slurm_ray",
+        cores_per_node=36,
+        gpus_per_node=2,
+        partition="short",
+        account="CHANGE_ME",
+        environment=EnvironmentSpec(
+            kind="conda",
+            prefix="/scratch/{user}/conda-envs/slurm-ray",
+            spec_file="environment.yml",
+            module_lines=("module purge", "module load conda"),
+            conda_setup='eval "$(conda shell.bash hook)"',
+            unset_ld_preload=True,
+        ),
+        description="NREL Eagle: 36 cores per node; LD_PRELOAD broke Ray's Redis there.",
+    ),
+    "kestrel": ClusterProfile(
+        name="kestrel",
+        ssh_conn_id="slurm_kestrel",
+        login_host="kestrel.hpc.nrel.gov",
+        remote_base_dir="/scratch/{user}/slurm_ray",
+        cores_per_node=104,
+        gpus_per_node=4,
+        partition="short",
+        account="CHANGE_ME",
+        environment=EnvironmentSpec(
+            kind="conda",
+            prefix="/scratch/{user}/conda-envs/slurm-ray",
+            spec_file="environment.yml",
+            module_lines=("module purge", "module load anaconda3"),
+            conda_setup='eval "$(conda shell.bash hook)"',
+        ),
+        description="NREL Kestrel: 104 cores per node.",
+    ),
+}
+
+_REGISTERED: dict[str, ClusterProfile] = {}
+
+
+def register_profile(profile: ClusterProfile) -> None:
+    """Add or replace a profile at import time (e.g. from a DAG-folder module)."""
+    _REGISTERED[profile.name] = profile
+
+
+def _from_env_file() -> dict[str, ClusterProfile]:
+    path = os.environ.get("SLURM_RAY_PROFILES")
+    if not path:
+        return {}
+    with open(path) as fh:
+        raw = json.load(fh)
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a JSON object of profiles")
+    return {name: ClusterProfile.from_dict(name, spec) for name, spec in raw.items()}
+
+
+def all_profiles() -> dict[str, ClusterProfile]:
+    """Built-in, file-defined and registered profiles (later ones win)."""
+    return {**_BUILTIN, **_from_env_file(), **_REGISTERED}
+
+
+def profile_names() -> list[str]:
+    return sorted(all_profiles())
+
+
+def get_profile(name: str, **overrides: Any) -> ClusterProfile:
+    """The profile ``name``; ``overrides`` replace fields. Unknown names list the valid ones."""
+    profiles = all_profiles()
+    if name not in profiles:
+        raise ProfileError(
+            f"profile: unknown cluster profile {name!r}; valid profiles are: {', '.join(sorted(profiles))}"
+        )
+    return replace(profiles[name], **overrides) if overrides else profiles[name]

@@ -1,0 +1,455 @@
+"""include/ray_launch.sh on the real local Slurm cluster (n1, n2).
+
+The `cluster` tests: each writes a fresh run directory under the shared scratch, stages the
+launcher there, submits a hand-written batch script with `sbatch --parsable`
+over the dev cluster's ssh, and always scancels what it submitted. The
+unmarked tests source the launcher and check its pure helpers locally.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INCLUDE = REPO / "include"
+SSH_CONFIG = REPO / ".dev" / "ssh_config"
+STATE = Path("/var/lib/slurm-ray-dev")
+SCRATCH = STATE / "scratch" / "tests"
+VENV = STATE / "venv"
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+READY_RE = re.compile(
+    r"ray_launch: cluster ready nodes=(\d+) cpus=(\S+) gpus=(\S+) in ([\d.]+)s "
+    r"\(address=([\d.]+):(\d+)\)"
+)
+
+
+def ssh(cmd: str, *, check: bool = True, timeout: float = 60, stdin: str | None = None):
+    r = subprocess.run(
+        ["ssh", "-F", str(SSH_CONFIG), "dev-cluster", cmd],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"ssh {cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not SSH_CONFIG.exists():
+        pytest.skip("dev cluster not configured (scripts/devcluster.sh up)")
+    try:
+        r = ssh("sinfo -h -o %D", check=False, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.skip("dev cluster ssh timed out")
+    if r.returncode != 0:
+        pytest.skip(f"dev cluster not reachable: {r.stderr.strip()}")
+    if ssh(f"test -f {VENV}/.slurm_ray_spec_sha256", check=False).returncode != 0:
+        pytest.skip("cluster venv not built yet")
+
+
+class Job:
+    """A run directory with the launcher staged in it, and its job(s)."""
+
+    def __init__(self, tag: str) -> None:
+        self.dir = SCRATCH / f"{tag}-{uuid.uuid4().hex[:10]}"
+        self.jobs: list[str] = []
+        ssh(f"mkdir -p {shlex.quote(str(self.dir))}")
+        for name in ("ray_launch.sh", "ray_wait.py"):
+            self.put(name, (INCLUDE / name).read_text())
+
+    def put(self, name: str, text: str) -> None:
+        ssh(f"cat > {shlex.quote(str(self.dir / name))}", stdin=text)
+
+    def submit(self, entrypoint: str, *, sbatch: str = "", env: str = "") -> str:
+        script = (
+            "#!/bin/bash\n"
+            "#SBATCH --nodes=2 --cpus-per-task=1 --time=10\n"
+            "#SBATCH --output=slurm-%j.out\n"
+            f"{sbatch}"
+            f"source {VENV}/bin/activate\n"
+            f"{env}"
+            f"exec bash ./ray_launch.sh {entrypoint}\n"
+        )
+        name = f"job{len(self.jobs)}.sbatch"
+        self.put(name, script)
+        out = ssh(f"cd {shlex.quote(str(self.dir))} && sbatch --parsable {name}").stdout
+        jobid = out.strip().split(";")[0]
+        assert jobid.isdigit(), out
+        self.jobs.append(jobid)
+        return jobid
+
+    def out(self, jobid: str) -> str:
+        r = ssh(f"cat {shlex.quote(str(self.dir / f'slurm-{jobid}.out'))}", check=False)
+        return r.stdout if r.returncode == 0 else ""
+
+    def wait_output(self, jobid: str, pattern: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.out(jobid)
+            if re.search(pattern, text):
+                return text
+            info = job_info(jobid)
+            if info.get("JobState") in TERMINAL:
+                text = self.out(jobid)
+                assert re.search(pattern, text), f"job ended {info.get('JobState')}:\n{text}"
+                return text
+            time.sleep(0.5)
+        raise AssertionError(f"{pattern!r} not in job {jobid}'s output:\n{self.out(jobid)}")
+
+    def cancel(self) -> None:
+        if self.jobs:
+            ssh(f"scancel {' '.join(self.jobs)}", check=False)
+
+
+@pytest.fixture
+def job(cluster):
+    created: list[Job] = []
+
+    def make(tag: str) -> Job:
+        j = Job(tag)
+        created.append(j)
+        return j
+
+    yield make
+    for j in created:
+        j.cancel()
+
+
+def job_info(jobid: str) -> dict[str, str]:
+    r = ssh(f"scontrol show job -o {jobid}", check=False)
+    info: dict[str, str] = {}
+    for tok in r.stdout.split():
+        k, sep, v = tok.partition("=")
+        if sep and k not in info:
+            info[k] = v
+    return info
+
+
+def wait_done(jobid: str, timeout: float = 180) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(jobid)
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {jobid} not finished after {timeout}s: {job_info(jobid)}")
+
+
+def ray_procs(jobid: str, gcs_port: int | None = None) -> list[str]:
+    """Processes of this job's Ray cluster: they name its temp dir or port."""
+    out = ssh("ps -eo pid,args", check=False).stdout
+    keys = [f"/tmp/rs-{jobid}/"]
+    if gcs_port:
+        keys.append(f":{gcs_port}")
+    procs = []
+    for line in out.splitlines():
+        if "ps -eo" in line:
+            continue
+        if any(k in line for k in keys) and re.search(r"ray|raylet|gcs_server|python", line):
+            procs.append(line.strip())
+    return procs
+
+
+def wait_no_ray(jobid: str, gcs_port: int | None, timeout: float) -> float:
+    t0 = time.monotonic()
+    while True:
+        left = ray_procs(jobid, gcs_port)
+        if not left:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"Ray processes of job {jobid} still alive:\n" + "\n".join(left))
+        time.sleep(0.5)
+
+
+PROBE = """\
+import os, socket, sys, time
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+alive = [n for n in ray.nodes() if n["Alive"]]
+hosts = sorted({n["NodeManagerHostname"] for n in alive})
+print(f"ALIVE {len(alive)} HOSTS {','.join(hosts)}", flush=True)
+
+@ray.remote(num_cpus=1)
+def where():
+    return socket.gethostname()
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Pin
+ran = sorted(set(ray.get([
+    where.options(scheduling_strategy=Pin(n["NodeID"], soft=False)).remote() for n in alive
+])))
+print(f"TASKS_RAN_ON {','.join(ran)}", flush=True)
+mode = os.stat(os.environ["RAY_AUTH_TOKEN_PATH"]).st_mode & 0o777
+print("AUTH", os.environ.get("RAY_AUTH_MODE"), oct(mode))
+# Optional rendezvous: wait until N jobs have written their marker.
+rdv = os.environ.get("RDV_DIR")
+if rdv:
+    open(os.path.join(rdv, "ready-" + os.environ["SLURM_JOB_ID"]), "w").close()
+    deadline = time.time() + 120
+    while len([f for f in os.listdir(rdv) if f.startswith("ready-")]) < int(os.environ["RDV_N"]):
+        assert time.time() < deadline, "the other job never became ready"
+        time.sleep(0.2)
+    print("RENDEZVOUS OK", flush=True)
+"""
+
+SLEEPER = """\
+import os, signal, sys, time
+import ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+
+def on_usr1(signum, frame):
+    print("got USR1", flush=True)
+    sys.exit(75)
+
+signal.signal(signal.SIGUSR1, on_usr1)
+print("RUNNING", len([n for n in ray.nodes() if n["Alive"]]), flush=True)
+while True:
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.cluster
+def test_two_node_cluster_runs_entrypoint(job):
+    j = job("ok")
+    j.put("probe.py", PROBE)
+    jobid = j.submit("python -u probe.py")
+    info = wait_done(jobid)
+    out = j.out(jobid)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["ExitCode"] == "0:0", out
+    m = READY_RE.search(out)
+    assert m, out
+    assert m.group(1) == "2"
+    assert float(m.group(2)) == 2  # 1 CPU per node (--cpus-per-task=1), head included
+    assert "ALIVE 2 HOSTS n1,n2" in out
+    assert "TASKS_RAN_ON n1,n2" in out
+    assert "AUTH token 0o600" in out
+    assert "entrypoint exited with status 0" in out
+    wait_no_ray(jobid, int(m.group(6)), timeout=15)
+    # success: temp dir removed everywhere, token removed
+    assert ssh(f"ls -d /tmp/rs-{jobid}", check=False).returncode != 0
+    assert ssh(f"ls {shlex.quote(str(j.dir))}/.ray_auth_token.{jobid}", check=False).returncode != 0
+
+
+@pytest.mark.cluster
+def test_failing_entrypoint_exit_code(job):
+    j = job("fail")
+    j.put(
+        "fail.py",
+        "import os, ray\nray.init(address=os.environ['RAY_ADDRESS'])\nraise SystemExit(7)\n",
+    )
+    jobid = j.submit("python -u fail.py")
+    info = wait_done(jobid)
+    out = j.out(jobid)
+    assert info["JobState"] == "FAILED", out
+    assert info["ExitCode"] == "7:0", out
+    assert "entrypoint exited with status 7" in out
+    assert f"keeping Ray temp dir /tmp/rs-{jobid}" in out
+    m = READY_RE.search(out)
+    assert m, out
+    wait_no_ray(jobid, int(m.group(6)), timeout=15)
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+@pytest.mark.cluster
+def test_two_jobs_share_the_nodes(job):
+    j = job("pair")
+    ssh(f"mkdir -p {shlex.quote(str(j.dir / 'rdv'))}")
+    j.put("probe.py", PROBE)
+    env = f"export RDV_DIR={shlex.quote(str(j.dir / 'rdv'))} RDV_N=2\n"
+    a = j.submit("python -u probe.py", env=env)
+    b = j.submit("python -u probe.py", env=env)
+    ia, ib = wait_done(a), wait_done(b)
+    outs = {a: j.out(a), b: j.out(b)}
+    for jobid, info in ((a, ia), (b, ib)):
+        assert info["JobState"] == "COMPLETED", outs[jobid]
+        assert "ALIVE 2 HOSTS n1,n2" in outs[jobid]
+        assert "RENDEZVOUS OK" in outs[jobid]  # both clusters were up at once
+        assert "n[1-2]" in info["NodeList"]
+    pa = READY_RE.search(outs[a]).group(6)
+    pb = READY_RE.search(outs[b]).group(6)
+    assert pa != pb
+
+
+@pytest.mark.cluster
+def test_scancel_leaves_no_ray_process(job):
+    j = job("cancel")
+    j.put("sleeper.py", SLEEPER)
+    jobid = j.submit("python -u sleeper.py")
+    out = j.wait_output(jobid, r"RUNNING 2")
+    port = int(READY_RE.search(out).group(6))
+    assert ray_procs(jobid, port), "no Ray process found for a running job"
+    ssh(f"scancel {jobid}")
+    took = wait_no_ray(jobid, port, timeout=15)
+    info = wait_done(jobid, timeout=60)
+    assert info["JobState"] == "CANCELLED"
+    print(f"Ray gone {took:.1f}s after scancel")
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+@pytest.mark.cluster
+def test_usr1_reaches_entrypoint(job):
+    j = job("usr1")
+    j.put("sleeper.py", SLEEPER)
+    jobid = j.submit("python -u sleeper.py", sbatch="#SBATCH --signal=B:USR1@60\n")
+    out = j.wait_output(jobid, r"RUNNING 2")
+    port = int(READY_RE.search(out).group(6))
+    ssh(f"scancel --signal=USR1 --batch {jobid}")
+    info = wait_done(jobid, timeout=60)
+    out = j.out(jobid)
+    assert "got USR1" in out, out
+    assert "forwarding SIGUSR1 to the entrypoint" in out
+    assert info["ExitCode"] == "75:0", out
+    assert info["JobState"] == "FAILED"
+    wait_no_ray(jobid, port, timeout=15)
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+@pytest.mark.cluster
+def test_ray_start_failure_stops_waiting(job):
+    """A `ray start` step that dies ends the wait at once with exit 3."""
+    j = job("badstart")
+    j.put("never.py", "raise SystemExit('must not run')\n")
+    # 1 byte of object store is refused by `ray start` on every node.
+    jobid = j.submit(
+        "python -u never.py",
+        env="export SLURM_RAY_OBJECT_STORE_MEMORY=1 SLURM_RAY_JOIN_TIMEOUT=120\n",
+    )
+    info = wait_done(jobid, timeout=120)
+    out = j.out(jobid)
+    assert info["ExitCode"] == "3:0", out
+    assert "exited before the cluster formed" in out
+    m = re.search(r"only (\d+) of 2 Ray nodes joined after ([\d.]+) s; see /tmp/rs-\d+ logs", out)
+    assert m, out
+    assert float(m.group(2)) < 60  # did not sit out the 120 s timeout
+    assert "must not run" not in out
+    wait_no_ray(jobid, None, timeout=15)
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+@pytest.mark.cluster
+def test_join_timeout(job):
+    j = job("timeout")
+    j.put("never.py", "raise SystemExit('must not run')\n")
+    jobid = j.submit("python -u never.py", env="export SLURM_RAY_JOIN_TIMEOUT=1\n")
+    info = wait_done(jobid, timeout=120)
+    out = j.out(jobid)
+    assert info["ExitCode"] == "3:0", out
+    pattern = r"only [01] of 2 Ray nodes joined after [\d.]+ s; see /tmp/rs-\d+ logs"
+    assert re.search(pattern, out), out
+    assert "must not run" not in out
+    wait_no_ray(jobid, None, timeout=15)
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+@pytest.mark.cluster
+def test_scancel_while_forming_leaves_no_ray_process(job):
+    j = job("cancelform")
+    j.put("never.py", "raise SystemExit('must not run')\n")
+    jobid = j.submit("python -u never.py")
+    j.wait_output(jobid, rf"ray_launch: job {jobid}: head", timeout=120)
+    ssh(f"scancel {jobid}")
+    wait_no_ray(jobid, None, timeout=15)
+    info = wait_done(jobid, timeout=60)
+    assert info["JobState"] == "CANCELLED"
+    assert "must not run" not in j.out(jobid)
+    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+
+
+# --- the launcher's helpers, sourced into a local bash (no cluster needed) ---
+
+
+def bash_fn(expr: str, **env: str) -> str:
+    script = f"source {shlex.quote(str(INCLUDE / 'ray_launch.sh'))}; {expr}"
+    clean = {"PATH": "/usr/bin:/bin", **env}
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=clean)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("4(x2)", "4 4"),
+        ("36", "36"),
+        ("4(x2),2", "4 4 2"),
+        ("2,1", "2 1"),
+        ("8,4(x3),1", "8 4 4 4 1"),
+        ("", ""),
+    ],
+)
+def test_expand_counts(value, expected):
+    assert bash_fn(f"expand_counts {shlex.quote(value)}") == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "0"),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,3"}, "3"),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles", "SLURM_GPUS_ON_NODE": "2"}, "2"),
+        ({"SLURM_GPUS_ON_NODE": "4"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "a100:2"}, "2"),
+        ({"SLURM_GPUS_PER_NODE": "gpu:h100:4"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "1"}, "1"),
+        ({"SLURM_RAY_NUM_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0"}, "0"),
+    ],
+)
+def test_detect_gpus(env, expected):
+    assert bash_fn("detect_gpus", **env) == expected
+
+
+def test_object_store_bytes():
+    mb = 1024 * 1024
+    assert bash_fn("object_store_bytes 4", SLURM_MEM_PER_NODE="10000") == str(10000 * mb * 3 // 10)
+    assert bash_fn("object_store_bytes 4", SLURM_MEM_PER_CPU="1000") == str(4000 * mb * 3 // 10)
+    assert bash_fn("object_store_bytes 4", SLURM_RAY_OBJECT_STORE_MEMORY="123") == "123"
+    assert 100_000_000 <= int(bash_fn("object_store_bytes 4")) <= 2 * 1024**3
+
+
+def test_port_block():
+    out = bash_fn(
+        'set_ports; echo "$GCS_PORT $MIN_WORKER_PORT $MAX_WORKER_PORT"', SLURM_JOB_ID="1234"
+    )
+    assert out == f"{20000 + 34 * 100} {20000 + 34 * 100 + 10} {20000 + 34 * 100 + 99}"
+    out = bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="1", SLURM_RAY_PORT_BASE="31000")
+    assert out == "31000"
+    # every job's block stays outside Ray's default worker range 10002-19999
+    assert int(bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="399")) + 99 <= 59999
+
+
+def test_launcher_refuses_outside_slurm():
+    r = subprocess.run(
+        ["bash", str(INCLUDE / "ray_launch.sh"), "true"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 2
+    assert "not inside a Slurm job" in r.stderr
+    r = subprocess.run(["bash", str(INCLUDE / "ray_launch.sh")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "usage" in r.stderr
+
+
+def test_launcher_is_clean_bash():
+    assert subprocess.run(["bash", "-n", str(INCLUDE / "ray_launch.sh")]).returncode == 0

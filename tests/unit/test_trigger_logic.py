@@ -1,0 +1,168 @@
+"""SlurmJobTrigger logic with the SSH transport replaced (faults that are hard to cause)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from slurm_ray.hooks.slurm import CommandResult
+from slurm_ray.triggers import slurm_job
+from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
+from slurm_ray.utils import states
+
+
+class FakeClient:
+    """Answers poll commands from a script of job states; can fail on demand."""
+
+    def __init__(self, plan: list[Any]) -> None:
+        self.plan = plan
+        self.commands: list[str] = []
+        self._conn = None
+
+    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
+        self.commands.append(command)
+        step = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
+        if isinstance(step, BaseException):
+            raise step
+        return CommandResult(0, step, "", step.encode())
+
+    async def close(self) -> None:
+        return None
+
+    async def cancel(self, job_id: str) -> CommandResult:
+        self.commands.append(f"scancel {job_id}")
+        return CommandResult(0, "", "")
+
+
+def squeue_output(*jobs: tuple[str, str]) -> str:
+    """What build_states_command prints when squeue knows every job."""
+    assert states.SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%j"
+    rows = "".join(f"{job_id}|{state}|None|2|0:05|n[1-2]|sr-job\n" for job_id, state in jobs)
+    return f"@@slurm_ray:squeue rc=0\n{rows}@@slurm_ray:end\n"
+
+
+def squeue_line(job_id: str, state: str) -> str:
+    return squeue_output((job_id, state))
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry():
+    _HostPoller.registry.clear()
+    yield
+    _HostPoller.registry.clear()
+
+
+def install(monkeypatch, client: FakeClient) -> None:
+    monkeypatch.setattr(slurm_job, "AsyncSlurmClient", lambda conn_id: client)
+
+
+async def first_event(trigger: SlurmJobTrigger):
+    async for event in trigger.run():
+        return event
+    raise AssertionError("no event")
+
+
+def test_terminal_state_yields_exactly_one_event(monkeypatch) -> None:
+    client = FakeClient([squeue_line("7", "RUNNING"), squeue_line("7", "COMPLETED")])
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="7", ssh_conn_id="c", log_path="/x/slurm-7.out", poll_interval=0.01)
+
+    async def collect():
+        return [e async for e in trig.run()]
+
+    events = asyncio.run(collect())
+    assert len(events) == 1
+    assert events[0].payload["status"] == "terminal"
+    assert events[0].payload["state"] == "COMPLETED"
+
+
+def test_connection_errors_back_off_and_recover(monkeypatch) -> None:
+    sleeps: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def fast_sleep(self, seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(_HostPoller, "_sleep", fast_sleep)
+    client = FakeClient(
+        [OSError("connection refused")] * 4 + [squeue_line("8", "FAILED")]
+    )
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="8", ssh_conn_id="c", log_path="/x/l", poll_interval=5)
+    event = asyncio.run(real_wait_for(first_event(trig), 10))
+    assert event.payload["state"] == "FAILED"
+    # exponential (jittered) backoff: later waits are longer than the first
+    assert len(sleeps) >= 4 and sleeps[3] > sleeps[0]
+
+
+def test_unknown_state_is_never_success(monkeypatch) -> None:
+    async def fast_sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(_HostPoller, "_sleep", fast_sleep)
+    client = FakeClient(["garbage output\n"])
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="9", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01)
+
+    async def run_a_while():
+        task = asyncio.ensure_future(first_event(trig))
+        await asyncio.sleep(0.2)
+        done = task.done()
+        task.cancel()
+        return done
+
+    assert asyncio.run(run_a_while()) is False
+
+
+def test_disconnect_longer_than_limit_gives_error_event(monkeypatch) -> None:
+    async def fast_sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(_HostPoller, "_sleep", fast_sleep)
+    client = FakeClient([OSError("down")])
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="5", ssh_conn_id="c", log_path="/x/l", max_disconnect_s=0.1)
+    event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
+    assert event.payload["status"] == "error" and "no answer" in event.payload["message"]
+
+
+def test_hundred_triggers_share_one_command_per_interval(monkeypatch) -> None:
+    client = FakeClient([squeue_output(*((str(i), "RUNNING") for i in range(1, 101)))])
+    install(monkeypatch, client)
+
+    async def main():
+        trigs = [
+            SlurmJobTrigger(job_id=str(i), ssh_conn_id="c", log_path=f"/x/{i}", poll_interval=0.2)
+            for i in range(1, 101)
+        ]
+        tasks = [asyncio.ensure_future(first_event(t)) for t in trigs]
+        await asyncio.sleep(1.05)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    # ~5 intervals elapsed: a handful of commands, not hundreds
+    assert 2 <= len(client.commands) <= 8, len(client.commands)
+    assert all("squeue" in c for c in client.commands)
+
+
+def test_deadline_cancels_job_and_reports_timeout(monkeypatch) -> None:
+    client = FakeClient([squeue_line("11", "RUNNING")])
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="11", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01, deadline=1.0)
+    event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
+    assert event.payload["status"] == "timeout"
+    assert "scancel 11" in client.commands
+
+
+def test_invalid_job_id_is_fatal_not_retried(monkeypatch) -> None:
+    client = FakeClient([squeue_line("1", "RUNNING")])
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="1; rm -rf /", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01)
+    event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
+    assert event.payload["status"] == "error" and "invalid Slurm job id" in event.payload["message"]
+    assert client.commands == []
