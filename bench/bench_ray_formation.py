@@ -91,6 +91,7 @@ def batch_script(nodes: int, cpus: int) -> str:
 
 
 def run_one(run_dir: Path, nodes: int) -> dict:
+    load_before = os.getloadavg()[0]
     t_submit = time.time()
     jobid = ssh(f"cd {shlex.quote(str(run_dir))} && sbatch --parsable job.sbatch").strip()
     jobid = jobid.split(";")[0]
@@ -121,6 +122,10 @@ def run_one(run_dir: Path, nodes: int) -> dict:
         "slurm_start_to_ready_s": round(marks["EP"] - start, 3),
         "teardown_s": round(marks["END"] - marks["EP"], 3) if "END" in marks else None,
         "slurm_start_time": info["StartTime"],
+        # The dev nodes share this machine's cores with everything else on it:
+        # formation is CPU-bound (~4-5 CPU-seconds of Ray startup for 2 nodes).
+        "loadavg_1min_before": round(load_before, 2),
+        "loadavg_1min_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu_count_host": os.cpu_count(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "nodes": a.nodes,
         "cpus_per_task": a.cpus_per_task,
         "jobs": rows,
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hdr = (
         f"{'job':>6} {'submit>start':>12} {'launcher':>9} {'start>ready':>11} "
-        f"{'slurm>ready':>11} {'teardown':>9}"
+        f"{'slurm>ready':>11} {'teardown':>9} {'load1':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['jobid']:>6} {r['submit_to_start_s']:>12.2f} {r['launcher_ready_s']:>9.2f} "
             f"{r['start_to_ready_s']:>11.2f} {r['slurm_start_to_ready_s']:>11.2f} "
-            f"{(r['teardown_s'] or 0):>9.2f}"
+            f"{(r['teardown_s'] or 0):>9.2f} {r['loadavg_1min_before']:>6.2f}"
         )
     s = result["summary"]
     print("-" * len(hdr))

@@ -88,7 +88,11 @@ build() {
 }
 
 echo "build_env: building kind=$kind prefix=$prefix sha256=$want (log: $buildlog)"
-if ! build >>"$buildlog" 2>&1; then
+# In the background and waited for: called as an `if` condition, bash would
+# ignore errexit inside build (a failed `pip install -r` followed by a passing
+# `pip check` would count as built).
+build >>"$buildlog" 2>&1 &
+if ! wait $!; then
   echo "build_env: FAILED after $((SECONDS - started))s; last lines of $buildlog:" >&2
   tail -n 40 "$buildlog" >&2
   exit 1

@@ -235,7 +235,6 @@ node_main() {
   exec ray start "${args[@]}"
 }
 
-
 # On success: remove the per-job temp dir on every node (node-local /tmp).
 cleanup_main() {
   local node=${SLURMD_NODENAME:-$(hostname -s)}

@@ -145,6 +145,8 @@ def run(env_id: str, episodes: int, max_steps: int, quiet: bool, seed: int | Non
         versions[module] = _version(module)
     return {
         "ok": True,
+        # Which node ran it: the compute-node check (srun) must show a compute node.
+        "host": platform.node(),
         "env_id": env_id,
         "api": api,
         "episodes": episodes,

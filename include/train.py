@@ -302,10 +302,9 @@ class Trainer:
 
     def build(self) -> None:
         # RLlib's Trainable makes a log dir under ~/ray_results on every build and
-        # build_algo() has no way to pass another one: repoint the module constant
-        # (read at call time).
-        # It stays empty outside Tune, and Ray makes it world-writable: a private
-        # temp dir, removed at shutdown, rather than a directory in the run dir.
+        # build_algo() cannot be given another one: repoint the module constant
+        # (read at call time). The dir stays empty outside Tune and Ray makes it
+        # world-writable, so a private temp dir removed at shutdown, not the run dir.
         import ray.tune.trainable.trainable as trainable_mod
 
         self.rllib_log_dir = tempfile.mkdtemp(prefix="rs-rllib-")
@@ -436,6 +435,11 @@ class Trainer:
             "time_total_s": round(self.time_total, 3),
             "timestamp": round(time.time(), 3),
         }
+        timers = res.get("timers") or {}
+        # RLlib's smoothed per-iteration timers: where the time goes (sampling
+        # vs. learning) when throughput is lower than expected.
+        row["sample_time_s"] = _num(timers.get("env_runner_sampling_timer"))
+        row["learn_time_s"] = _num(timers.get("learner_update_timer"))
         learner = (res.get("learners") or {}).get(DEFAULT_MODULE_ID) or {}
         for key, value in learner.items():
             # Losses and a few diagnostics; whatever the algorithm reports.

@@ -155,25 +155,32 @@ def wait_done(jobid: str, timeout: float = 180) -> dict[str, str]:
     raise AssertionError(f"job {jobid} not finished after {timeout}s: {job_info(jobid)}")
 
 
-def ray_procs(jobid: str, gcs_port: int | None = None) -> list[str]:
-    """Processes of this job's Ray cluster: they name its temp dir or port."""
-    out = ssh("ps -eo pid,args", check=False).stdout
-    keys = [f"/tmp/rs-{jobid}/"]
-    if gcs_port:
-        keys.append(f":{gcs_port}")
-    procs = []
-    for line in out.splitlines():
-        if "ps -eo" in line:
-            continue
-        if any(k in line for k in keys) and re.search(r"ray|raylet|gcs_server|python", line):
-            procs.append(line.strip())
-    return procs
+JOB_PROCS = r"""
+for p in /proc/[0-9]*; do
+  if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$1" ||
+     tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q "/tmp/rs-$1/"; then
+    echo "${p#/proc/} $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)"
+  fi
+done
+"""
 
 
-def wait_no_ray(jobid: str, gcs_port: int | None, timeout: float) -> float:
+def ray_procs(jobid: str) -> list[str]:
+    """Processes of this job still alive: Slurm put SLURM_JOB_ID=<jobid> in
+    their environment (Ray workers inherit it even after renaming themselves
+    `ray::IDLE`), or they name the job's Ray temp dir."""
+    out = ssh(f"bash -s {jobid}", stdin=JOB_PROCS, check=False).stdout
+    return [
+        line.strip()
+        for line in out.splitlines()
+        if line.strip() and "bash -s" not in line and "/proc/[0-9]" not in line
+    ]
+
+
+def wait_no_ray(jobid: str, timeout: float) -> float:
     t0 = time.monotonic()
     while True:
-        left = ray_procs(jobid, gcs_port)
+        left = ray_procs(jobid)
         if not left:
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
@@ -244,7 +251,7 @@ def test_two_node_cluster_runs_entrypoint(job):
     assert "TASKS_RAN_ON n1,n2" in out
     assert "AUTH token 0o600" in out
     assert "entrypoint exited with status 0" in out
-    wait_no_ray(jobid, int(m.group(6)), timeout=15)
+    wait_no_ray(jobid, timeout=15)
     # success: temp dir removed everywhere, token removed
     assert ssh(f"ls -d /tmp/rs-{jobid}", check=False).returncode != 0
     assert ssh(f"ls {shlex.quote(str(j.dir))}/.ray_auth_token.{jobid}", check=False).returncode != 0
@@ -266,7 +273,7 @@ def test_failing_entrypoint_exit_code(job):
     assert f"keeping Ray temp dir /tmp/rs-{jobid}" in out
     m = READY_RE.search(out)
     assert m, out
-    wait_no_ray(jobid, int(m.group(6)), timeout=15)
+    wait_no_ray(jobid, timeout=15)
     ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
 
 
@@ -296,10 +303,12 @@ def test_scancel_leaves_no_ray_process(job):
     j.put("sleeper.py", SLEEPER)
     jobid = j.submit("python -u sleeper.py")
     out = j.wait_output(jobid, r"RUNNING 2")
-    port = int(READY_RE.search(out).group(6))
-    assert ray_procs(jobid, port), "no Ray process found for a running job"
+    assert READY_RE.search(out), out
+    running = "\n".join(ray_procs(jobid))
+    for name in ("raylet", "gcs_server"):
+        assert name in running, f"no {name} process found for the running job:\n{running}"
     ssh(f"scancel {jobid}")
-    took = wait_no_ray(jobid, port, timeout=15)
+    took = wait_no_ray(jobid, timeout=15)
     info = wait_done(jobid, timeout=60)
     assert info["JobState"] == "CANCELLED"
     print(f"Ray gone {took:.1f}s after scancel")
@@ -312,7 +321,7 @@ def test_usr1_reaches_entrypoint(job):
     j.put("sleeper.py", SLEEPER)
     jobid = j.submit("python -u sleeper.py", sbatch="#SBATCH --signal=B:USR1@60\n")
     out = j.wait_output(jobid, r"RUNNING 2")
-    port = int(READY_RE.search(out).group(6))
+    assert READY_RE.search(out), out
     ssh(f"scancel --signal=USR1 --batch {jobid}")
     info = wait_done(jobid, timeout=60)
     out = j.out(jobid)
@@ -320,7 +329,7 @@ def test_usr1_reaches_entrypoint(job):
     assert "forwarding SIGUSR1 to the entrypoint" in out
     assert info["ExitCode"] == "75:0", out
     assert info["JobState"] == "FAILED"
-    wait_no_ray(jobid, port, timeout=15)
+    wait_no_ray(jobid, timeout=15)
     ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
 
 
@@ -342,7 +351,7 @@ def test_ray_start_failure_stops_waiting(job):
     assert m, out
     assert float(m.group(2)) < 60  # did not sit out the 120 s timeout
     assert "must not run" not in out
-    wait_no_ray(jobid, None, timeout=15)
+    wait_no_ray(jobid, timeout=15)
     ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
 
 
@@ -357,7 +366,7 @@ def test_join_timeout(job):
     pattern = r"only [01] of 2 Ray nodes joined after [\d.]+ s; see /tmp/rs-\d+ logs"
     assert re.search(pattern, out), out
     assert "must not run" not in out
-    wait_no_ray(jobid, None, timeout=15)
+    wait_no_ray(jobid, timeout=15)
     ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
 
 
@@ -368,7 +377,7 @@ def test_scancel_while_forming_leaves_no_ray_process(job):
     jobid = j.submit("python -u never.py")
     j.wait_output(jobid, rf"ray_launch: job {jobid}: head", timeout=120)
     ssh(f"scancel {jobid}")
-    wait_no_ray(jobid, None, timeout=15)
+    wait_no_ray(jobid, timeout=15)
     info = wait_done(jobid, timeout=60)
     assert info["JobState"] == "CANCELLED"
     assert "must not run" not in j.out(jobid)

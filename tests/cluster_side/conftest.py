@@ -12,7 +12,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +102,3 @@ def run_script(python: Path, script: str, *args: str, timeout: float = 300, **en
         timeout=timeout,
         env=subprocess_env(**env),
     )
-
-
-__all__ = ["INCLUDE", "run_script", "subprocess_env", "sys"]

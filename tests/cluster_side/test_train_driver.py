@@ -212,7 +212,7 @@ def test_resume_skips_an_incomplete_checkpoint(cluster_python: Path, tmp_path: P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_signal_checkpoints_and_exits_75(
     cluster_python: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:

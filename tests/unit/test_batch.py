@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from slurm_ray.utils.batch import (
     EXTRA_DIRECTIVES,
     JobSpec,
@@ -496,3 +495,9 @@ def test_hostile_script_on_the_real_cluster(cluster) -> None:
                 timeout=60,
             )
         _ssh_bytes(cluster, f"rm -rf {quote(base)}")
+
+
+@pytest.mark.parametrize("value", [None, b"x", "a\x00b"])
+def test_sbatch_word_validates_like_quote(value: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        sbatch_word(value)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException
@@ -28,9 +29,8 @@ from slurm_ray.operators.cluster_env import (
     render_sanity_script,
     sanity_error_reason,
     validate_env_id,
-    validate_prefix,
 )
-from slurm_ray.utils.environment import EnvironmentSpec
+from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
 
 HOSTILE = [
     "$(touch {marker})",
@@ -70,7 +70,7 @@ def _bash(
     )
 
 
-def _dump(stdout: str, tag: str) -> object:
+def _dump(stdout: str, tag: str) -> Any:
     line = next(x for x in stdout.splitlines() if x.startswith(tag + " "))
     return json.loads(line[len(tag) + 1 :])
 
@@ -114,15 +114,14 @@ def test_invalid_env_ids_name_the_field(bad: object) -> None:
     ],
 )
 def test_unsafe_prefixes_are_refused(prefix: str) -> None:
-    env = EnvironmentSpec(kind="venv", prefix=prefix)
-    with pytest.raises(AirflowException, match=r"^environment\.prefix: "):
-        validate_prefix(env)
+    with pytest.raises(EnvironmentSpecError, match=r"^environment\.prefix: "):
+        EnvironmentSpec(kind="venv", prefix=prefix)
 
 
 def test_plain_prefixes_and_user_placeholder_pass() -> None:
-    validate_prefix(EnvironmentSpec(kind="conda", prefix="/scratch/{user}/conda-envs/slurm-ray"))
-    validate_prefix(EnvironmentSpec(kind="venv", prefix="/var/lib/x_y.z+1@host:2/env-3"))
-    validate_prefix(EnvironmentSpec(kind="modules"))
+    EnvironmentSpec(kind="conda", prefix="/scratch/{user}/conda-envs/slurm-ray")
+    EnvironmentSpec(kind="venv", prefix="/var/lib/x_y.z+1@host:2/env-3")
+    EnvironmentSpec(kind="modules")
 
 
 # -- build command ------------------------------------------------------------------
@@ -269,7 +268,7 @@ def test_sanity_srun_options_are_quoted(tmp_path: Path, stubs: Path, marker: Pat
         "--nodes=1", "--ntasks=1", "--time=2", "--job-name=slurm_ray-sanity", "--export=ALL",
         "--partition=debug", f"--account={account}",
     ]  # fmt: skip
-    assert _dump(proc.stdout, "ARGV")[3] == "CartPole-v1"  # type: ignore[index]
+    assert _dump(proc.stdout, "ARGV")[3] == "CartPole-v1"
     assert not marker.exists()
 
 
@@ -303,12 +302,13 @@ def test_sanity_script_activates_a_venv(tmp_path: Path) -> None:
     )
     proc = _bash(render_sanity_command(script, stage_dir=str(stage), where="login"), tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert _dump(proc.stdout, "ARGV")[:2] == ["-u", "sanity_check.py"]  # type: ignore[index]
+    assert _dump(proc.stdout, "ARGV")[:2] == ["-u", "sanity_check.py"]
 
 
 def test_where_must_be_login_or_compute() -> None:
     with pytest.raises(AirflowException, match=r"^where: "):
-        render_sanity_command("true", stage_dir="/s", where="gpu")  # type: ignore[arg-type]
+        where: Any = "gpu"
+        render_sanity_command("true", stage_dir="/s", where=where)
 
 
 # -- parsing ------------------------------------------------------------------------

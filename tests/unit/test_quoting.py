@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from slurm_ray.utils.quoting import quote, quote_args
 
 HOSTILE = [

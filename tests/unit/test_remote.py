@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from slurm_ray.utils.quoting import quote
 from slurm_ray.utils.remote import (
     build_cancel_command,
@@ -204,6 +203,14 @@ def test_each_id_is_resolved_by_the_first_source_that_knows_it(fake: FakeSlurm, 
     assert [c[c.index("-j") + 1] for c in fake.calls("sacct")] == ["3,4,5_1"]
 
 
+def test_a_listed_id_does_not_count_for_its_prefix(fake: FakeSlurm) -> None:
+    # squeue lists 10 (named "1|x"), not 1: 1 must still go to scontrol
+    fake.add("squeue", "10", squeue_line("10", "RUNNING", "1|x"))
+    fake.add("scontrol", "1", scontrol_line("1", "COMPLETED"))
+    result = parse_states_output(fake.run(build_states_command(["1", "10"])).stdout, ["1", "10"])
+    assert states(result) == {"1": (S.COMPLETED, "scontrol"), "10": (S.RUNNING, "squeue")}
+
+
 def test_an_unknown_id_does_not_hide_the_others_with_an_old_squeue(fake: FakeSlurm) -> None:
     fake.modes["squeue"] = "old"
     fake.add("squeue", "1", squeue_line("1", "RUNNING"))
@@ -267,13 +274,13 @@ def test_output_cut_short_is_unknown(fake: FakeSlurm) -> None:
 
 
 def test_many_ids_one_command(fake: FakeSlurm) -> None:
-    ids = [str(i) for i in range(100, 160)]
+    ids = [str(i) for i in range(100, 130)]
     for i in ids[::2]:
         fake.add("squeue", i, squeue_line(i, "PENDING"))
     command = build_states_command(ids)
     assert "\n" not in command  # one command line for one ssh exec
     result = parse_states_output(fake.run(command).stdout, ids)
-    assert len(result) == 60
+    assert len(result) == 30
     assert {result[i].state for i in ids[::2]} == {S.PENDING}
     assert {result[i].state for i in ids[1::2]} == {S.NOT_FOUND}
     assert len(fake.calls("squeue")) == 1 and len(fake.calls("sacct")) == 1

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from slurm_ray.utils.states import (
     ACTIVE_STATES,
     FAILED_STATES,
@@ -43,7 +42,7 @@ def test_every_state_is_in_exactly_one_class() -> None:
     for state in SlurmState:
         assert sum(state in c for c in classes) == 1, state
     assert ACTIVE_STATES == PENDING_STATES | RUNNING_STATES
-    assert FAILED_STATES == TERMINAL_STATES - {S.COMPLETED}
+    assert TERMINAL_STATES - {S.COMPLETED} == FAILED_STATES
     assert len(SlurmState) == 26
 
 

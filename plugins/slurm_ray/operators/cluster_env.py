@@ -39,13 +39,15 @@ __all__ = [
     "BuildAction",
     "ClusterEnvOperator",
     "GymSanityCheckOperator",
+    "build_env_vars",
     "parse_build_output",
     "parse_sanity_output",
     "render_build_command",
+    "render_preamble_check",
     "render_sanity_command",
     "render_sanity_script",
+    "sanity_error_reason",
     "validate_env_id",
-    "validate_prefix",
 ]
 
 BuildAction = Literal["up-to-date", "built", "nothing"]
@@ -63,7 +65,6 @@ _ENV_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}", re.ASCII)
 # `$(...)` or a quote would run code on every activation however carefully we
 # quote it ourselves. Only plain path characters are accepted; ``{user}`` is
 # the remote-user placeholder the cluster profiles use.
-_PREFIX_RE = re.compile(r"/(?:[A-Za-z0-9_.+,@%=:/-]|\{user\})*", re.ASCII)
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 # Set by the operator itself; an extra_env entry must not replace them silently.
 _RESERVED_ENV = frozenset({"SLURM_RAY_MODULE_LINES", "SLURM_RAY_UNSET_LD_PRELOAD"})
@@ -100,30 +101,12 @@ def validate_env_id(env_id: object) -> str:
     return env_id
 
 
-def validate_prefix(env: EnvironmentSpec) -> None:
-    """
-    Refuse environment prefixes that are not plain absolute paths (conda/venv kinds).
-
-    :raises AirflowException: naming ``environment.prefix``.
-    """
-    if env.kind not in ("conda", "venv"):
-        return
-    prefix = env.prefix or ""
-    if not _PREFIX_RE.fullmatch(prefix) or "/../" in f"{prefix}/":
-        raise AirflowException(
-            f"environment.prefix: {prefix!r} must be an absolute path made of letters, digits "
-            "and _ . + , @ % = : / - only (activation scripts embed it in shell code, and "
-            "jobs activate it from other working directories)"
-        )
-
-
 def _environment(raw: Mapping[str, Any] | EnvironmentSpec) -> EnvironmentSpec:
     """The validated :class:`EnvironmentSpec` of an operator's ``environment`` argument."""
     try:
         env = raw if isinstance(raw, EnvironmentSpec) else EnvironmentSpec.from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise AirflowException(str(exc)) from exc
-    validate_prefix(env)
     return env
 
 

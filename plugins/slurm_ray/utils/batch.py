@@ -106,8 +106,8 @@ def sbatch_word(value: object) -> str:
 
     :raises TypeError, ValueError: as :func:`quote`.
     """
-    text = value if isinstance(value, str) else str(value)
-    return quote(text.replace("\\", "\\\\"))
+    word = quote(value)  # rejects None, bytes and NUL like every other value
+    return word if "\\" not in word else quote(str(value).replace("\\", "\\\\"))
 
 
 def _err(name: str, message: str) -> JobSpecError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,6 +12,9 @@ from slurm_ray.utils.quoting import quote
 EnvKind = Literal["conda", "venv", "modules", "none"]
 _KINDS = ("conda", "venv", "modules", "none")
 STAMP_NAME = ".slurm_ray_spec_sha256"
+# venv/conda activation scripts paste the prefix into shell code (unquoted in
+# unpatched Pythons, CVE-2024-9287), so only plain absolute paths are allowed.
+_PREFIX_RE = re.compile(r"/[A-Za-z0-9_.+,@%=:/{}-]*")
 
 
 class EnvironmentSpecError(ValueError):
@@ -50,6 +54,13 @@ class EnvironmentSpec:
             )
         if self.kind in ("conda", "venv") and not self.prefix:
             raise EnvironmentSpecError(f"environment.prefix: required for kind={self.kind}")
+        if self.kind in ("conda", "venv") and (
+            not _PREFIX_RE.fullmatch(self.prefix or "") or "/../" in f"{self.prefix}/"
+        ):
+            raise EnvironmentSpecError(
+                f"environment.prefix: {self.prefix!r} must be an absolute path of letters, "
+                "digits and _ . + , @ % = : / - only (activation scripts embed it in shell code)"
+            )
         for name in ("prefix", "spec_file", "python", "conda_setup"):
             value = getattr(self, name)
             if value is not None and ("\n" in value or "\0" in value):

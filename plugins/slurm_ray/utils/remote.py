@@ -91,8 +91,9 @@ def build_states_command(job_ids: Sequence[str]) -> str:
 
     Measured on Slurm 22.05: ``squeue -j`` with several ids prints the known
     ones and exits 0 even if some (or all) are unknown; with a single unknown
-    id it prints nothing and exits 1 ("Invalid job id specified"); older Slurm
-    fails the whole list for one unknown id. Both cases fall through to the
+    id it prints nothing and exits 1 ("Invalid job id specified"); other
+    releases may fail the whole list for one unknown id (not seen here, tested
+    with a fake squeue). Both cases fall through to the
     per-id ``scontrol``, so one unknown id never hides the others. scontrol
     is skipped when squeue failed for another reason (controller down: each
     call would wait for its timeout). sacct is asked only about ids that

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# A local Airflow (api-server, scheduler, dag-processor, triggerer) for the demo
+# and the end-to-end tests: `airflow standalone` in its own process group.
+#
+#   airflow_local.sh start|stop|status|env
+#
+# AIRFLOW_HOME defaults to $SLURM_RAY_DEV_STATE/airflow; the UI listens on
+# 127.0.0.1:${SLURM_RAY_AIRFLOW_PORT:-8080}. Login: admin / the password in
+# $AIRFLOW_HOME/passwords.json (generated once).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${SLURM_RAY_DEV_STATE:-/var/lib/slurm-ray-dev}
+PORT=${SLURM_RAY_AIRFLOW_PORT:-8080}
+HOME_DIR=${SLURM_RAY_AIRFLOW_HOME:-$STATE/airflow}
+PIDFILE=$HOME_DIR/standalone.pid
+LOG=$HOME_DIR/standalone.log
+VENV=${SLURM_RAY_AIRFLOW_VENV:-$HERE/.venv}
+MLFLOW_URI=${SLURM_RAY_MLFLOW_URI:-http://127.0.0.1:${SLURM_RAY_MLFLOW_PORT:-5055}}
+
+log() { printf '[airflow] %s\n' "$*" >&2; }
+die() { printf '[airflow] ERROR: %s\n' "$*" >&2; exit 1; }
+
+export_env() {
+  export AIRFLOW_HOME=$HOME_DIR
+  export AIRFLOW__CORE__DAGS_FOLDER=$HERE/dags
+  export AIRFLOW__CORE__LOAD_EXAMPLES=False
+  export AIRFLOW__CORE__PARALLELISM=${SLURM_RAY_AIRFLOW_PARALLELISM:-4}
+  export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
+  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
+  export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=$HOME_DIR/passwords.json
+  export AIRFLOW__API__HOST=127.0.0.1
+  export AIRFLOW__API__PORT=$PORT
+  export AIRFLOW__API__BASE_URL=http://127.0.0.1:$PORT
+  export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=10
+  export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL=10
+  export AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT=600
+  export AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE=True
+  export AIRFLOW__TRIGGERER__DEFAULT_CAPACITY=200
+  export SLURM_RAY_MLFLOW_URI=$MLFLOW_URI
+  export MLFLOW_TRACKING_URI=$MLFLOW_URI
+  export MLFLOW_DISABLE_TELEMETRY=true
+  export RAY_USAGE_STATS_ENABLED=0
+  export PATH=$VENV/bin:$PATH
+  if [[ -f $STATE/cluster.env ]]; then
+    # shellcheck disable=SC1091
+    source "$STATE/cluster.env"
+  fi
+}
+
+alive() {
+  [[ -s $PIDFILE ]] || return 1
+  local pid cmd
+  pid=$(<"$PIDFILE")
+  [[ -r /proc/$pid/cmdline ]] || return 1
+  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+  [[ $cmd == *airflow*standalone* ]]
+}
+
+healthy() {
+  local out
+  out=$(curl -fsS --max-time 3 "http://127.0.0.1:$PORT/api/v2/monitor/health" 2>/dev/null) || return 1
+  # scheduler, triggerer and dag-processor all report "healthy"
+  [[ $(grep -o '"status":"healthy"' <<<"$out" | wc -l) -ge 3 ]]
+}
+
+cmd_start() {
+  mkdir -p "$HOME_DIR"
+  chmod 700 "$HOME_DIR"
+  if [[ ! -s $HOME_DIR/passwords.json ]]; then
+    printf '{"admin": "%s"}\n' "$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$HOME_DIR/passwords.json"
+    chmod 600 "$HOME_DIR/passwords.json"
+  fi
+  export_env
+  if alive && healthy; then
+    log "already running (pid $(<"$PIDFILE")) on http://127.0.0.1:$PORT"
+    return 0
+  fi
+  alive && cmd_stop
+  airflow db migrate >"$HOME_DIR/migrate.log" 2>&1 || { tail -20 "$HOME_DIR/migrate.log" >&2; die "airflow db migrate failed"; }
+  # setsid: its own process group, so stop can reach every child it forks.
+  setsid airflow standalone >"$LOG" 2>&1 </dev/null &
+  echo $! >"$PIDFILE"
+  local deadline=$((SECONDS + ${SLURM_RAY_AIRFLOW_START_TIMEOUT:-180}))
+  until healthy; do
+    alive || { tail -30 "$LOG" >&2; die "airflow standalone exited (log: $LOG)"; }
+    ((SECONDS < deadline)) || { tail -30 "$LOG" >&2; die "airflow not healthy in time (log: $LOG)"; }
+    sleep 1
+  done
+  log "up: http://127.0.0.1:$PORT (user admin, password in $HOME_DIR/passwords.json)"
+}
+
+cmd_stop() {
+  if alive; then
+    local pid i
+    pid=$(<"$PIDFILE")
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 150); do
+      kill -0 -- "-$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    log "stopped"
+  fi
+  rm -f "$PIDFILE"
+}
+
+cmd_status() {
+  if alive && healthy; then
+    echo "airflow: up on http://127.0.0.1:$PORT (pid $(<"$PIDFILE"))"
+  else
+    echo "airflow: down"
+    return 1
+  fi
+}
+
+case ${1:-} in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) export_env; env | grep -E '^(AIRFLOW|SLURM_RAY|MLFLOW)' | grep -v -E 'CONN|PASSWORD' ;;
+  *) die "usage: $0 start|stop|status|env" ;;
+esac

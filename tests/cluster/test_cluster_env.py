@@ -1,0 +1,261 @@
+"""ClusterEnvOperator and GymSanityCheckOperator against the real local cluster.
+
+Driven the way a worker drives them (``op.execute(context)``); the task
+instance is a small stand-in. Builds use tiny requirements files (``six``
+from PyPI) into fresh prefixes under the cluster's scratch directory, with
+Debian's python3, which the job user can execute.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowException
+
+from tests.conftest import DevCluster
+
+pytestmark = pytest.mark.cluster
+
+PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class FakeTI:
+    task_id: str = "env"
+    xcom: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+def ctx() -> dict[str, Any]:
+    return {"ti": FakeTI()}
+
+
+def env_op(prefix: str, spec: Path, **kwargs: Any):
+    from slurm_ray import ClusterEnvOperator
+
+    params: dict[str, Any] = {
+        "task_id": "env",
+        "ssh_conn_id": "slurm_dev",
+        "environment": {"kind": "venv", "prefix": prefix, "python": PYTHON},
+        "spec_path": str(spec),
+        "build_timeout": 600,
+    }
+    params.update(kwargs)
+    return ClusterEnvOperator(**params)
+
+
+def sanity_op(cluster: DevCluster, **kwargs: Any):
+    from slurm_ray import GymSanityCheckOperator
+
+    params: dict[str, Any] = {
+        "task_id": "sanity",
+        "ssh_conn_id": "slurm_dev",
+        "environment": {"kind": "venv", "prefix": str(cluster.venv)},
+        "remote_dir": f"{cluster.scratch}/tests/sanity",
+        "quiet": True,
+        "timeout": 180,
+    }
+    params.update(kwargs)
+    return GymSanityCheckOperator(**params)
+
+
+def remote_sha(cluster: DevCluster, prefix: str) -> str:
+    return cluster.ssh(f"cat {shlex.quote(prefix)}/.slurm_ray_spec_sha256").stdout.strip()
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    path = tmp_path / "requirements.txt"
+    path.write_text("six==1.16.0\n")
+    return path
+
+
+def test_venv_build_noop_and_rebuild(cluster: DevCluster, spec: Path) -> None:
+    prefix = f"{cluster.new_dir('env')}/venv"
+
+    first = env_op(prefix, spec).execute(ctx())
+    assert first["action"] == "built" and first["kind"] == "venv" and first["prefix"] == prefix
+    assert remote_sha(cluster, prefix) == first["sha256"]
+    out = cluster.ssh(f"{shlex.quote(prefix)}/bin/python -c 'import six; print(six.__version__)'")
+    assert out.stdout.strip() == "1.16.0"
+    # the staged script and spec stay next to the environment, the staging dir is gone
+    staged = cluster.ssh(f"ls -A {shlex.quote(prefix)}.spec").stdout.split()
+    assert sorted(staged) == ["build_env.sh", "requirements.txt"]
+
+    # unchanged spec: one quick SSH round trip, nothing rebuilt (extra_env passes through)
+    op = env_op(prefix, spec, extra_env={"PIP_FIND_LINKS": "/opt/wheels"})
+    started = time.monotonic()
+    again = op.execute(ctx())
+    noop_s = time.monotonic() - started
+    print(f"\nno-op ClusterEnvOperator.execute: {noop_s:.3f}s")
+    assert again == {**first, "action": "up-to-date"}
+    assert noop_s < 5, f"no-op build took {noop_s:.2f}s"
+
+    # a changed spec (a comment is a change: the stamp is the file's sha256) rebuilds
+    spec.write_text("six==1.16.0\n# pinned for the test\n")
+    third = env_op(prefix, spec).execute(ctx())
+    assert third["action"] == "built" and third["sha256"] != first["sha256"]
+    assert remote_sha(cluster, prefix) == third["sha256"]
+
+
+def test_concurrent_builds_of_one_prefix(cluster: DevCluster, spec: Path) -> None:
+    prefix = f"{cluster.new_dir('env')}/venv"
+    barrier = threading.Barrier(2)
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        op = env_op(prefix, spec)
+        barrier.wait()
+        try:
+            results.append(op.execute(ctx()))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    assert sorted(r["action"] for r in results) == ["built", "up-to-date"]
+    assert results[0]["sha256"] == results[1]["sha256"] == remote_sha(cluster, prefix)
+    # one build ran: its log (truncated at the start of a build) has one install
+    log = cluster.ssh(f"cat {shlex.quote(prefix)}.build.log").stdout
+    assert log.count("Successfully installed") == 1
+
+
+def test_failed_build_raises_with_pip_output(cluster: DevCluster, tmp_path: Path) -> None:
+    prefix = f"{cluster.new_dir('env')}/venv"
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("nonexistent-package-xyz==9.9\n")
+    with pytest.raises(AirflowException) as err:
+        env_op(prefix, bad).execute(ctx())
+    msg = str(err.value)
+    assert "build_env: FAILED" in msg
+    assert "nonexistent-package-xyz" in msg and "No matching distribution" in msg
+    # never stamped: the next run tries again instead of trusting a broken env
+    assert cluster.ssh(
+        f"test -e {shlex.quote(prefix)}/.slurm_ray_spec_sha256", check=False
+    ).returncode
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"kind": "none"},
+        {"kind": "modules", "module_lines": ["export SITE_READY=1", 'test -n "$SITE_READY"']},
+    ],
+)
+def test_modules_and_none_build_nothing(cluster: DevCluster, environment: dict) -> None:
+    from slurm_ray import ClusterEnvOperator
+
+    op = ClusterEnvOperator(task_id="env", ssh_conn_id="slurm_dev", environment=environment)
+    result = op.execute(ctx())
+    assert result == {
+        "kind": environment["kind"],
+        "prefix": None,
+        "sha256": None,
+        "action": "nothing",
+    }
+
+
+def test_broken_module_line_fails_early(cluster: DevCluster) -> None:
+    from slurm_ray import ClusterEnvOperator
+
+    op = ClusterEnvOperator(
+        task_id="env",
+        ssh_conn_id="slurm_dev",
+        environment={"kind": "modules", "module_lines": ["module load no-such-module"]},
+    )
+    with pytest.raises(AirflowException, match="module_lines failed"):
+        op.execute(ctx())
+
+
+def test_conda_kind_without_conda_is_a_clear_error(cluster: DevCluster, tmp_path: Path) -> None:
+    prefix = f"{cluster.new_dir('conda')}/env"
+    yml = tmp_path / "environment.yml"
+    yml.write_text("name: t\ndependencies:\n  - python=3.11\n")
+    op = env_op(prefix, yml, environment={"kind": "conda", "prefix": prefix})
+    with pytest.raises(AirflowException) as err:
+        op.execute(ctx())
+    msg = str(err.value)
+    assert msg.startswith("conda was not found on the cluster")
+    assert "module_lines" in msg and "conda: command not found" in msg
+
+
+# -- sanity check -------------------------------------------------------------------
+
+
+def test_sanity_check_on_login_node(cluster: DevCluster) -> None:
+    summary = sanity_op(cluster, episodes=2).execute(ctx())
+    assert summary["ok"] is True and summary["api"] == "gymnasium"
+    assert summary["env_id"] == "CartPole-v1" and summary["episodes"] == 2
+    assert summary["steps"] > 0 and len(summary["returns"]) == 2
+    assert summary["versions"]["gymnasium"] == "1.2.2"
+    # staging directory removed after the run
+    assert cluster.ssh(f"ls -A {cluster.scratch}/tests/sanity").stdout.strip() == ""
+
+
+def test_sanity_check_on_compute_node(cluster: DevCluster) -> None:
+    summary = sanity_op(cluster, where="compute", time="2").execute(ctx())
+    assert summary["ok"] is True and summary["api"] == "gymnasium" and summary["steps"] > 0
+    assert summary["host"] in ("n1", "n2")
+
+
+def test_sanity_check_unknown_env_id(cluster: DevCluster) -> None:
+    with pytest.raises(AirflowException) as err:
+        sanity_op(cluster, env_id="NoSuchEnv-v0").execute(ctx())
+    msg = str(err.value)
+    assert "exit 4" in msg and "NoSuchEnv" in msg and "doesn't exist" in msg
+    assert "\n" not in msg  # the one-line reason, not a traceback
+
+
+def test_sanity_check_missing_prefix(cluster: DevCluster) -> None:
+    missing = f"{cluster.scratch}/tests/no-such-env-{uuid.uuid4().hex[:6]}"
+    op = sanity_op(cluster, environment={"kind": "venv", "prefix": missing})
+    with pytest.raises(AirflowException) as err:
+        op.execute(ctx())
+    assert f"environment.prefix: {missing} does not exist" in str(err.value)
+
+
+def test_hostile_values_are_refused_or_inert(cluster: DevCluster, spec: Path) -> None:
+    marker = f"/tmp/PWNED_{uuid.uuid4().hex[:8]}"
+    base = cluster.new_dir("hostile")
+    for payload in (f"$(touch {marker})", f"`touch {marker}`", f"x'; touch {marker}; '"):
+        with pytest.raises(AirflowException, match=r"^environment\.prefix: "):
+            env_op(f"{base}/{payload}", spec).execute(ctx())
+        with pytest.raises(AirflowException, match=r"^environment\.prefix: "):
+            sanity_op(cluster, environment={"kind": "venv", "prefix": f"{base}/{payload}"}).execute(
+                ctx()
+            )
+        with pytest.raises(AirflowException, match=r"^env_id: "):
+            sanity_op(cluster, env_id=f"CartPole-v1{payload}").execute(ctx())
+    # values that are allowed reach the cluster quoted and stay inert (without
+    # accounting this Slurm may accept any account name: either outcome is fine)
+    odd_account = sanity_op(cluster, where="compute", account=f"a'b $(touch {marker}) `id`")
+    try:
+        odd_account.execute(ctx())
+    except AirflowException as exc:
+        assert "account" in str(exc).lower()
+    prefix = f"{base}/venv"
+    hostile_env = {"SLURM_RAY_TEST_VALUE": f"$(touch {marker})'\"`touch {marker}`"}
+    assert env_op(prefix, spec, extra_env=hostile_env).execute(ctx())["action"] == "built"
+    assert cluster.ssh(f"test -e {marker}", check=False).returncode != 0
+    assert not Path(marker).exists()
+    # nothing was created outside the test directory either
+    assert cluster.ssh(f"ls -A {shlex.quote(base)}").stdout.split() == [
+        "venv",
+        "venv.build.log",
+        "venv.lock",
+        "venv.spec",
+    ]
