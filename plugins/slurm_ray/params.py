@@ -283,6 +283,10 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         "ssh_conn_id": profile.ssh_conn_id,
         "remote_base_dir": profile.remote_base_dir,
         "environment": profile.environment.to_dict(),
+        "env_stage_dir": profile.env_stage_dir,
+        "env_build_vars": dict(profile.env_build_vars),
+        "sanity_partition": job_spec.get("partition"),
+        "sanity_account": job_spec.get("account"),
         "job_spec": job_spec,
         "config": config,
         "mlflow": {

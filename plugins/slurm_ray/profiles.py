@@ -53,6 +53,8 @@ class ClusterProfile:
     qos: str | None = None
     environment: EnvironmentSpec = field(default_factory=EnvironmentSpec)
     job_url_template: str = ""
+    env_stage_dir: str | None = None
+    env_build_vars: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
 
     @classmethod
@@ -88,6 +90,9 @@ _BUILTIN: dict[str, ClusterProfile] = {
             spec_file="requirements-cluster.txt",
             python="/usr/bin/python3",
         ),
+        # The venv itself belongs to root (make cluster-up builds it); the job
+        # user stages the spec here to confirm it is up to date.
+        env_stage_dir=f"{_LOCAL_STATE}/scratch/env-spec",
         description="The local dev cluster of scripts/devcluster.sh (two nodes n1, n2).",
     ),
     # NREL Eagle (retired; kept because the tutorial this project grew from ran there).

@@ -359,7 +359,13 @@ class ClusterEnvOperator(BaseOperator):
         ``up-to-date`` or ``nothing``.
     """
 
-    template_fields: Sequence[str] = ("environment", "spec_path", "remote_dir", "extra_env")
+    template_fields: Sequence[str] = (
+        "ssh_conn_id",
+        "environment",
+        "spec_path",
+        "remote_dir",
+        "extra_env",
+    )
     template_fields_renderers = {"environment": "json", "extra_env": "json"}
     ui_color = "#e3f1d4"
 
@@ -376,11 +382,12 @@ class ClusterEnvOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.ssh_conn_id = ssh_conn_id
-        self.environment = dict(environment)
+        # Kept as given: a template or an XComArg resolves only at run time.
+        self.environment = environment
         self.spec_path = spec_path
         self.remote_dir = remote_dir
         self.build_timeout = build_timeout
-        self.extra_env = dict(extra_env or {})
+        self.extra_env = extra_env if extra_env is not None else {}
 
     def _spec(self, env: EnvironmentSpec) -> tuple[str, bytes]:
         """(file name, content) of the local spec file."""
@@ -507,6 +514,7 @@ class GymSanityCheckOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
+        "ssh_conn_id",
         "environment",
         "env_id",
         "episodes",
@@ -538,7 +546,8 @@ class GymSanityCheckOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.ssh_conn_id = ssh_conn_id
-        self.environment = dict(environment)
+        # Kept as given: a template or an XComArg resolves only at run time.
+        self.environment = environment
         self.env_id = env_id
         self.episodes = episodes
         self.max_steps = max_steps

@@ -93,6 +93,9 @@ class SlurmRayOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
+        "ssh_conn_id",
+        "cluster_name",
+        "mlflow",
         "config",
         "job_spec",
         "entrypoint",
@@ -126,17 +129,18 @@ class SlurmRayOperator(BaseOperator):
         super().__init__(**kwargs)
         self.ssh_conn_id = ssh_conn_id
         self.remote_base_dir = remote_base_dir
-        self.job_spec = dict(job_spec or {})
-        self.environment = dict(environment or {})
+        # Templated arguments are kept as given: XComArgs resolve at run time.
+        self.job_spec = job_spec if job_spec is not None else {}
+        self.environment = environment if environment is not None else {}
         self.entrypoint = entrypoint
-        self.config = dict(config or {})
+        self.config = config if config is not None else {}
         self.poll_interval = poll_interval
         self.deferrable = deferrable
-        self.env_vars = dict(env_vars or {})
+        self.env_vars = env_vars if env_vars is not None else {}
         self.extra_files = dict(extra_files or {})
         self.join_timeout = join_timeout
         self.checkpoint_signal_s = checkpoint_signal_s
-        self.mlflow = dict(mlflow) if mlflow else None
+        self.mlflow = mlflow or None
         self.cluster_name = cluster_name or ssh_conn_id
         self._job_id: str | None = None
 
@@ -249,10 +253,14 @@ class SlurmRayOperator(BaseOperator):
                 )
         run_dir = posixpath.join(base, suffix)
         ti = context["ti"]
+        self._mlflow_start(context, config)
 
         job = self._existing_job(job_name)
         if job is not None and is_active(job.state):
             self.log.info("Re-attaching to Slurm job %s (%s) named %s", job.job_id, job.state.value, job_name)
+            ti.xcom_push(key="slurm_job_id", value=job.job_id)
+            ti.xcom_push(key="run_dir", value=run_dir)
+            ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
             return self._follow(context, job.job_id, run_dir)
         result = self._read_result(run_dir)
         if job is not None and is_terminal(job.state):
@@ -276,6 +284,7 @@ class SlurmRayOperator(BaseOperator):
         ti.xcom_push(key="slurm_job_id", value=job_id)
         ti.xcom_push(key="run_dir", value=run_dir)
         ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        self._mlflow_record_job(context, job_id, run_dir)
         return self._follow(context, job_id, run_dir)
 
     def _existing_job(self, job_name: str) -> JobInfo | None:
@@ -299,10 +308,14 @@ class SlurmRayOperator(BaseOperator):
         files: dict[str, Path] = {name: include_dir() / name for name in DEFAULT_FILES}
         files["training_config.py"] = PLUGIN_DIR / "training_config.py"
         files.update({name: Path(path) for name, path in self.extra_files.items()})
+        self._staged: dict[str, bytes] = {}
         for name, local in files.items():
             if "/" in name or name in ("", ".", ".."):
                 raise AirflowException(f"extra_files: {name!r} must be a plain file name")
-            self.hook.upload_bytes(local.read_bytes(), posixpath.join(run_dir, name), mode=0o755 if name.endswith(".sh") else 0o644)
+            data = local.read_bytes()
+            self._staged[name] = data
+            mode = 0o755 if name.endswith(".sh") else 0o644
+            self.hook.upload_bytes(data, posixpath.join(run_dir, name), mode=mode)
         payload = config if config is not None else self.config
         self.hook.upload_bytes(
             json.dumps(payload, indent=2, sort_keys=True).encode(), posixpath.join(run_dir, "config.json")
@@ -335,6 +348,7 @@ class SlurmRayOperator(BaseOperator):
         deadline = None
         if self.execution_timeout:
             deadline = time.time() + self.execution_timeout.total_seconds()
+        self._relay = self._relay_settings(context, job_id, run_dir)
         if self.deferrable:
             from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 
@@ -346,15 +360,94 @@ class SlurmRayOperator(BaseOperator):
                     metrics_path=posixpath.join(run_dir, "metrics.jsonl"),
                     poll_interval=self.poll_interval,
                     deadline=deadline,
-                    relay=self._relay_settings(context, job_id, run_dir),
+                    relay=self._relay,
                 ),
                 method_name="execute_complete",
                 kwargs={"run_dir": run_dir},
             )
         return self._poll_until_done(job_id, run_dir, log_path)
 
+    # -- MLflow ---------------------------------------------------------------------
+
+    def _mlflow_settings(self, context: Context) -> Any:
+        if not self.mlflow:
+            return None
+        from slurm_ray.mlflow_tracking import MlflowSettings
+
+        try:
+            return MlflowSettings.from_dict(self.mlflow, default_experiment=context["ti"].dag_id)
+        except ValueError as exc:
+            raise AirflowException(str(exc)) from exc
+
+    def _mlflow_tags(self, context: Context) -> dict[str, str]:
+        from slurm_ray.mlflow_tracking import task_identity_tags
+
+        ti = context["ti"]
+        return task_identity_tags(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+
+    def _mlflow_start(self, context: Context, config: dict[str, Any] | None) -> None:
+        """Find or create the task's MLflow run before anything is submitted."""
+        self._mlflow_run_id: str | None = None
+        settings = self._mlflow_settings(context)
+        if settings is None:
+            return
+        from slurm_ray.mlflow_tracking import MlflowUnreachableError, check_reachable, ensure_run
+
+        try:
+            check_reachable(settings)
+        except MlflowUnreachableError:
+            if not settings.relay_later:
+                raise
+            self.log.warning(
+                "MLflow at %s is unreachable; training anyway, metrics are relayed once it is back",
+                settings.tracking_uri,
+            )
+            return
+        params = config if config is not None else dict(self.config)
+        self._mlflow_run_id = ensure_run(settings, tags=self._mlflow_tags(context), params=params)
+        context["ti"].xcom_push(key="mlflow_run_id", value=self._mlflow_run_id)
+        context["ti"].xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
+        self.log.info("MLflow run %s at %s", self._mlflow_run_id, settings.tracking_uri)
+
+    def _mlflow_record_job(self, context: Context, job_id: str, run_dir: str) -> None:
+        settings = self._mlflow_settings(context)
+        run_id = getattr(self, "_mlflow_run_id", None)
+        if settings is None or run_id is None:
+            return
+        from slurm_ray.mlflow_tracking import include_files_hash, record_job
+
+        record_job(
+            settings,
+            run_id,
+            job_id=job_id,
+            try_number=context["ti"].try_number,
+            cluster=self.cluster_name,
+            run_dir=run_dir,
+            num_nodes=self.job_spec.get("nodes"),
+            include_hash=include_files_hash(getattr(self, "_staged", {})),
+        )
+
     def _relay_settings(self, context: Context, job_id: str, run_dir: str) -> dict[str, Any] | None:
-        return None
+        settings = self._mlflow_settings(context)
+        if settings is None:
+            return None
+        from slurm_ray.mlflow_tracking import make_relay
+
+        return make_relay(
+            settings, run_id=getattr(self, "_mlflow_run_id", None), tags=self._mlflow_tags(context)
+        )
+
+    def _relay_catch_up(self, run_dir: str) -> None:
+        """At completion: relay every metrics row MLflow does not have yet."""
+        relay = getattr(self, "_relay", None)
+        if not relay:
+            return
+        from slurm_ray.mlflow_tracking import parse_metrics_jsonl, relay_rows
+
+        raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
+        if raw:
+            stats = relay_rows(relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=False)
+            self.log.info("MLflow metrics relay at completion: %s", stats)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
         """Non-deferrable mode: poll from the worker; cancel the job if we are stopped."""
@@ -370,6 +463,7 @@ class SlurmRayOperator(BaseOperator):
                     *lines, buf = (buf + chunk).split(b"\n")
                     for line in lines:
                         self.log.info("[slurm %s] %s", job_id, line.decode("utf-8", "replace"))
+                self._relay_live(run_dir)
                 if info is not None and info.state != last_state:
                     self.log.info("Slurm job %s is %s", job_id, info.state.value)
                     last_state = info.state
@@ -382,6 +476,19 @@ class SlurmRayOperator(BaseOperator):
             if last_state is None or not is_terminal(last_state):
                 self._cancel_quietly(job_id)
             raise
+
+    def _relay_live(self, run_dir: str) -> None:
+        """Non-deferrable mode: relay new metrics rows as they appear."""
+        if not getattr(self, "_relay", None):
+            return
+        from slurm_ray.mlflow_tracking import parse_metrics_jsonl, relay_rows
+
+        offset = getattr(self, "_metrics_offset", 0)
+        chunk = self.hook.read_from_offset(posixpath.join(run_dir, "metrics.jsonl"), offset)
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        if complete:
+            self._metrics_offset = offset + len(complete)
+            relay_rows(self._relay, parse_metrics_jsonl(complete, self.log), log=self.log, strict=False)
 
     def execute_complete(self, context: Context, event: dict[str, Any], run_dir: str = "") -> Any:
         """Turn the trigger's final event into the task's result or a clear error."""
@@ -399,6 +506,7 @@ class SlurmRayOperator(BaseOperator):
             raise AirflowException(
                 f"lost track of Slurm job {job_id}: {event.get('message')} (a cancel was attempted)"
             )
+        self._relay = event.get("relay")
         info = JobInfo(
             job_id=job_id,
             state=SlurmState(event["state"]),
@@ -423,6 +531,10 @@ class SlurmRayOperator(BaseOperator):
         state = info.state if info else SlurmState.UNKNOWN
         if state == SlurmState.COMPLETED:
             return self._summary(job_id, run_dir, info, result)
+        try:
+            self._relay_catch_up(run_dir)
+        except Exception as exc:  # noqa: BLE001 - the job's failure is the error to report
+            self.log.warning("MLflow catch-up failed: %s", exc)
         reason = info.reason if info else ""
         where = f" on {info.nodelist}" if info and info.nodelist else ""
         hint = {
@@ -445,7 +557,9 @@ class SlurmRayOperator(BaseOperator):
     def _summary(
         self, job_id: str, run_dir: str, info: JobInfo | None, result: dict[str, Any] | None
     ) -> dict[str, Any]:
+        self._relay_catch_up(run_dir)
         summary: dict[str, Any] = {
+            "mlflow_run_id": (getattr(self, "_relay", None) or {}).get("run_id"),
             "job_id": job_id,
             "run_dir": run_dir,
             "state": SlurmState.COMPLETED.value,

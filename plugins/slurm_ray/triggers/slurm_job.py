@@ -219,6 +219,7 @@ class SlurmJobTrigger(BaseTrigger):
             "message": message,
             "log_offset": self.log_offset,
             "metrics_offset": self.metrics_offset,
+            "relay": self.relay,
         }
         payload.update(extra)
         return TriggerEvent(payload)

@@ -1,0 +1,141 @@
+"""The training chain shared by the DAGs: resolve → env → sanity → train → register → promote.
+
+Each DAG file only chooses defaults and a schedule; the task graph is built
+here so that on-demand training, scheduled retraining and the sweep behave
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import task
+from airflow.sdk.exceptions import AirflowFailException
+
+from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
+from slurm_ray.operators.slurm_ray import SlurmRayOperator
+from slurm_ray.params import RunParamError, resolve_run
+
+#: Retries for the training task: a retry re-attaches to a running job or
+#: resumes from the newest checkpoint (see DESIGN: a rare scheduler race).
+TRAIN_RETRIES = 2
+
+
+def resolve_or_fail(params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`resolve_run`, failing the task for good (no retry) on bad Params."""
+    try:
+        resolved = resolve_run(params)
+    except (RunParamError, ValueError) as exc:
+        raise AirflowFailException(f"invalid Params: {exc}") from exc
+    if not resolved["mlflow"]["tracking_uri"]:
+        raise AirflowFailException(
+            "mlflow.tracking_uri: set SLURM_RAY_MLFLOW_URI (or MLFLOW_TRACKING_URI) for the workers"
+        )
+    return resolved
+
+
+def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
+    from slurm_ray.mlflow_tracking import MlflowSettings
+
+    return MlflowSettings.from_dict(dict(mlflow), default_experiment=dag_id)
+
+
+def register_trained_model(
+    summary: Mapping[str, Any], mlflow: Mapping[str, Any], ssh_conn_id: str, dag_id: str
+) -> dict[str, Any]:
+    """Log artifacts and the model of a finished training task and register a version."""
+    from slurm_ray.hooks.slurm import SlurmHook
+    from slurm_ray.mlflow_tracking import finalize_run
+
+    hook = SlurmHook(ssh_conn_id)
+    raw = hook.read_file(posixpath.join(summary["run_dir"], "result.json"))
+    result = json.loads(raw) if raw else None
+    out = finalize_run(
+        _settings(mlflow, dag_id),
+        summary["mlflow_run_id"],
+        hook=hook,
+        run_dir=summary["run_dir"],
+        job_id=str(summary["job_id"]),
+        result=result,
+    )
+    return {**out, "eval_return_mean": (result or {}).get("eval_return_mean")}
+
+
+def promote_model(registered: Mapping[str, Any], mlflow: Mapping[str, Any], dag_id: str) -> dict[str, Any]:
+    """Move the ``champion`` alias to the new version if it is better by the margin."""
+    from slurm_ray.mlflow_tracking import promote_if_better
+
+    return promote_if_better(
+        _settings(mlflow, dag_id), registered["model_name"], registered["model_version"]
+    )
+
+
+def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> dict[str, Any]:
+    """Add the training tasks to the DAG in context; returns them by name."""
+
+    @task(multiple_outputs=True)
+    def resolve(params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Validate the Params and derive the run (nothing has touched the cluster yet)."""
+        return resolve_or_fail(params or {})
+
+    resolved = resolve()
+    env = ClusterEnvOperator(
+        task_id="build_env",
+        ssh_conn_id=resolved["ssh_conn_id"],
+        environment=resolved["environment"],
+        remote_dir=resolved["env_stage_dir"],
+        extra_env=resolved["env_build_vars"],
+    )
+    sanity = GymSanityCheckOperator(
+        task_id="sanity_check",
+        ssh_conn_id=resolved["ssh_conn_id"],
+        environment=resolved["environment"],
+        env_id="{{ params.env_id }}",
+        where="compute",
+        partition=resolved["sanity_partition"],
+        account=resolved["sanity_account"],
+        quiet=True,
+    )
+    train = SlurmRayOperator(
+        task_id="train",
+        ssh_conn_id=resolved["ssh_conn_id"],
+        remote_base_dir=resolved["remote_base_dir"],
+        job_spec=resolved["job_spec"],
+        environment=resolved["environment"],
+        config=resolved["config"],
+        mlflow=resolved["mlflow"],
+        cluster_name=resolved["profile"],
+        retries=TRAIN_RETRIES,
+        retry_delay=timedelta(seconds=10),
+        execution_timeout=train_timeout,
+        deferrable=True,
+        poll_interval=5,
+    )
+
+    @task
+    def register_model(
+        summary: dict[str, Any], mlflow: dict[str, Any], ssh_conn_id: str, dag_run: Any = None
+    ) -> dict[str, Any]:
+        """Artifacts, pyfunc model and a registered version in MLflow."""
+        return register_trained_model(summary, mlflow, ssh_conn_id, dag_run.dag_id)
+
+    @task
+    def promote(registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
+        """Champion alias to the new version if its eval return is better."""
+        return promote_model(registered, mlflow, dag_run.dag_id)
+
+    registered = register_model(train.output, resolved["mlflow"], resolved["ssh_conn_id"])
+    promoted = promote(registered, resolved["mlflow"])
+    env >> sanity >> train
+    return {
+        "resolve": resolved,
+        "build_env": env,
+        "sanity_check": sanity,
+        "train": train,
+        "register_model": registered,
+        "promote": promoted,
+    }

@@ -1,0 +1,53 @@
+"""Every DAG file imports cleanly and has the shape users rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS))
+
+
+def test_no_import_errors(dagbag) -> None:
+    assert dagbag.import_errors == {}
+    assert {"rllib_train", "rllib_retrain", "rllib_sweep"} <= set(dagbag.dag_ids)
+
+
+def test_train_dag_chain_and_params(dagbag) -> None:
+    dag = dagbag.dags.get("rllib_train")
+    assert "NullTimetable" in repr(dag.timetable)
+    ids = set(dag.task_ids)
+    assert {"resolve", "build_env", "sanity_check", "train", "register_model", "promote"} <= ids
+    train = dag.get_task("train")
+    assert train.retries >= 1
+    upstream = {t.task_id for t in train.upstream_list}
+    assert "sanity_check" in upstream
+    for name in (
+        "profile", "env_id", "algorithm", "nodes", "cpus_per_node", "gpus_per_node", "partition",
+        "account", "time_limit", "stop_return_mean", "stop_env_steps", "stop_iterations",
+        "stop_minutes", "lr", "train_batch_size", "num_env_runners", "envs_per_runner", "seed",
+        "experiment_name",
+    ):
+        param = dag.params.get_param(name)
+        assert param.description, name
+        assert param.schema, name
+
+
+def test_retrain_is_scheduled_and_publishes_asset(dagbag) -> None:
+    dag = dagbag.dags.get("rllib_retrain")
+    assert "0 0 * * 0" in repr(dag.timetable)
+    publish = dag.get_task("publish_champion")
+    assert publish.outlets
+
+
+def test_sweep_maps_training(dagbag) -> None:
+    dag = dagbag.dags.get("rllib_sweep")
+    assert {"train", "compare", "register_best", "promote"} <= set(dag.task_ids)
