@@ -50,9 +50,25 @@ test: venv  ## set everything up and run all tests (pure + real cluster)
 test-unit: venv  ## pure tests only (no cluster)
 	$(VENV)/bin/pytest -m 'not cluster and not slow' $(PYTEST_ARGS)
 
-demo: venv cluster-up  ## set everything up and run the main job
-	$(VENV)/bin/python scripts/demo.py
+mlflow-up:  ## local MLflow server on 127.0.0.1:5055 (needs the cluster-side venv)
+	bash scripts/mlflow_server.sh start
 
-down: cluster-down  ## stop everything make demo started
+mlflow-down:
+	bash scripts/mlflow_server.sh stop
 
-.PHONY: help venv cluster-up cluster-status cluster-down lint test test-unit demo down
+airflow-up: venv  ## local Airflow (standalone) on 127.0.0.1:8080
+	bash scripts/airflow_local.sh start
+
+airflow-down:
+	bash scripts/airflow_local.sh stop
+
+# Leaves the UIs running for the user; `make down` stops everything.
+demo: venv cluster-up mlflow-up airflow-up  ## set everything up and run the main job
+	$(VENV)/bin/python scripts/demo.py $(if $(DEMO_CONF),--conf '$(DEMO_CONF)')
+
+down:  ## stop everything make demo started (Airflow, MLflow, the cluster)
+	bash scripts/airflow_local.sh stop || true
+	bash scripts/mlflow_server.sh stop || true
+	bash $(CLUSTER) down
+
+.PHONY: help venv cluster-up cluster-status cluster-down lint test test-unit demo down mlflow-up mlflow-down airflow-up airflow-down

@@ -121,9 +121,17 @@ with DAG(
         return {**out, "best": best}
 
     @task
-    def register_best(comparison: dict[str, Any], mlflow: dict[str, Any], ssh_conn_id: str, dag_run: Any = None) -> dict[str, Any]:
+    def register_best(
+        comparison: dict[str, Any],
+        mlflow: dict[str, Any],
+        ssh_conn_id: str,
+        environment: dict[str, Any],
+        dag_run: Any = None,
+    ) -> dict[str, Any]:
         """Register the best run's model."""
-        return register_trained_model(comparison["best"], mlflow, ssh_conn_id, dag_run.dag_id)
+        return register_trained_model(
+            comparison["best"], mlflow, ssh_conn_id, dag_run.dag_id, environment
+        )
 
     @task
     def promote(registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
@@ -131,6 +139,8 @@ with DAG(
         return promote_model(registered, mlflow, dag_run.dag_id)
 
     comparison = compare(train.output, resolved["mlflow"])
-    registered = register_best(comparison, resolved["mlflow"], resolved["ssh_conn_id"])
+    registered = register_best(
+        comparison, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
+    )
     promote(registered, resolved["mlflow"])
     runs >> env >> sanity >> train

@@ -64,6 +64,8 @@ class RLModulePolicy(mlflow.pyfunc.PythonModel):
 
     # ``model_input`` is deliberately unannotated: MLflow reads the annotation
     # as a type-hint signature and warns about (or coerces) anything but list[...].
+    # (MLflow then prints a harmless "Add type hints" UserWarning; the model is
+    # typed by its explicit tensor signature instead.)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:
         """Actions for a batch of observations (or for a single observation)."""
         import numpy as np

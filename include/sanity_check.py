@@ -64,7 +64,7 @@ def _load_gym() -> tuple[Any, str]:
         # gym prints a multi-line "unmaintained" notice to stderr on import;
         # stderr is reserved for the one SANITY_ERROR line.
         with contextlib.redirect_stderr(io.StringIO()):
-            import gym  # type: ignore[import-not-found]
+            import gym
 
         return gym, "gym"
     except ImportError as exc:

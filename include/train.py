@@ -18,12 +18,30 @@ Files in DIR (the run-directory contract, see DESIGN.md):
     result.json             the final summary, written atomically (tmp + rename);
                             an earlier attempt's is renamed result.previous.json
 
+metrics.jsonl rows: iteration, env_steps (lifetime), episode_return_mean/min/max,
+episode_len_mean, num_episodes, env_steps_per_s, time_this_iter_s, time_total_s
+(training seconds including earlier attempts), timestamp, sample_time_s,
+learn_time_s, and the learner's losses/diagnostics as RLlib names them (PPO:
+policy_loss, vf_loss, total_loss, entropy, mean_kl_loss, ...; DQN: qf_loss,
+qf_mean, total_loss), learning_rate. Non-finite numbers are written as null.
+After a crash (no signal), iterations after the restored checkpoint are trained
+again and appear twice: the later line wins.
+
+result.json: status, stop_reason (iterations | env_steps | return_mean | minutes
+| signal:SIGUSR1 | signal:SIGTERM | error), exit_code, iterations, env_steps,
+episode_return_mean, eval_episodes, eval_returns, eval_return_mean, checkpoint,
+rl_module_checkpoint, resumed_from, time_total_s, env_steps_per_s (this
+attempt), wall_s, started_at, finished_at, ray_nodes, ray_node_ips,
+ray_node_hostnames, num_env_runners, env_runner_node_ips, env_runner_hostnames,
+config, effective_config, versions; error / eval_error when something failed.
+
 Exit codes:
 
     0   finished: a stop criterion was reached (result.json status "succeeded")
     1   training failed (status "failed", with the error)
     2   bad config or usage; stderr has one line "CONFIG_ERROR: config.<field>: ..."
-        and nothing was started (status "config_error")
+        (status "config_error"). Found before Ray starts, except a request for
+        more env runners or GPUs than the Ray cluster has.
     75  interrupted by SIGUSR1 (Slurm's pre-timeout ``--signal``) or SIGTERM: the
         current iteration was finished and checkpointed (status "interrupted").
         75 is EX_TEMPFAIL: run again with the same DIR to continue.
@@ -618,16 +636,17 @@ class Trainer:
             return _config_error(self.run_dir, str(exc))
         except Exception as exc:
             traceback.print_exc()
-            err = f"{type(exc).__name__}: {exc}"
+            err = _describe(exc)
             interrupted = _Stop.signame is not None
             # A signal that tore down Ray mid-iteration is still an interruption.
             status = "interrupted" if interrupted else "failed"
             reason = f"signal:{_Stop.signame}" if interrupted else "error"
+            code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED
             _write_json_atomic(
-                self.result_path, self.safe_result(status, reason, error=err, exit_code=1)
+                self.result_path, self.safe_result(status, reason, error=err, exit_code=code)
             )
-            self.shutdown(keep_temp=True)
-            return EXIT_INTERRUPTED if interrupted else EXIT_FAILED
+            self.shutdown()
+            return code
 
         if reason.startswith("signal:"):
             result = self.result("interrupted", reason, exit_code=EXIT_INTERRUPTED)
@@ -655,7 +674,7 @@ class Trainer:
         except Exception:  # Ray itself may be gone; write what we know
             return {"status": status, "stop_reason": reason, "config": self.cfg.to_dict(), **extra}
 
-    def shutdown(self, keep_temp: bool = False) -> None:
+    def shutdown(self) -> None:
         import ray
 
         if self.algo is not None:
@@ -665,11 +684,8 @@ class Trainer:
             ray.shutdown()
         if self.rllib_log_dir:
             shutil.rmtree(self.rllib_log_dir, ignore_errors=True)
-        if self.local_temp_dir:
-            if keep_temp:
-                print(f"train: Ray logs kept in {self.local_temp_dir}", flush=True)
-            else:
-                shutil.rmtree(self.local_temp_dir, ignore_errors=True)
+        if self.local_temp_dir:  # --local only; a Slurm job's is the launcher's
+            shutil.rmtree(self.local_temp_dir, ignore_errors=True)
 
 
 def greedy_rollouts(module_path: Path, env_id: str, episodes: int, seed: int | None) -> list[float]:
@@ -728,6 +744,20 @@ def _versions() -> dict[str, str | None]:
         module = sys.modules.get(name)
         versions[name] = getattr(module, "__version__", None) if module else None
     return versions
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception chain, outermost first: RLlib re-raises env errors as a bare
+    ``RuntimeError from e``, whose own message is empty."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        msg = " ".join(str(current).split())
+        parts.append(f"{type(current).__name__}: {msg}" if msg else type(current).__name__)
+        current = current.__cause__ or current.__context__
+    return " <- ".join(parts)[:2000]
 
 
 def _fsync_dir(path: Path) -> None:

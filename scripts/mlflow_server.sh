@@ -111,6 +111,7 @@ do_start() {
     # setsid: the server and its uvicorn workers get their own process group,
     # which `stop` signals as a whole. The inner shell writes its own pid and
     # then execs, so the pid file names the group leader.
+    # shellcheck disable=SC2016  # $$ and "$@" belong to the inner shell
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PIDFILE" \
       "$VENV/bin/mlflow" server \
       --backend-store-uri "sqlite:///$DATA/mlflow.db" \

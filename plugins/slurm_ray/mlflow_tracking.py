@@ -42,7 +42,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -297,7 +297,7 @@ def _safe_key(key: str) -> str:
         out = "_" + out
     if len(out) > MAX_ENTITY_KEY_LENGTH:
         digest = hashlib.sha256(out.encode()).hexdigest()[:10]
-        out = f"{out[: MAX_ENTITY_KEY_LENGTH - 11]}~{digest}"
+        out = f"{out[: MAX_ENTITY_KEY_LENGTH - 11]}-{digest}"
     return out
 
 
@@ -605,7 +605,6 @@ class RelayStats:
     pending: int = 0
     error: str | None = None
     watermark: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MetricsRelay:
@@ -734,12 +733,13 @@ class MetricsRelay:
                 Metric(key, value, ts or now_ms, step)
                 for key, value in metrics.items()
                 if key != SENTINEL_METRIC
-            ]
+            ][: MAX_METRICS_PER_BATCH - 1]
+            # The sentinel goes last: it may only claim a step once the rest is in.
             row_metrics.append(Metric(SENTINEL_METRIC, float(step), ts or now_ms, step))
             if batch and len(batch) + len(row_metrics) > MAX_METRICS_PER_BATCH:
                 self._send_batch(client, run_id, batch, batch_steps, stats)
                 batch, batch_steps = [], []
-            batch.extend(row_metrics[:MAX_METRICS_PER_BATCH])
+            batch.extend(row_metrics)
             batch_steps.append(step)
         if batch:
             self._send_batch(client, run_id, batch, batch_steps, stats)
@@ -763,7 +763,7 @@ class MetricsRelay:
         async with self._lock:
             stats = await asyncio.to_thread(self.send, rows)
         if stats.sent:
-            self.log.debug("MLflow relay: %d step(s) logged up to %s", stats.sent, stats.watermark)
+            self.log.info("MLflow: logged %d step(s), up to step %s", stats.sent, stats.watermark)
 
 
 def make_async_sink(
@@ -828,15 +828,22 @@ class RemoteFiles(Protocol):
         """Copy a remote file to a local path."""
 
 
-_EXPORT_DIR_RE = re.compile(r"^/[\w./-]*slurm-ray-export\.[A-Za-z0-9]+$")
+_EXPORT_DIR_RE = re.compile(r"\.slurm-ray-export\.[A-Za-z0-9]+")
 
 
 def _bundle_command(run_dir: str, names: Sequence[str], checkpoint: str | None) -> str:
-    """Shell: tar the existing ``names`` of ``run_dir`` (+ the checkpoint dir) into a temp dir."""
+    """
+    Shell: tar the existing ``names`` of ``run_dir`` and the checkpoint directory.
+
+    The tarball goes into a fresh hidden directory inside the run directory
+    (scratch has room for a big checkpoint, a login node's /tmp may not).
+    Prints that directory's name, then ``bundle`` if there was anything to tar.
+    """
     lines = [
         "set -e",
         f"cd -- {quote(run_dir)}",
-        'tmp=$(mktemp -d "${TMPDIR:-/tmp}/slurm-ray-export.XXXXXX")',
+        "tmp=$(mktemp -d .slurm-ray-export.XXXXXX)",
+        'echo "$tmp"',
         "set --",
         f"for f in {' '.join(quote(n) for n in names)}; do "
         'if [ -e "$f" ]; then set -- "$@" "$f"; fi; done',
@@ -847,7 +854,8 @@ def _bundle_command(run_dir: str, names: Sequence[str], checkpoint: str | None) 
             f"if [ -d {quote(checkpoint)} ]; then "
             f'set -- "$@" -C {quote(parent or "/")} {quote(base)}; fi'
         )
-    lines += ['if [ "$#" -gt 0 ]; then tar -czf "$tmp/bundle.tgz" "$@"; fi', 'echo "$tmp"']
+    # -f is opened before any -C takes effect, so the relative path is right.
+    lines.append('if [ "$#" -gt 0 ]; then tar -czf "$tmp/bundle.tgz" "$@"; echo bundle; fi')
     return "\n".join(lines)
 
 
@@ -856,17 +864,17 @@ def _fetch_bundle(
 ) -> None:
     """Download the run-dir files and the checkpoint in one tarball (one SFTP transfer)."""
     res = hook.run(_bundle_command(run_dir, names, checkpoint), check=True)
-    tmp = (res.stdout or "").strip().splitlines()[-1] if (res.stdout or "").strip() else ""
-    if not _EXPORT_DIR_RE.match(tmp):
+    out = (res.stdout or "").split()
+    if not out or not _EXPORT_DIR_RE.fullmatch(out[0]):
         raise MlflowError(f"unexpected output from the remote bundling step: {res.stdout!r}")
+    tmp = posixpath.join(run_dir, out[0])
     try:
-        local = dest / "bundle.tgz"
-        hook.download(f"{tmp}/bundle.tgz", str(local))
-        with tarfile.open(local) as tar:
-            tar.extractall(dest, filter="data")  # refuses absolute paths, .., devices
-        local.unlink()
-    except FileNotFoundError:
-        pass  # nothing existed to bundle (tar was skipped)
+        if out[1:] == ["bundle"]:
+            local = dest / "bundle.tgz"
+            hook.download(f"{tmp}/bundle.tgz", str(local))
+            with tarfile.open(local) as tar:
+                tar.extractall(dest, filter="data")  # refuses absolute paths, .., devices
+            local.unlink()
     finally:
         hook.run(f"rm -rf -- {quote(tmp)}")
 
@@ -1184,6 +1192,7 @@ def compare_runs(
     curve_metric: str = "episode_return_mean",
     x_metric: str = "env_steps",
     tags: Mapping[str, str] | None = None,
+    nest: bool = True,
 ) -> dict[str, Any]:
     """
     Log a comparison of several runs (a sweep) to a parent run and pick the best.
@@ -1194,6 +1203,9 @@ def compare_runs(
     metrics), a metric ``<label>.<metric>`` per run and ``best.<metric>``; the
     child runs are nested under it (``mlflow.parentRunId``). The best run has the
     highest ``metric`` (``fallback_metric`` for runs without it).
+
+    :param nest: show the compared runs under the parent in the MLflow UI
+        (sets their ``mlflow.parentRunId``; a run has one parent).
 
     :returns: ``{"parent_run_id", "best_run_id", "best_value", "metric", "runs",
         "plot_artifact"}``.
@@ -1234,7 +1246,7 @@ def compare_runs(
             }
         )
         series.append((f"{index + 1} {label}", _curve(client, run_id, curve_metric, x_metric)))
-        if run_id != parent_id:
+        if nest and run_id != parent_id:
             client.set_tag(run_id, "mlflow.parentRunId", parent_id)
 
     scored = [r for r in rows if r["score"] is not None]

@@ -44,21 +44,49 @@ def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
     return MlflowSettings.from_dict(dict(mlflow), default_experiment=dag_id)
 
 
+def export_model_command(run_dir: str, environment: Mapping[str, Any]) -> str:
+    """Shell text that builds ``run_dir/mlflow_model`` with the cluster-side env (once)."""
+    from slurm_ray.utils.environment import EnvironmentSpec
+    from slurm_ray.utils.quoting import quote
+
+    env = EnvironmentSpec.from_dict(environment)
+    d = quote(run_dir)
+    lines = [f"cd {d}", *env.activation_lines()]
+    activate = " && ".join(f"{{ {line.rstrip(';')}; }}" for line in lines)
+    return (
+        f"if [ -f {d}/mlflow_model/MLmodel ]; then echo already exported; "
+        f"else {activate} && python -u export_model.py --run-dir {d}; fi"
+    )
+
+
 def register_trained_model(
-    summary: Mapping[str, Any], mlflow: Mapping[str, Any], ssh_conn_id: str, dag_id: str
+    summary: Mapping[str, Any],
+    mlflow: Mapping[str, Any],
+    ssh_conn_id: str,
+    dag_id: str,
+    environment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Log artifacts and the model of a finished training task and register a version."""
+    """Export the pyfunc model on the cluster, log artifacts and register a version."""
     from slurm_ray.hooks.slurm import SlurmHook
     from slurm_ray.mlflow_tracking import finalize_run
 
-    hook = SlurmHook(ssh_conn_id)
-    raw = hook.read_file(posixpath.join(summary["run_dir"], "result.json"))
+    hook = SlurmHook(ssh_conn_id, command_timeout=900)
+    run_dir = summary["run_dir"]
+    if environment is not None:
+        # Model loading needs ray/torch: it happens on the cluster, never here.
+        res = hook.run(export_model_command(run_dir, environment), timeout=900)
+        if res.exit_code != 0:
+            raise AirflowFailException(
+                f"exporting the model in {run_dir} failed (exit {res.exit_code}): "
+                f"{(res.stderr or res.stdout).strip()[-2000:]}"
+            )
+    raw = hook.read_file(posixpath.join(run_dir, "result.json"))
     result = json.loads(raw) if raw else None
     out = finalize_run(
         _settings(mlflow, dag_id),
         summary["mlflow_run_id"],
         hook=hook,
-        run_dir=summary["run_dir"],
+        run_dir=run_dir,
         job_id=str(summary["job_id"]),
         result=result,
     )
@@ -118,17 +146,23 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
 
     @task
     def register_model(
-        summary: dict[str, Any], mlflow: dict[str, Any], ssh_conn_id: str, dag_run: Any = None
+        summary: dict[str, Any],
+        mlflow: dict[str, Any],
+        ssh_conn_id: str,
+        environment: dict[str, Any],
+        dag_run: Any = None,
     ) -> dict[str, Any]:
         """Artifacts, pyfunc model and a registered version in MLflow."""
-        return register_trained_model(summary, mlflow, ssh_conn_id, dag_run.dag_id)
+        return register_trained_model(summary, mlflow, ssh_conn_id, dag_run.dag_id, environment)
 
     @task
     def promote(registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
         """Champion alias to the new version if its eval return is better."""
         return promote_model(registered, mlflow, dag_run.dag_id)
 
-    registered = register_model(train.output, resolved["mlflow"], resolved["ssh_conn_id"])
+    registered = register_model(
+        train.output, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
+    )
     promoted = promote(registered, resolved["mlflow"])
     env >> sanity >> train
     return {

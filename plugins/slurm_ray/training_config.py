@@ -37,6 +37,8 @@ eval_episodes              10                greedy evaluation episodes (>= 0)
 =========================  ================  =====================================
 
 A given ``stop`` mapping replaces the default one as a whole (it is not merged).
+Counters continue across resumes: ``iterations`` and ``env_steps`` are lifetime
+counts, ``minutes`` is training time summed over all attempts of the run.
 ``None`` is accepted only for the fields whose default is ``None``.
 """
 

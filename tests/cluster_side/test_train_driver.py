@@ -279,3 +279,59 @@ def test_dqn_two_iterations(cluster_python: Path, tmp_path: Path) -> None:
     assert res["effective_config"]["train_batch_size"] == 32
     assert res["eval_return_mean"] is not None  # greedy via the module's "actions"
     assert Path(res["rl_module_checkpoint"]).is_dir()
+
+
+CRASH_ENV = '''
+import gymnasium as gym
+
+
+class CrashEnv(gym.Env):
+    """CartPole-shaped env that breaks after a few hundred steps."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,))
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, **kwargs):
+        self.steps = 0
+
+    def reset(self, *, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps > 300:
+            raise RuntimeError("simulator diverged")
+        return self.observation_space.sample(), 1.0, self.steps % 20 == 0, False, {}
+
+
+gym.register("CrashEnv-v0", entry_point=CrashEnv)
+'''
+
+
+@pytest.mark.slow
+def test_training_error_exits_1_with_failed_result(cluster_python: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    script = stage(run_dir)
+    (tmp_path / "crashenv.py").write_text(CRASH_ENV)
+    config = TINY_PPO | {
+        "env_id": "crashenv:CrashEnv-v0",  # imported by the driver's env-id check
+        "num_env_runners": 0,  # sample in the driver: the error reaches train()
+        "num_envs_per_env_runner": 1,
+        "train_batch_size": 200,
+        "minibatch_size": 100,
+        "stop": {"iterations": 50},
+    }
+    proc = subprocess.run(
+        [*driver_cmd(cluster_python, script, config, run_dir), "--local"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=subprocess_env(HOME=str(tmp_path), PYTHONPATH=str(tmp_path)),
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = result(run_dir)
+    assert res["status"] == "failed" and res["stop_reason"] == "error"
+    assert res["exit_code"] == 1
+    assert "simulator diverged" in res["error"]
+    assert res["iterations"] == 1  # the first iteration (200 steps) completed
+    assert [r["iteration"] for r in metrics(run_dir)] == [1]

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: Cluster-side files staged into every run directory.
 INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py")
+DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py", "export_model.py")
 #: Exit code of the driver when it checkpointed on Slurm's pre-timeout signal.
 EXIT_CHECKPOINTED = 75
 
@@ -195,10 +195,7 @@ class SlurmRayOperator(BaseOperator):
     ) -> str:
         """The batch script: environment, then the Ray launcher running the entrypoint."""
         if config is not None:
-            command = (
-                "python -u train.py --config config.json --run-dir "
-                f"{quote(run_dir)}{self._resume_arg(run_dir)}"
-            )
+            command = f"python -u train.py --config config.json --run-dir {quote(run_dir)}"
         else:
             command = f"bash -c {quote(self.entrypoint or 'true')}"
         env_vars = {
@@ -217,10 +214,6 @@ class SlurmRayOperator(BaseOperator):
             env=env_vars,
             header_comment=f"slurm_ray {self.task_id}: rendered by SlurmRayOperator",
         )
-
-    def _resume_arg(self, run_dir: str) -> str:
-        prev = getattr(self, "_resume_from", None)
-        return f" --resume-from {quote(prev)}" if prev else ""
 
     def _find_previous_checkpoint(self, run_dir: str) -> str | None:
         """Newest checkpoint of an earlier try of this task (a retry resumes from it)."""
@@ -275,6 +268,13 @@ class SlurmRayOperator(BaseOperator):
         if self._resume_from:
             self.log.info("Resuming from checkpoint of an earlier try: %s", self._resume_from)
         self._stage(run_dir, config)
+        if self._resume_from:
+            # The driver resumes from the newest checkpoint in its own run dir.
+            self.hook.run(
+                f"mkdir -p {quote(run_dir)}/checkpoints && "
+                f"cp -a {quote(self._resume_from)} {quote(run_dir)}/checkpoints/",
+                check=True,
+            )
         script = self.render_script(spec, env, run_dir, config)
         self.hook.upload_bytes(script.encode(), posixpath.join(run_dir, "job.sbatch"), mode=0o644)
         job_id, attached = self._submit_once(run_dir, job_name)

@@ -221,6 +221,10 @@ class JobSpec:
         _check_text("mem", self.mem)
         if self.mem is not None and not _MEM_RE.fullmatch(self.mem):
             raise _err("mem", f"{self.mem!r} is not a Slurm size such as 4000M, 4G or 0")
+        if isinstance(self.time, int) and not isinstance(self.time, bool) and self.time > 0:
+            # Whole minutes, as Slurm reads a bare number (and as a rendered
+            # native template such as "{{ 5 }}" arrives).
+            object.__setattr__(self, "time", str(self.time))
         _check_text("time", self.time)
         if self.time is not None and not _TIME_RE.fullmatch(self.time):
             raise _err(
