@@ -41,6 +41,9 @@ with DAG(
     ),
     render_template_as_native_obj=True,
     max_active_runs=1,
+    # Production retraining needs a site account and connection first: it
+    # starts paused, and an operator unpauses it once the profile is set up.
+    is_paused_upon_creation=True,
     tags=["slurm", "ray", "rllib", "mlflow", "scheduled"],
     doc_md=__doc__,
 ):

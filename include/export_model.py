@@ -16,9 +16,11 @@ The model is saved as *models-from-code*: this very file is the model's code
 ``set_model`` call at the bottom names the model), so loading needs neither
 this project nor pickled classes, only the pip requirements.
 
-``predict`` takes a batch of observations (``float32``, shape ``(n, *obs_shape)``,
-a single observation is accepted too) and returns the policy's deterministic
-actions (``argmax`` of the logits for discrete action spaces) as a numpy array.
+``predict`` takes a batch of observations as a numpy ``float32`` array of shape
+``(n, *obs_shape)`` (the signature is enforced: ``np.asarray([obs],
+dtype=np.float32)``; a REST client sends ``{"inputs": [[...]]}``) and returns the
+policy's deterministic actions (``argmax`` of the logits for discrete action
+spaces) as a numpy array.
 Only the RLModule is used: env-to-module connectors (observation filters and
 the like) are not applied, which is right for RLlib's default pipelines.
 
@@ -67,7 +69,7 @@ class RLModulePolicy(mlflow.pyfunc.PythonModel):
     # (MLflow then prints a harmless "Add type hints" UserWarning; the model is
     # typed by its explicit tensor signature instead.)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:
-        """Actions for a batch of observations (or for a single observation)."""
+        """Actions for a batch of observations (a bare observation, if called directly)."""
         import numpy as np
         import torch
 

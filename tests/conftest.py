@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_fixtures import mlflow_server  # noqa: F401  (session fixture)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = ROOT / "scripts" / "devcluster.sh"
 STATE = Path(os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev"))

@@ -33,3 +33,17 @@ class SlurmJobLink(BaseOperatorLink):
         if template:
             return template.format(job_id=urlquote(str(job_id)), cluster=urlquote(str(cluster)))
         return f"slurm://{urlquote(str(cluster))}/{urlquote(str(job_id))}"
+
+
+class MlflowRunLink(BaseOperatorLink):
+    """Link from a training task to its MLflow run."""
+
+    name = "MLflow run"
+
+    def get_link(self, operator: Any, *, ti_key: TaskInstanceKey) -> str:
+        run_id = XCom.get_value(ti_key=ti_key, key="mlflow_run_id")
+        uri = XCom.get_value(ti_key=ti_key, key="mlflow_tracking_uri")
+        if not run_id or not uri or not str(uri).startswith(("http://", "https://")):
+            return ""
+        experiment = XCom.get_value(ti_key=ti_key, key="mlflow_experiment_id") or "0"
+        return f"{str(uri).rstrip('/')}/#/experiments/{urlquote(str(experiment))}/runs/{urlquote(str(run_id))}"

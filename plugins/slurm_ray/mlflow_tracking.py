@@ -863,7 +863,8 @@ def _fetch_bundle(
     hook: RemoteFiles, run_dir: str, names: Sequence[str], checkpoint: str | None, dest: Path
 ) -> None:
     """Download the run-dir files and the checkpoint in one tarball (one SFTP transfer)."""
-    res = hook.run(_bundle_command(run_dir, names, checkpoint), check=True)
+    # Generous timeout: compressing a large checkpoint takes a while.
+    res = hook.run(_bundle_command(run_dir, names, checkpoint), timeout=3600, check=True)
     out = (res.stdout or "").split()
     if not out or not _EXPORT_DIR_RE.fullmatch(out[0]):
         raise MlflowError(f"unexpected output from the remote bundling step: {res.stdout!r}")

@@ -34,5 +34,5 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": "Slurm", "python-modules": ["slurm_ray.triggers.slurm_job"]}
         ],
-        "extra-links": ["slurm_ray.links.SlurmJobLink"],
+        "extra-links": ["slurm_ray.links.SlurmJobLink", "slurm_ray.links.MlflowRunLink"],
     }

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import SlurmHook
-from slurm_ray.links import SlurmJobLink
+from slurm_ray.links import MlflowRunLink, SlurmJobLink
 from slurm_ray.utils.batch import JobSpec, render_batch_script
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
@@ -104,7 +104,7 @@ class SlurmRayOperator(BaseOperator):
         "environment",
     )
     template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
-    operator_extra_links = (SlurmJobLink(),)
+    operator_extra_links = (SlurmJobLink(), MlflowRunLink())
     ui_color = "#d8ecf7"
 
     def __init__(
@@ -231,6 +231,7 @@ class SlurmRayOperator(BaseOperator):
     # -- execute ------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
+        self._context = context
         job_name, suffix = self._identity(context)
         user = None
         base = self.remote_base_dir
@@ -407,6 +408,13 @@ class SlurmRayOperator(BaseOperator):
         self._mlflow_run_id = ensure_run(settings, tags=self._mlflow_tags(context), params=params)
         context["ti"].xcom_push(key="mlflow_run_id", value=self._mlflow_run_id)
         context["ti"].xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            run = MlflowClient(settings.tracking_uri).get_run(self._mlflow_run_id)
+            context["ti"].xcom_push(key="mlflow_experiment_id", value=run.info.experiment_id)
+        except Exception as exc:  # noqa: BLE001 - only the link's experiment part is lost
+            self.log.warning("could not read the MLflow run's experiment: %s", exc)
         self.log.info("MLflow run %s at %s", self._mlflow_run_id, settings.tracking_uri)
 
     def _mlflow_record_job(self, context: Context, job_id: str, run_dir: str) -> None:
@@ -437,16 +445,30 @@ class SlurmRayOperator(BaseOperator):
             settings, run_id=getattr(self, "_mlflow_run_id", None), tags=self._mlflow_tags(context)
         )
 
-    def _relay_catch_up(self, run_dir: str) -> None:
-        """At completion: relay every metrics row MLflow does not have yet."""
+    def _relay_catch_up(self, run_dir: str, *, strict: bool = True) -> None:
+        """At completion: relay every metrics row MLflow does not have yet.
+
+        ``strict``: an MLflow outage fails the task (its retry collects the
+        finished job and relays again) instead of losing rows.
+        """
         relay = getattr(self, "_relay", None)
         if not relay:
             return
-        from slurm_ray.mlflow_tracking import parse_metrics_jsonl, relay_rows
+        from slurm_ray.mlflow_tracking import make_relay, parse_metrics_jsonl, relay_rows
 
+        if relay.get("run_id") is None and self.mlflow:
+            # relay_later: the server was down at submit time; the sink has
+            # created the run since, find it by the task's tags.
+            ctx = getattr(self, "_context", None)
+            if ctx is not None:
+                from slurm_ray.mlflow_tracking import ensure_run
+
+                settings = self._mlflow_settings(ctx)
+                run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
+                relay = self._relay = make_relay(settings, run_id=run_id)
         raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
         if raw:
-            stats = relay_rows(relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=False)
+            stats = relay_rows(relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=strict)
             self.log.info("MLflow metrics relay at completion: %s", stats)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
@@ -481,19 +503,23 @@ class SlurmRayOperator(BaseOperator):
         """Non-deferrable mode: relay new metrics rows as they appear."""
         if not getattr(self, "_relay", None):
             return
-        from slurm_ray.mlflow_tracking import parse_metrics_jsonl, relay_rows
+        from slurm_ray.mlflow_tracking import MetricsRelay, parse_metrics_jsonl
 
+        if getattr(self, "_live_relay", None) is None:
+            # One relay for the whole wait: rows MLflow refused stay queued in it.
+            self._live_relay = MetricsRelay(self._relay, self.log)
         offset = getattr(self, "_metrics_offset", 0)
         chunk = self.hook.read_from_offset(posixpath.join(run_dir, "metrics.jsonl"), offset)
         complete = chunk[: chunk.rfind(b"\n") + 1]
         if complete:
             self._metrics_offset = offset + len(complete)
-            relay_rows(self._relay, parse_metrics_jsonl(complete, self.log), log=self.log, strict=False)
+            self._live_relay.send(parse_metrics_jsonl(complete, self.log))
 
     def execute_complete(self, context: Context, event: dict[str, Any], run_dir: str = "") -> Any:
         """Turn the trigger's final event into the task's result or a clear error."""
         job_id = str(event.get("job_id", ""))
         self._job_id = job_id
+        self._context = context
         status = event.get("status")
         if status == "timeout":
             from airflow.sdk.exceptions import AirflowTaskTimeout
@@ -532,7 +558,7 @@ class SlurmRayOperator(BaseOperator):
         if state == SlurmState.COMPLETED:
             return self._summary(job_id, run_dir, info, result)
         try:
-            self._relay_catch_up(run_dir)
+            self._relay_catch_up(run_dir, strict=False)
         except Exception as exc:  # noqa: BLE001 - the job's failure is the error to report
             self.log.warning("MLflow catch-up failed: %s", exc)
         reason = info.reason if info else ""

@@ -1,0 +1,398 @@
+"""Shared cluster plumbing for the benchmarks: ssh, Airflow env, runs of the driver.
+
+Two ways to run the same training on the dev cluster, measured the same way:
+
+- :func:`run_direct`: the driver in a hand-written ``sbatch`` script (the
+  launcher + ``python -u train.py``), no Airflow at all: the baseline.
+- :func:`run_operator`: ``SlurmRayOperator`` driven as Airflow drives a
+  deferrable task (execute -> TaskDeferred -> trigger.run() -> execute_complete).
+
+Both read the run's ``metrics.jsonl`` / ``result.json`` and the Slurm log's
+birth time (job start; the log is created by slurmstepd before the batch
+script runs) and modification time (the launcher's last line, i.e. job end).
+The dev cluster runs on this machine, so one clock serves all timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _report import REPO, stats
+
+STATE = Path(os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev"))
+SSH_CONFIG = STATE / "ssh_config"
+VENV = STATE / "venv"
+SCRATCH = STATE / "scratch" / "bench"
+CONN_ID = "slurm_dev"
+TARGET_RETURN = 450.0
+#: Files the hand-written job needs next to it (the operator stages the same ones).
+DIRECT_FILES = {
+    "ray_launch.sh": REPO / "include" / "ray_launch.sh",
+    "ray_wait.py": REPO / "include" / "ray_wait.py",
+    "train.py": REPO / "include" / "train.py",
+    "training_config.py": REPO / "plugins" / "slurm_ray" / "training_config.py",
+}
+
+
+def ssh(command: str, stdin: str | None = None, check: bool = True, timeout: float = 120) -> str:
+    """Run ``command`` on the login node as the job user (through the real sshd)."""
+    r = subprocess.run(
+        ["ssh", "-F", str(SSH_CONFIG), "dev-cluster", command],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ssh {command[:200]!r} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def load_cluster_env() -> dict[str, str]:
+    """``cluster.env`` (``export K='V'`` lines) as a dict."""
+    env: dict[str, str] = {}
+    for line in (STATE / "cluster.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def setup_airflow_env() -> None:
+    """Make the provider importable outside Airflow: a throwaway AIRFLOW_HOME, the conn."""
+    home = tempfile.mkdtemp(prefix="slurm-ray-bench-airflow-")
+    atexit.register(shutil.rmtree, home, True)
+    os.environ["AIRFLOW_HOME"] = home
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env = load_cluster_env()
+    for key in ("SLURM_CONF", "AIRFLOW_CONN_SLURM_DEV"):
+        os.environ[key] = env[key]
+
+
+def ensure_cluster() -> None:
+    """Fail early with a clear message when the dev cluster does not answer."""
+    try:
+        ssh("sinfo -h -o %T", timeout=30)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"dev cluster not reachable ({exc}); run `make cluster-up`") from exc
+
+
+def default_run(**overrides: Any) -> dict[str, Any]:
+    """What the ``rllib_train`` DAG resolves for its default Params (+ overrides)."""
+    from slurm_ray.params import param_specs, resolve_run
+
+    params = {k: v["default"] for k, v in param_specs().items()}
+    params.update(overrides)
+    return resolve_run(params)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict (first occurrence of each key)."""
+    info: dict[str, str] = {}
+    for tok in ssh(f"scontrol show job -o {int(job_id)}", check=False).split():
+        k, sep, v = tok.partition("=")
+        if sep and k not in info:
+            info[k] = v
+    return info
+
+
+def file_times(path: str) -> tuple[float | None, float | None]:
+    """(birth, mtime) of a remote file in epoch seconds with ns resolution."""
+    out = ssh(f"stat -c '%.9W %.9Y' -- {shlex.quote(path)}", check=False).split()
+    if len(out) != 2:
+        return None, None
+    birth, mtime = (float(x) for x in out)
+    return (birth if birth > 0 else None), mtime
+
+
+def read_remote(path: str) -> str:
+    """A remote file's text ('' if missing)."""
+    return ssh(f"cat -- {shlex.quote(path)} 2>/dev/null || true", check=False)
+
+
+def metrics_summary(rows: list[dict[str, Any]], target: float = TARGET_RETURN) -> dict[str, Any]:
+    """Throughput and time-to-target from ``metrics.jsonl`` rows."""
+    if not rows:
+        return {"iterations": 0}
+    last = rows[-1]
+    train_s = float(last.get("time_total_s") or 0.0)
+    steps = int(last.get("env_steps") or 0)
+    per_iter = [r.get("env_steps_per_s") for r in rows]
+    hit = next(
+        (r for r in rows if (r.get("episode_return_mean") or float("-inf")) >= target), None
+    )
+    first_start = float(rows[0]["timestamp"]) - float(rows[0].get("time_this_iter_s") or 0)
+    return {
+        "iterations": len(rows),
+        "env_steps": steps,
+        "train_time_s": round(train_s, 3),
+        # lifetime steps over summed iteration time: what decides time-to-target
+        "env_steps_per_s": round(steps / train_s, 1) if train_s > 0 else None,
+        "env_steps_per_s_iter": stats(per_iter),
+        "env_steps_per_s_excl_first": stats(per_iter[1:]),
+        "time_to_target_s": round(float(hit["time_total_s"]), 3) if hit else None,
+        "steps_to_target": int(hit["env_steps"]) if hit else None,
+        "iters_to_target": int(hit["iteration"]) if hit else None,
+        "t_first_iter_start": round(first_start, 3),
+        "t_target": float(hit["timestamp"]) if hit else None,
+        "t_last_iter": float(last["timestamp"]),
+        "final_return": last.get("episode_return_mean"),
+    }
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL text; the later row wins for a repeated iteration."""
+    by_iter: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        by_iter[int(row.get("iteration", len(by_iter) + 1))] = row
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def collect_run(run_dir: str, job_id: str) -> dict[str, Any]:
+    """Metrics, result and Slurm timestamps of a finished run directory."""
+    log_path = f"{run_dir}/slurm-{job_id}.out"
+    birth, mtime = file_times(log_path)
+    info = job_info(job_id)
+    result_text = read_remote(f"{run_dir}/result.json")
+    result = json.loads(result_text) if result_text.strip() else {}
+    rows = parse_jsonl(read_remote(f"{run_dir}/metrics.jsonl"))
+    log = read_remote(log_path)
+    ready = re.search(r"cluster ready nodes=(\d+) cpus=(\S+) gpus=\S+ in ([\d.]+)s", log)
+    return {
+        "job_id": job_id,
+        "run_dir": run_dir,
+        "state": info.get("JobState"),
+        "slurm_start": info.get("StartTime"),
+        "slurm_end": info.get("EndTime"),
+        "t_job_start": birth,  # the Slurm log's birth time (slurmstepd creates it)
+        "t_job_end": mtime,  # the log's last write (the launcher's exit)
+        "job_s": round(mtime - birth, 3) if birth and mtime else None,
+        "ray_ready_s": float(ready.group(3)) if ready else None,
+        "ray_nodes": int(ready.group(1)) if ready else None,
+        "ray_cpus": ready.group(2) if ready else None,
+        "result": {
+            k: result.get(k)
+            for k in (
+                "status",
+                "stop_reason",
+                "iterations",
+                "env_steps",
+                "episode_return_mean",
+                "eval_return_mean",
+                "env_steps_per_s",
+                "wall_s",
+                "num_env_runners",
+                "env_runner_hostnames",
+            )
+        },
+        "metrics": metrics_summary(rows),
+        "log_tail": "\n".join(log.splitlines()[-15:]),
+    }
+
+
+# -- the baseline: the driver in a hand-written batch script ---------------------
+
+
+def direct_script(run: dict[str, Any], run_dir: str, job_name: str) -> str:
+    """The job spec of ``run`` written by hand: launcher + driver, nothing else."""
+    spec = run["job_spec"]
+    venv = run["environment"]["prefix"]
+    directives = [
+        f"--job-name={job_name}",
+        f"--nodes={spec['nodes']}",
+        f"--ntasks-per-node={spec.get('ntasks_per_node', 1)}",
+        f"--cpus-per-task={spec['cpus_per_task']}",
+        f"--time={spec['time']}",
+        "--output=slurm-%j.out",
+    ]
+    if spec.get("partition"):
+        directives.append(f"--partition={spec['partition']}")
+    lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives)]
+    lines += [
+        'echo "BENCH_T_BATCH $(date +%s.%N)"',
+        f"cd {shlex.quote(run_dir)}",
+        f"source {shlex.quote(venv)}/bin/activate",
+        "export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1",
+        f"export SLURM_RAY_RUN_DIR={shlex.quote(run_dir)} SLURM_RAY_JOIN_TIMEOUT=180",
+        "bash ray_launch.sh python -u train.py --config config.json "
+        f"--run-dir {shlex.quote(run_dir)}",
+        "rc=$?",
+        'echo "BENCH_T_END $(date +%s.%N)"',
+        "exit $rc",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def wait_gone(job_id: str, timeout: float = 1800, every: float = 2.0) -> None:
+    """Block until squeue no longer lists the job (one ssh session, light polling)."""
+    cmd = (
+        f"end=$((SECONDS+{int(timeout)})); "
+        f'while [ -n "$(squeue -h -j {int(job_id)} -o %T 2>/dev/null)" ]; do '
+        f"[ $SECONDS -lt $end ] || exit 9; sleep {every}; done"
+    )
+    ssh(cmd, timeout=timeout + 60)
+
+
+def run_direct(run: dict[str, Any], base: str, label: str) -> dict[str, Any]:
+    """Stage the files, ``sbatch`` the hand-written script, wait, collect."""
+    run_dir = f"{base}/{label}"
+    ssh(f"mkdir -p {shlex.quote(run_dir)}")
+    payload = {name: path.read_text() for name, path in DIRECT_FILES.items()}
+    payload["config.json"] = json.dumps(run["config"], indent=2, sort_keys=True)
+    payload["job.sbatch"] = direct_script(run, run_dir, f"bench-direct-{label}")
+    # one ssh call for all files: a python one-liner unpacks a JSON bundle
+    unpack = (
+        f"cd {shlex.quote(run_dir)} && python3 -c "
+        + shlex.quote(
+            "import json,sys\n"
+            "for k,v in json.load(sys.stdin).items(): open(k,'w').write(v)"
+        )
+    )
+    ssh(unpack, stdin=json.dumps(payload))
+    t_submit = time.time()
+    out = ssh(f"cd {shlex.quote(run_dir)} && sbatch --parsable job.sbatch")
+    t_sbatch = time.time()
+    job_id = out.strip().split(";")[0]
+    try:
+        wait_gone(job_id)
+    finally:
+        ssh(f"scancel {int(job_id)}", check=False)
+    t_seen_done = time.time()
+    data = collect_run(run_dir, job_id)
+    log = read_remote(f"{run_dir}/slurm-{job_id}.out")
+    marks = {k: float(v) for k, v in re.findall(r"BENCH_T_(\w+) ([\d.]+)", log)}
+    if data["state"] != "COMPLETED" or "END" not in marks:
+        raise RuntimeError(f"direct job {job_id} ended {data['state']}:\n{data['log_tail']}")
+    end = marks["END"]
+    data.update(
+        {
+            "path": "direct",
+            "t_submit": t_submit,
+            "sbatch_s": round(t_sbatch - t_submit, 3),
+            "submit_to_start_s": round(data["t_job_start"] - t_submit, 3),
+            "job_end_to_done_s": 0.0,  # the result is on disk when the job ends
+            "wall_s": round(end - t_submit, 3),
+            "poll_detect_s": round(t_seen_done - end, 3),
+        }
+    )
+    return data
+
+
+# -- the product path: SlurmRayOperator, deferrable -------------------------------
+
+
+@dataclass
+class FakeTI:
+    """The part of a TaskInstance the operator uses (identity + xcom_push)."""
+
+    task_id: str
+    dag_id: str
+    run_id: str = field(default_factory=lambda: f"manual__{uuid.uuid4().hex[:8]}")
+    map_index: int = -1
+    try_number: int = 1
+    xcom: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+def run_operator(
+    run: dict[str, Any], base: str, label: str, *, poll_interval: float = 5.0
+) -> dict[str, Any]:
+    """``SlurmRayOperator`` as a deferrable task: execute, trigger, execute_complete."""
+    from airflow.sdk.exceptions import TaskDeferred
+    from slurm_ray import SlurmRayOperator
+
+    op = SlurmRayOperator(
+        task_id="train",
+        ssh_conn_id=CONN_ID,
+        remote_base_dir=base,
+        job_spec=run["job_spec"],
+        environment=run["environment"],
+        config=run["config"],
+        poll_interval=poll_interval,
+        deferrable=True,
+    )
+    ti = FakeTI(task_id="train", dag_id="bench_operator", run_id=f"bench__{label}")
+    context: dict[str, Any] = {"ti": ti}
+    marks: dict[str, float] = {}
+    hook = op.hook
+    orig_run = hook.run
+
+    def timed_run(command: str, **kwargs: Any) -> Any:
+        res = orig_run(command, **kwargs)
+        if "sbatch --parsable" in command:
+            marks["sbatch_returned"] = time.time()
+        return res
+
+    hook.run = timed_run  # type: ignore[method-assign]
+    t_exec = time.time()
+    try:
+        op.execute(context)
+        raise RuntimeError("SlurmRayOperator did not defer")
+    except TaskDeferred as deferred:
+        t_deferred = time.time()
+        trigger = deferred.trigger
+
+        async def first_event() -> Any:
+            async for event in trigger.run():
+                return event
+            raise RuntimeError("trigger ended without an event")
+
+        try:
+            event = asyncio.run(asyncio.wait_for(first_event(), 1800))
+        except BaseException:
+            job = ti.xcom.get("slurm_job_id")
+            if job:
+                ssh(f"scancel {int(job)}", check=False)
+            raise
+        t_event = time.time()
+        summary = getattr(op, deferred.method_name)(
+            context, event.payload, **(deferred.kwargs or {})
+        )
+        t_done = time.time()
+    hook.close()
+    job_id = str(ti.xcom["slurm_job_id"])
+    data = collect_run(ti.xcom["run_dir"], job_id)
+    if summary.get("state") != "COMPLETED":
+        raise RuntimeError(f"operator run ended {summary}")
+    start, end = data["t_job_start"], data["t_job_end"]
+    data.update(
+        {
+            "path": "operator",
+            "t_submit": t_exec,
+            "execute_s": round(t_deferred - t_exec, 3),
+            "stage_and_submit_s": round(marks.get("sbatch_returned", t_deferred) - t_exec, 3),
+            "submit_to_start_s": round(start - t_exec, 3),
+            "job_end_to_event_s": round(t_event - end, 3),
+            "execute_complete_s": round(t_done - t_event, 3),
+            "job_end_to_done_s": round(t_done - end, 3),
+            "wall_s": round(t_done - t_exec, 3),
+            "poll_interval_s": poll_interval,
+        }
+    )
+    return data

@@ -1,0 +1,251 @@
+"""The whole product with real Airflow: REST trigger → deferred Slurm job on two nodes → MLflow.
+
+Airflow runs as `airflow standalone` (api-server, scheduler, dag-processor,
+triggerer) in its own temp home and port, started and stopped by
+scripts/airflow_local.sh; MLflow is the session's real server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, DevCluster
+from tests.mlflow_fixtures import MlflowServer, free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+AIRFLOW_SCRIPT = ROOT / "scripts" / "airflow_local.sh"
+
+
+class Airflow:
+    """A running Airflow and a tiny REST client for it."""
+
+    def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
+        self.home = home
+        self.port = port
+        self.env = env
+        self.base = f"http://127.0.0.1:{port}"
+        self._token: str | None = None
+
+    def script(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(AIRFLOW_SCRIPT), command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            password = json.loads((self.home / "passwords.json").read_text())["admin"]
+            body = json.dumps({"username": "admin", "password": password}).encode()
+            req = urllib.request.Request(
+                f"{self.base}/auth/token", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                self._token = json.load(resp)["access_token"]
+        return self._token
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.base}/api/v2{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        for attempt in range(6):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status, json.load(resp)
+            except urllib.error.HTTPError as exc:
+                body = json.loads(exc.read() or b"null")
+                # sqlite (standalone's default) is briefly locked under load: retry.
+                if exc.code == 500 and "Database error" in json.dumps(body) and attempt < 5:
+                    time.sleep(1 + attempt)
+                    continue
+                return exc.code, body
+        raise AssertionError("unreachable")
+
+    def wait_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call("GET", f"/dags/{dag_id}")[0] == 200:
+                return
+            time.sleep(2)
+        raise AssertionError(f"DAG {dag_id} never appeared")
+
+    def ti(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")[1]
+
+
+@pytest.fixture(scope="session")
+def airflow(cluster: DevCluster, mlflow_server: MlflowServer) -> Iterator[Airflow]:
+    home = Path(tempfile.mkdtemp(prefix="slurm-ray-e2e-airflow-"))
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AIRFLOW__") and k not in ("AIRFLOW_HOME",)
+    }
+    env.update(
+        SLURM_RAY_AIRFLOW_HOME=str(home),
+        SLURM_RAY_AIRFLOW_PORT=str(port),
+        SLURM_RAY_MLFLOW_URI=mlflow_server.url,
+    )
+    af = Airflow(home, port, env)
+    started = af.script("start")
+    if started.returncode != 0:
+        pytest.fail(f"airflow did not start:\n{started.stderr[-3000:]}")
+    try:
+        yield af
+    finally:
+        af.script("stop")
+
+
+def trigger(af: Airflow, dag_id: str, conf: dict[str, Any]) -> tuple[int, Any]:
+    return af.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+
+
+def test_bad_conf_is_refused_over_rest_naming_the_field(airflow: Airflow, cluster: DevCluster) -> None:
+    airflow.wait_dag("rllib_train")
+    before_jobs = cluster.ssh("squeue -h -t all -o %i").stdout.split()
+    _, runs_before = airflow.call("GET", "/dags/rllib_train/dagRuns")
+    for conf, field in (
+        ({"nodes": "two"}, "nodes"),
+        ({"nodes": 0}, "nodes"),
+        ({"env_id": "NoSuchEnv-v0"}, "env_id"),
+        ({"algorithm": "A3C"}, "algorithm"),
+        ({"profile": "summit"}, "profile"),
+        ({"lr": -1}, "lr"),
+        ({"partition": "debug; touch /tmp/PWNED_e2e"}, "partition"),
+    ):
+        status, body = trigger(airflow, "rllib_train", conf)
+        assert status == 400, (conf, status, body)
+        assert field in json.dumps(body), (conf, body)
+    _, runs_after = airflow.call("GET", "/dags/rllib_train/dagRuns")
+    assert runs_after["total_entries"] == runs_before["total_entries"]
+    assert cluster.ssh("squeue -h -t all -o %i").stdout.split() == before_jobs
+    assert not Path("/tmp/PWNED_e2e").exists()
+
+
+def test_train_dag_end_to_end(airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer) -> None:
+    from mlflow.tracking import MlflowClient
+
+    airflow.wait_dag("rllib_train")
+    tag = uuid.uuid4().hex[:8]
+    conf = {
+        "stop_iterations": 4,
+        "stop_return_mean": 450,
+        "train_batch_size": 2000,
+        "experiment_name": f"e2e-{tag}",
+        "register_model_name": f"e2e-model-{tag}",
+    }
+    status, run = trigger(airflow, "rllib_train", conf)
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+
+    saw_deferred_with_job_running = False
+    deadline = time.monotonic() + 900
+    state = run["state"]
+    while state not in ("success", "failed") and time.monotonic() < deadline:
+        ti = airflow.ti("rllib_train", run_id, "train")
+        if ti.get("state") == "deferred" and not saw_deferred_with_job_running:
+            status, xcom = airflow.call(
+                "GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/xcomEntries/slurm_job_id"
+            )
+            if status == 200:
+                job_id = str(xcom["value"]).strip('"')
+                q = cluster.ssh(f"squeue -h -j {job_id} -o '%T %N'", check=False).stdout.split()
+                if q and q[0] == "RUNNING":
+                    assert q[1] == "n[1-2]", q
+                    saw_deferred_with_job_running = True
+        time.sleep(1)
+        state = airflow.call("GET", f"/dags/rllib_train/dagRuns/{run_id}")[1]["state"]
+    assert state == "success", {
+        t: airflow.ti("rllib_train", run_id, t).get("state")
+        for t in ("resolve", "build_env", "sanity_check", "train", "register_model", "promote")
+    }
+    assert saw_deferred_with_job_running, "train was never seen deferred while its job ran on n1,n2"
+
+    def xcom(task: str, key: str = "return_value") -> Any:
+        _, body = airflow.call(
+            "GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/{key}"
+        )
+        value = body["value"]
+        return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
+
+    summary = xcom("train")
+    client = MlflowClient(mlflow_server.url)
+    mlrun = client.get_run(summary["mlflow_run_id"])
+    history = client.get_metric_history(mlrun.info.run_id, "episode_return_mean")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert mlrun.data.params["algorithm"] == "PPO"
+    registered = xcom("register_model")
+    version = client.get_model_version(f"e2e-model-{tag}", str(registered["model_version"]))
+    assert version.run_id == mlrun.info.run_id
+    assert xcom("promote")["promoted"] is True  # first version becomes champion
+
+    _, links = airflow.call("GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/links")
+    flat = json.dumps(links)
+    assert str(summary["job_id"]) in flat
+    assert mlrun.info.run_id in flat and mlflow_server.url in flat
+
+
+def test_sweep_with_two_configs_via_dag_test(cluster: DevCluster, mlflow_server: MlflowServer) -> None:
+    home = Path(tempfile.mkdtemp(prefix="slurm-ray-sweep-airflow-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        SLURM_RAY_MLFLOW_URI=mlflow_server.url,
+        AIRFLOW_CONN_SLURM_DEV=cluster.env["AIRFLOW_CONN_SLURM_DEV"],
+        PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+    )
+    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    tag = uuid.uuid4().hex[:8]
+    conf = {
+        "configs": [{"lr": 0.0003, "seed": 1}, {"lr": 0.001, "seed": 2}],
+        "nodes": 2,
+        "cpus_per_node": 2,
+        "num_env_runners": 1,
+        "envs_per_runner": 4,
+        "stop_iterations": 2,
+        "train_batch_size": 1000,
+        "experiment_name": f"sweep-{tag}",
+        "register_model_name": f"sweep-model-{tag}",
+    }
+    proc = subprocess.run(
+        ["airflow", "dags", "test", "rllib_sweep", "-c", json.dumps(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name(f"sweep-{tag}")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.params.get("lr")]
+    assert len(children) == 2, [r.info.run_name for r in runs]
+    assert client.get_registered_model(f"sweep-model-{tag}").latest_versions
+    parents = [r for r in runs if "slurm_ray.best_run_id" in r.data.tags]
+    assert parents and parents[0].data.tags["slurm_ray.best_run_id"] in {r.info.run_id for r in children}
