@@ -140,6 +140,7 @@ def metrics_summary(rows: list[dict[str, Any]], target: float = TARGET_RETURN) -
     first_start = float(rows[0]["timestamp"]) - float(rows[0].get("time_this_iter_s") or 0)
     return {
         "iterations": len(rows),
+        "first_iter_s": rows[0].get("time_this_iter_s"),
         "env_steps": steps,
         "train_time_s": round(train_s, 3),
         # lifetime steps over summed iteration time: what decides time-to-target

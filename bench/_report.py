@@ -158,7 +158,7 @@ def run_main(name: str, body: Callable[[dict[str, Any]], int]) -> int:
         rc = body(start)
     except KeyboardInterrupt:
         raise
-    except BaseException as exc:  # noqa: BLE001 - recorded, then reported by the exit code
+    except BaseException as exc:
         save_failure(name, start, exc)
         traceback.print_exc()
         return 1

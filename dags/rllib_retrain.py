@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from airflow.sdk import DAG, Asset, task
-
 from slurm_ray.params import airflow_params
 from slurm_ray.pipeline import build_training_chain
 

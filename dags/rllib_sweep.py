@@ -10,10 +10,9 @@ whose model is registered and promoted if it beats the champion.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from airflow.sdk import DAG, Param, task
-
 from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
@@ -78,8 +77,9 @@ with DAG(
             )
         return runs
 
-    resolved = resolve()
-    runs = plan_runs()
+    # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
+    resolved: Any = resolve()
+    runs: Any = plan_runs()
     env = ClusterEnvOperator(
         task_id="build_env",
         ssh_conn_id=resolved["ssh_conn_id"],
@@ -106,7 +106,9 @@ with DAG(
     ).expand_kwargs(runs)
 
     @task
-    def compare(summaries: list[dict[str, Any]], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
+    def compare(
+        summaries: list[dict[str, Any]], mlflow: dict[str, Any], dag_run: Any = None
+    ) -> dict[str, Any]:
         """Learning curves and a table of final metrics in a parent MLflow run; pick the best."""
         from slurm_ray.mlflow_tracking import MlflowSettings, compare_runs
 
@@ -134,12 +136,14 @@ with DAG(
         )
 
     @task
-    def promote(registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
+    def promote(
+        registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None
+    ) -> dict[str, Any]:
         """Champion alias to the best model if it beats the current champion."""
         return promote_model(registered, mlflow, dag_run.dag_id)
 
-    comparison = compare(train.output, resolved["mlflow"])
-    registered = register_best(
+    comparison: Any = compare(cast(Any, train.output), resolved["mlflow"])
+    registered: Any = register_best(
         comparison, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
     )
     promote(registered, resolved["mlflow"])

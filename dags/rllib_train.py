@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import DAG
-
 from slurm_ray.params import airflow_params
 from slurm_ray.pipeline import build_training_chain
 

@@ -63,7 +63,9 @@ class Api:
 def mlflow_latest(run_id: str) -> dict[str, float]:
     """Latest metrics of an MLflow run (REST; no client library needed here)."""
     try:
-        with urllib.request.urlopen(f"{MLFLOW}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"{MLFLOW}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10
+        ) as r:
             run = json.load(r)["run"]
     except (urllib.error.URLError, KeyError, ValueError):
         return {}
@@ -103,7 +105,10 @@ def main() -> int:
     state = run["state"]
     while state not in TERMINAL:
         if time.monotonic() - started > args.timeout:
-            print(f"[demo] gave up after {args.timeout:.0f}s; the run goes on in Airflow", file=sys.stderr)
+            print(
+                f"[demo] gave up after {args.timeout:.0f}s; the run goes on in Airflow",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(3)
         state = api.call("GET", f"/dags/rllib_train/dagRuns/{run_id}")["state"]
@@ -111,11 +116,15 @@ def main() -> int:
         for ti in tis:
             if seen.get(ti["task_id"]) != ti["state"]:
                 seen[ti["task_id"]] = ti["state"]
-                print(f"[demo] {time.monotonic() - started:6.1f}s  {ti['task_id']:<14} {ti['state']}", flush=True)
+                print(
+                    f"[demo] {time.monotonic() - started:6.1f}s  {ti['task_id']:<14} {ti['state']}",
+                    flush=True,
+                )
         if mlflow_run is None and seen.get("train") in ("deferred", "running", "success"):
             try:
                 mlflow_run = api.call(
-                    "GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/xcomEntries/mlflow_run_id"
+                    "GET",
+                    f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/xcomEntries/mlflow_run_id",
                 )["value"]
             except urllib.error.HTTPError:
                 mlflow_run = None
@@ -132,11 +141,16 @@ def main() -> int:
     wall = time.monotonic() - started
     if state != "success":
         failed = [t for t, s in seen.items() if s in ("failed", "upstream_failed")]
-        print(f"[demo] rllib_train run {run_id} FAILED at {failed}; see the task logs in the UI", file=sys.stderr)
+        print(
+            f"[demo] rllib_train run {run_id} FAILED at {failed}; see the task logs in the UI",
+            file=sys.stderr,
+        )
         return 1
 
     def xcom(task: str, key: str = "return_value") -> Any:
-        value = api.call("GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/{key}")["value"]
+        value = api.call(
+            "GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/{task}/xcomEntries/{key}"
+        )["value"]
         return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
 
     summary = xcom("train")
@@ -145,7 +159,9 @@ def main() -> int:
     print("\n=== slurm_ray demo: done ===")
     print(f"Airflow UI   {AIRFLOW}  (login admin / {password}; DAG rllib_train, run {run_id})")
     print(f"MLflow UI    {MLFLOW}  (experiment rllib_train, run {summary.get('mlflow_run_id')})")
-    print(f"Slurm job    {summary.get('job_id')} on {summary.get('nodelist')}  ({summary.get('run_dir')})")
+    print(
+        f"Slurm job    {summary.get('job_id')} on {summary.get('nodelist')}  ({summary.get('run_dir')})"
+    )
     print(
         f"Training     {summary.get('iterations')} iterations, {summary.get('env_steps')} env steps, "
         f"mean return {summary.get('episode_return_mean')}, greedy eval {summary.get('eval_return_mean')}"

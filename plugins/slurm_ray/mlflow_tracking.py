@@ -627,7 +627,7 @@ class MetricsRelay:
     :param log: logger for warnings (the trigger's ``self.log``).
     """
 
-    def __init__(self, relay: Mapping[str, Any], log: logging.Logger | None = None) -> None:
+    def __init__(self, relay: Mapping[str, Any], log: Any = None) -> None:
         self.tracking_uri = str(relay["tracking_uri"]).rstrip("/")
         self.run_id: str | None = relay.get("run_id") or None
         self.experiment_name: str | None = relay.get("experiment_name")
@@ -767,7 +767,7 @@ class MetricsRelay:
 
 
 def make_async_sink(
-    relay: Mapping[str, Any], log: logging.Logger | None = None
+    relay: Mapping[str, Any], log: Any = None
 ) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
     """The trigger's metrics sink: never raises, never blocks the event loop."""
     return MetricsRelay(relay, log)
@@ -777,7 +777,7 @@ def relay_rows(
     relay: Mapping[str, Any],
     rows: Iterable[Mapping[str, Any]],
     *,
-    log: logging.Logger | None = None,
+    log: Any = None,
     strict: bool = True,
 ) -> RelayStats:
     """
@@ -796,7 +796,7 @@ def relay_rows(
     return stats
 
 
-def parse_metrics_jsonl(data: bytes, log: logging.Logger | None = None) -> list[dict[str, Any]]:
+def parse_metrics_jsonl(data: bytes, log: Any = None) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl file (a torn last line or a bad line is skipped with a warning)."""
     rows: list[dict[str, Any]] = []
     for line in data.splitlines():
@@ -975,7 +975,7 @@ def finalize_run(
     run_dir: str,
     job_id: str,
     result: Mapping[str, Any] | None,
-    log: logging.Logger | None = None,
+    log: Any = None,
 ) -> dict[str, Any]:
     """
     Log a finished run's evidence and model, register a version, end the run.
@@ -1091,7 +1091,7 @@ def promote_if_better(
     metric: str = "eval_return_mean",
     min_improvement: float | None = None,
     alias: str = CHAMPION_ALIAS,
-    log: logging.Logger | None = None,
+    log: Any = None,
 ) -> dict[str, Any]:
     """
     Give ``version`` the ``champion`` alias if its run's ``metric`` beats the champion's.

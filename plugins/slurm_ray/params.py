@@ -156,7 +156,12 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
         },
         "experiment_name": {
             "default": d["experiment_name"],
-            "schema": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9 ._/-]+$"},
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "pattern": r"^[A-Za-z0-9 ._/-]+$",
+            },
             "description": "MLflow experiment.",
         },
         "checkpoint_every": {
@@ -166,7 +171,12 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
         },
         "register_model_name": {
             "default": d["register_model_name"],
-            "schema": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9._-]+$"},
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "pattern": r"^[A-Za-z0-9._-]+$",
+            },
             "description": "MLflow registered model name.",
         },
     }
@@ -194,7 +204,9 @@ def training_config_from(params: Mapping[str, Any]) -> dict[str, Any]:
     algo = str(params.get("algorithm", "PPO")).upper()
     env_id = params.get("env_id", "CartPole-v1")
     if algo in _DISCRETE_ONLY and env_id in _CONTINUOUS_ENVS:
-        raise RunParamError(f"algorithm: {algo} needs a discrete action space; {env_id} is continuous")
+        raise RunParamError(
+            f"algorithm: {algo} needs a discrete action space; {env_id} is continuous"
+        )
     cfg: dict[str, Any] = {
         "algorithm": algo,
         "env_id": env_id,
@@ -221,7 +233,7 @@ def _minutes(time_limit: str) -> float:
     days, _, rest = time_limit.rpartition("-")
     parts = [int(p) for p in rest.split(":")]
     if days:
-        hms = (parts + [0, 0])[:3]
+        hms = [*parts, 0, 0][:3]
         return int(days) * 1440 + hms[0] * 60 + hms[1] + hms[2] / 60
     if len(parts) == 1:
         return parts[0]
@@ -277,7 +289,9 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         JobSpec.from_dict({**job_spec, "job_name": "validate"})
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
-    tracking_uri = os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking_uri = os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get(
+        "MLFLOW_TRACKING_URI", ""
+    )
     return {
         "profile": profile.name,
         "ssh_conn_id": profile.ssh_conn_id,

@@ -11,7 +11,7 @@ import json
 import posixpath
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
@@ -93,7 +93,9 @@ def register_trained_model(
     return {**out, "eval_return_mean": (result or {}).get("eval_return_mean")}
 
 
-def promote_model(registered: Mapping[str, Any], mlflow: Mapping[str, Any], dag_id: str) -> dict[str, Any]:
+def promote_model(
+    registered: Mapping[str, Any], mlflow: Mapping[str, Any], dag_id: str
+) -> dict[str, Any]:
     """Move the ``champion`` alias to the new version if it is better by the margin."""
     from slurm_ray.mlflow_tracking import promote_if_better
 
@@ -110,7 +112,8 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         """Validate the Params and derive the run (nothing has touched the cluster yet)."""
         return resolve_or_fail(params or {})
 
-    resolved = resolve()
+    # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
+    resolved: Any = resolve()
     env = ClusterEnvOperator(
         task_id="build_env",
         ssh_conn_id=resolved["ssh_conn_id"],
@@ -156,12 +159,17 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         return register_trained_model(summary, mlflow, ssh_conn_id, dag_run.dag_id, environment)
 
     @task
-    def promote(registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None) -> dict[str, Any]:
+    def promote(
+        registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None
+    ) -> dict[str, Any]:
         """Champion alias to the new version if its eval return is better."""
         return promote_model(registered, mlflow, dag_run.dag_id)
 
-    registered = register_model(
-        train.output, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
+    registered: Any = register_model(
+        cast(Any, train.output),
+        resolved["mlflow"],
+        resolved["ssh_conn_id"],
+        resolved["environment"],
     )
     promoted = promote(registered, resolved["mlflow"])
     env >> sanity >> train

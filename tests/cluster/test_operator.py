@@ -23,9 +23,9 @@ from tests.conftest import DevCluster
 pytestmark = pytest.mark.cluster
 
 ALIVE = (
-    "python -c 'import os, ray; ray.init(address=os.environ[\"RAY_ADDRESS\"]); "
-    "alive=[n for n in ray.nodes() if n[\"Alive\"]]; "
-    "print(\"ALIVE_NODES\", len(alive), sorted(n[\"NodeManagerHostname\"] for n in alive))'"
+    'python -c \'import os, ray; ray.init(address=os.environ["RAY_ADDRESS"]); '
+    'alive=[n for n in ray.nodes() if n["Alive"]]; '
+    'print("ALIVE_NODES", len(alive), sorted(n["NodeManagerHostname"] for n in alive))\''
 )
 
 
@@ -107,7 +107,10 @@ def test_failing_entrypoint_fails_with_log_tail(cluster: DevCluster) -> None:
     from airflow.sdk.exceptions import AirflowException
 
     op = make_op(
-        cluster, "fails", entrypoint="echo 'about to fail: marker-xyz'; exit 7", job_spec={"nodes": 2, "time": "5"}
+        cluster,
+        "fails",
+        entrypoint="echo 'about to fail: marker-xyz'; exit 7",
+        job_spec={"nodes": 2, "time": "5"},
     )
     with pytest.raises(AirflowException) as err:
         run_deferred(op, {"ti": FakeTI(task_id="fails")})
@@ -146,7 +149,8 @@ def test_rerun_reattaches_instead_of_submitting_twice(cluster: DevCluster) -> No
         with pytest.raises(TaskDeferred) as deferred:
             op2.execute({"ti": ti2})
         assert deferred.value.trigger.job_id == first
-        name = [line for line in squeue_names(cluster) if line.startswith(first + " ")][0].split()[1]
+        mine = next(line for line in squeue_names(cluster) if line.startswith(first + " "))
+        name = mine.split()[1]
         same = [line for line in squeue_names(cluster) if f" {name} " in f" {line} "]
         assert len(same) == 1, same
     finally:
@@ -175,7 +179,9 @@ def test_trigger_on_kill_cancels_deferred_job(cluster: DevCluster) -> None:
     assert event.payload["state"] == "CANCELLED"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        active = cluster.ssh(f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False).stdout.strip()
+        active = cluster.ssh(
+            f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False
+        ).stdout.strip()
         if not active:
             break
         time.sleep(0.5)
@@ -191,7 +197,7 @@ def test_operator_on_kill_cancels_in_non_deferrable_mode(cluster: DevCluster) ->
     def run() -> None:
         try:
             op.execute({"ti": ti})
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -203,7 +209,9 @@ def test_operator_on_kill_cancels_in_non_deferrable_mode(cluster: DevCluster) ->
     op.on_kill()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        active = cluster.ssh(f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False).stdout.strip()
+        active = cluster.ssh(
+            f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False
+        ).stdout.strip()
         if not active:
             break
         time.sleep(0.5)
@@ -222,7 +230,9 @@ def test_wrong_host_key_is_refused_before_any_command(cluster: DevCluster, monke
     )
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_BADKEY", json.dumps(conn))
     marker = f"{cluster.scratch}/tests/badkey-{uuid.uuid4().hex[:8]}"
-    op = make_op(cluster, "badkey", ssh_conn_id="slurm_badkey", remote_base_dir=marker, entrypoint="true")
+    op = make_op(
+        cluster, "badkey", ssh_conn_id="slurm_badkey", remote_base_dir=marker, entrypoint="true"
+    )
     with pytest.raises(HostKeyError) as err:
         op.execute({"ti": FakeTI(task_id="badkey")})
     assert "host key" in str(err.value).lower()
@@ -235,7 +245,12 @@ def test_two_jobs_share_the_nodes_without_collisions(cluster: DevCluster) -> Non
     ops = []
     for i in range(2):
         ti = FakeTI(task_id=f"pair{i}")
-        op = make_op(cluster, f"pair{i}", entrypoint=ALIVE, job_spec={"nodes": 2, "cpus_per_task": 1, "time": "10"})
+        op = make_op(
+            cluster,
+            f"pair{i}",
+            entrypoint=ALIVE,
+            job_spec={"nodes": 2, "cpus_per_task": 1, "time": "10"},
+        )
         with pytest.raises(TaskDeferred) as deferred:
             op.execute({"ti": ti})
         ops.append((op, ti, deferred.value))

@@ -121,7 +121,9 @@ def trigger(af: Airflow, dag_id: str, conf: dict[str, Any]) -> tuple[int, Any]:
     return af.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
 
 
-def test_bad_conf_is_refused_over_rest_naming_the_field(airflow: Airflow, cluster: DevCluster) -> None:
+def test_bad_conf_is_refused_over_rest_naming_the_field(
+    airflow: Airflow, cluster: DevCluster
+) -> None:
     airflow.wait_dag("rllib_train")
     before_jobs = cluster.ssh("squeue -h -t all -o %i").stdout.split()
     _, runs_before = airflow.call("GET", "/dags/rllib_train/dagRuns")
@@ -143,7 +145,9 @@ def test_bad_conf_is_refused_over_rest_naming_the_field(airflow: Airflow, cluste
     assert not Path("/tmp/PWNED_e2e").exists()
 
 
-def test_train_dag_end_to_end(airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer) -> None:
+def test_train_dag_end_to_end(
+    airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer
+) -> None:
     from mlflow.tracking import MlflowClient
 
     airflow.wait_dag("rllib_train")
@@ -166,7 +170,8 @@ def test_train_dag_end_to_end(airflow: Airflow, cluster: DevCluster, mlflow_serv
         ti = airflow.ti("rllib_train", run_id, "train")
         if ti.get("state") == "deferred" and not saw_deferred_with_job_running:
             status, xcom = airflow.call(
-                "GET", f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/xcomEntries/slurm_job_id"
+                "GET",
+                f"/dags/rllib_train/dagRuns/{run_id}/taskInstances/train/xcomEntries/slurm_job_id",
             )
             if status == 200:
                 job_id = str(xcom["value"]).strip('"')
@@ -206,7 +211,9 @@ def test_train_dag_end_to_end(airflow: Airflow, cluster: DevCluster, mlflow_serv
     assert mlrun.info.run_id in flat and mlflow_server.url in flat
 
 
-def test_sweep_with_two_configs_via_dag_test(cluster: DevCluster, mlflow_server: MlflowServer) -> None:
+def test_sweep_with_two_configs_via_dag_test(
+    cluster: DevCluster, mlflow_server: MlflowServer
+) -> None:
     home = Path(tempfile.mkdtemp(prefix="slurm-ray-sweep-airflow-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
     env.update(
@@ -217,7 +224,9 @@ def test_sweep_with_two_configs_via_dag_test(cluster: DevCluster, mlflow_server:
         AIRFLOW_CONN_SLURM_DEV=cluster.env["AIRFLOW_CONN_SLURM_DEV"],
         PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
     )
-    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        ["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300
+    )
     tag = uuid.uuid4().hex[:8]
     conf = {
         "configs": [{"lr": 0.0003, "seed": 1}, {"lr": 0.001, "seed": 2}],
@@ -248,4 +257,6 @@ def test_sweep_with_two_configs_via_dag_test(cluster: DevCluster, mlflow_server:
     assert len(children) == 2, [r.info.run_name for r in runs]
     assert client.get_registered_model(f"sweep-model-{tag}").latest_versions
     parents = [r for r in runs if "slurm_ray.best_run_id" in r.data.tags]
-    assert parents and parents[0].data.tags["slurm_ray.best_run_id"] in {r.info.run_id for r in children}
+    assert parents and parents[0].data.tags["slurm_ray.best_run_id"] in {
+        r.info.run_id for r in children
+    }

@@ -31,9 +31,24 @@ def test_train_dag_chain_and_params(dagbag) -> None:
     upstream = {t.task_id for t in train.upstream_list}
     assert "sanity_check" in upstream
     for name in (
-        "profile", "env_id", "algorithm", "nodes", "cpus_per_node", "gpus_per_node", "partition",
-        "account", "time_limit", "stop_return_mean", "stop_env_steps", "stop_iterations",
-        "stop_minutes", "lr", "train_batch_size", "num_env_runners", "envs_per_runner", "seed",
+        "profile",
+        "env_id",
+        "algorithm",
+        "nodes",
+        "cpus_per_node",
+        "gpus_per_node",
+        "partition",
+        "account",
+        "time_limit",
+        "stop_return_mean",
+        "stop_env_steps",
+        "stop_iterations",
+        "stop_minutes",
+        "lr",
+        "train_batch_size",
+        "num_env_runners",
+        "envs_per_runner",
+        "seed",
         "experiment_name",
     ):
         param = dag.params.get_param(name)

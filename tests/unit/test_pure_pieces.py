@@ -6,9 +6,14 @@ import base64
 import subprocess
 
 import pytest
-
 from slurm_ray.operators.slurm_ray import run_identity, sanitize
-from slurm_ray.profiles import ClusterProfile, ProfileError, get_profile, profile_names, register_profile
+from slurm_ray.profiles import (
+    ClusterProfile,
+    ProfileError,
+    get_profile,
+    profile_names,
+    register_profile,
+)
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
 from slurm_ray.utils.poll import TAIL_MARKER, TailRequest, build_poll_command, parse_poll_output
@@ -37,7 +42,7 @@ def test_sanitize_never_escapes(bad: str) -> None:
 
 def test_environment_refuses_hostile_prefix_and_reports_missing_venv(tmp_path) -> None:
     for value in HOSTILE:
-        with pytest.raises(EnvironmentSpecError, match="environment.prefix"):
+        with pytest.raises(EnvironmentSpecError, match=r"environment\.prefix"):
             EnvironmentSpec(kind="venv", prefix=str(tmp_path / value))
     lines = EnvironmentSpec(kind="venv", prefix=str(tmp_path / "no-such-venv")).activation_lines()
     proc = subprocess.run(["bash", "-c", "\n".join(lines)], capture_output=True, text=True)
@@ -46,13 +51,15 @@ def test_environment_refuses_hostile_prefix_and_reports_missing_venv(tmp_path) -
 
 
 def test_environment_spec_errors_name_the_field() -> None:
-    with pytest.raises(EnvironmentSpecError, match="environment.kind"):
+    with pytest.raises(EnvironmentSpecError, match=r"environment\.kind"):
         EnvironmentSpec(kind="docker")  # type: ignore[arg-type]
-    with pytest.raises(EnvironmentSpecError, match="environment.prefix"):
+    with pytest.raises(EnvironmentSpecError, match=r"environment\.prefix"):
         EnvironmentSpec(kind="conda")
     with pytest.raises(EnvironmentSpecError, match="valid keys are"):
         EnvironmentSpec.from_dict({"kind": "venv", "prefx": "/x"})
-    spec = EnvironmentSpec(kind="conda", prefix="/p", module_lines=["module purge"], unset_ld_preload=True)
+    spec = EnvironmentSpec(
+        kind="conda", prefix="/p", module_lines=["module purge"], unset_ld_preload=True
+    )
     lines = spec.activation_lines()
     assert lines[0] == "module purge" and "unset LD_PRELOAD" in lines
     assert lines[-1] == "conda activate /p"
@@ -74,7 +81,9 @@ def test_profiles() -> None:
 def test_poll_command_frames_states_and_tails(tmp_path) -> None:
     f = tmp_path / "log with space's.txt"
     f.write_bytes(b"hello\nwor\xffld\n")
-    cmd = build_poll_command([], [TailRequest(str(f), 6), TailRequest(str(tmp_path / "missing"), 0)])
+    cmd = build_poll_command(
+        [], [TailRequest(str(f), 6), TailRequest(str(tmp_path / "missing"), 0)]
+    )
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
     assert TAIL_MARKER in out
     _, chunks = parse_poll_output(out, [], 2)

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from slurm_ray.hooks.slurm import CommandResult
 from slurm_ray.triggers import slurm_job
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
@@ -67,7 +66,9 @@ async def first_event(trigger: SlurmJobTrigger):
 def test_terminal_state_yields_exactly_one_event(monkeypatch) -> None:
     client = FakeClient([squeue_line("7", "RUNNING"), squeue_line("7", "COMPLETED")])
     install(monkeypatch, client)
-    trig = SlurmJobTrigger(job_id="7", ssh_conn_id="c", log_path="/x/slurm-7.out", poll_interval=0.01)
+    trig = SlurmJobTrigger(
+        job_id="7", ssh_conn_id="c", log_path="/x/slurm-7.out", poll_interval=0.01
+    )
 
     async def collect():
         return [e async for e in trig.run()]
@@ -87,9 +88,7 @@ def test_connection_errors_back_off_and_recover(monkeypatch) -> None:
         await asyncio.sleep(0)
 
     monkeypatch.setattr(_HostPoller, "_sleep", fast_sleep)
-    client = FakeClient(
-        [OSError("connection refused")] * 4 + [squeue_line("8", "FAILED")]
-    )
+    client = FakeClient([OSError("connection refused")] * 4 + [squeue_line("8", "FAILED")])
     install(monkeypatch, client)
     trig = SlurmJobTrigger(job_id="8", ssh_conn_id="c", log_path="/x/l", poll_interval=5)
     event = asyncio.run(real_wait_for(first_event(trig), 10))
@@ -153,7 +152,9 @@ def test_hundred_triggers_share_one_command_per_interval(monkeypatch) -> None:
 def test_deadline_cancels_job_and_reports_timeout(monkeypatch) -> None:
     client = FakeClient([squeue_line("11", "RUNNING")])
     install(monkeypatch, client)
-    trig = SlurmJobTrigger(job_id="11", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01, deadline=1.0)
+    trig = SlurmJobTrigger(
+        job_id="11", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01, deadline=1.0
+    )
     event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
     assert event.payload["status"] == "timeout"
     assert "scancel 11" in client.commands
@@ -162,7 +163,9 @@ def test_deadline_cancels_job_and_reports_timeout(monkeypatch) -> None:
 def test_invalid_job_id_is_fatal_not_retried(monkeypatch) -> None:
     client = FakeClient([squeue_line("1", "RUNNING")])
     install(monkeypatch, client)
-    trig = SlurmJobTrigger(job_id="1; rm -rf /", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01)
+    trig = SlurmJobTrigger(
+        job_id="1; rm -rf /", ssh_conn_id="c", log_path="/x/l", poll_interval=0.01
+    )
     event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
     assert event.payload["status"] == "error" and "invalid Slurm job id" in event.payload["message"]
     assert client.commands == []

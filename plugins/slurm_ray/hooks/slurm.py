@@ -215,7 +215,9 @@ class SlurmHook(BaseHook):
         with open(local_path, "rb") as fh:
             data = fh.read()
         self.upload_bytes(
-            data, remote_path, mode=mode if mode is not None else stat.S_IMODE(os.stat(local_path).st_mode)
+            data,
+            remote_path,
+            mode=mode if mode is not None else stat.S_IMODE(os.stat(local_path).st_mode),
         )
 
     def download(self, remote_path: str, local_path: str) -> None:
@@ -240,9 +242,7 @@ class SlurmHook(BaseHook):
     def makedirs(self, remote_path: str) -> None:
         """``mkdir -p`` and prove the directory is writable (one-line error if not)."""
         probe = posixpath.join(remote_path, ".slurm_ray_write_probe")
-        cmd = (
-            f"mkdir -p -- {quote(remote_path)} && : > {quote(probe)} && rm -f -- {quote(probe)}"
-        )
+        cmd = f"mkdir -p -- {quote(remote_path)} && : > {quote(probe)} && rm -f -- {quote(probe)}"
         res = self.run(cmd)
         if res.exit_code != 0:
             reason = (res.stderr.strip().splitlines() or ["unknown error"])[-1]

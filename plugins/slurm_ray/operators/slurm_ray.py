@@ -152,7 +152,9 @@ class SlurmRayOperator(BaseOperator):
             self._hook = SlurmHook(self.ssh_conn_id)
         return self._hook
 
-    def _validated(self, job_name: str, log_path: str) -> tuple[JobSpec, EnvironmentSpec, dict[str, Any] | None]:
+    def _validated(
+        self, job_name: str, log_path: str
+    ) -> tuple[JobSpec, EnvironmentSpec, dict[str, Any] | None]:
         """Validate everything before the cluster is touched; errors name the field."""
         spec_dict = {k: v for k, v in self.job_spec.items() if v is not None}
         if "job_name" in spec_dict:
@@ -251,14 +253,18 @@ class SlurmRayOperator(BaseOperator):
 
         job = self._existing_job(job_name)
         if job is not None and is_active(job.state):
-            self.log.info("Re-attaching to Slurm job %s (%s) named %s", job.job_id, job.state.value, job_name)
+            self.log.info(
+                "Re-attaching to Slurm job %s (%s) named %s", job.job_id, job.state.value, job_name
+            )
             ti.xcom_push(key="slurm_job_id", value=job.job_id)
             ti.xcom_push(key="run_dir", value=run_dir)
             ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
             return self._follow(context, job.job_id, run_dir)
         result = self._read_result(run_dir)
         if job is not None and is_terminal(job.state):
-            self.log.info("This try's job %s already ended %s; collecting it", job.job_id, job.state.value)
+            self.log.info(
+                "This try's job %s already ended %s; collecting it", job.job_id, job.state.value
+            )
             return self._finish(job.job_id, run_dir, job, result)
         if result is not None and result.get("status") == "completed":
             self.log.info("result.json already present in %s; collecting it", run_dir)
@@ -280,7 +286,11 @@ class SlurmRayOperator(BaseOperator):
         self.hook.upload_bytes(script.encode(), posixpath.join(run_dir, "job.sbatch"), mode=0o644)
         job_id, attached = self._submit_once(run_dir, job_name)
         self.log.info(
-            "%s Slurm job %s (%s) in %s", "Re-attached to" if attached else "Submitted", job_id, job_name, run_dir
+            "%s Slurm job %s (%s) in %s",
+            "Re-attached to" if attached else "Submitted",
+            job_id,
+            job_name,
+            run_dir,
         )
         ti.xcom_push(key="slurm_job_id", value=job_id)
         ti.xcom_push(key="run_dir", value=run_dir)
@@ -319,7 +329,8 @@ class SlurmRayOperator(BaseOperator):
             self.hook.upload_bytes(data, posixpath.join(run_dir, name), mode=mode)
         payload = config if config is not None else self.config
         self.hook.upload_bytes(
-            json.dumps(payload, indent=2, sort_keys=True).encode(), posixpath.join(run_dir, "config.json")
+            json.dumps(payload, indent=2, sort_keys=True).encode(),
+            posixpath.join(run_dir, "config.json"),
         )
 
     def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
@@ -330,7 +341,7 @@ class SlurmRayOperator(BaseOperator):
         """
         cmd = (
             f"cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
-            f"existing=$(squeue -h -u \"$(id -un)\" --name={quote(job_name)} "
+            f'existing=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
             "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
             'if [ -n "$existing" ]; then echo "attach:$existing"; '
             "else sbatch --parsable job.sbatch; fi"
@@ -413,7 +424,7 @@ class SlurmRayOperator(BaseOperator):
 
             run = MlflowClient(settings.tracking_uri).get_run(self._mlflow_run_id)
             context["ti"].xcom_push(key="mlflow_experiment_id", value=run.info.experiment_id)
-        except Exception as exc:  # noqa: BLE001 - only the link's experiment part is lost
+        except Exception as exc:
             self.log.warning("could not read the MLflow run's experiment: %s", exc)
         self.log.info("MLflow run %s at %s", self._mlflow_run_id, settings.tracking_uri)
 
@@ -468,7 +479,9 @@ class SlurmRayOperator(BaseOperator):
                 relay = self._relay = make_relay(settings, run_id=run_id)
         raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
         if raw:
-            stats = relay_rows(relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=strict)
+            stats = relay_rows(
+                relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=strict
+            )
             self.log.info("MLflow metrics relay at completion: %s", stats)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
@@ -501,13 +514,14 @@ class SlurmRayOperator(BaseOperator):
 
     def _relay_live(self, run_dir: str) -> None:
         """Non-deferrable mode: relay new metrics rows as they appear."""
-        if not getattr(self, "_relay", None):
+        relay = getattr(self, "_relay", None)
+        if not relay:
             return
         from slurm_ray.mlflow_tracking import MetricsRelay, parse_metrics_jsonl
 
         if getattr(self, "_live_relay", None) is None:
             # One relay for the whole wait: rows MLflow refused stay queued in it.
-            self._live_relay = MetricsRelay(self._relay, self.log)
+            self._live_relay = MetricsRelay(relay, self.log)
         offset = getattr(self, "_metrics_offset", 0)
         chunk = self.hook.read_from_offset(posixpath.join(run_dir, "metrics.jsonl"), offset)
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -559,7 +573,7 @@ class SlurmRayOperator(BaseOperator):
             return self._summary(job_id, run_dir, info, result)
         try:
             self._relay_catch_up(run_dir, strict=False)
-        except Exception as exc:  # noqa: BLE001 - the job's failure is the error to report
+        except Exception as exc:
             self.log.warning("MLflow catch-up failed: %s", exc)
         reason = info.reason if info else ""
         where = f" on {info.nodelist}" if info and info.nodelist else ""
@@ -613,7 +627,7 @@ class SlurmRayOperator(BaseOperator):
         try:
             self.hook.cancel(job_id)
             self.log.info("Cancelled Slurm job %s", job_id)
-        except Exception as exc:  # noqa: BLE001 - best effort while failing anyway
+        except Exception as exc:
             self.log.warning("Could not cancel Slurm job %s: %s", job_id, exc)
 
     def on_kill(self) -> None:

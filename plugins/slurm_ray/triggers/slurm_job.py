@@ -10,6 +10,7 @@ and, when the job ends, exactly one event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -111,7 +112,7 @@ class _HostPoller:
                     for s in subs:
                         s.queue.put_nowait(PollResult(error=str(exc), fatal=True))
                     return
-                except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+                except (TimeoutError, OSError, Exception) as exc:
                     # Connection-level trouble: drop the connection, tell the
                     # subscribers, back off with jitter and reconnect.
                     failures += 1
@@ -128,15 +129,13 @@ class _HostPoller:
 
     async def _sleep(self, seconds: float) -> None:
         self.wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
 
     async def _reset(self) -> None:
         try:
             await self.client.close()
-        except Exception:  # noqa: BLE001 - a dead connection may fail to close
+        except Exception:
             self.client._conn = None
 
 
@@ -238,7 +237,10 @@ class SlurmJobTrigger(BaseTrigger):
         last_state: SlurmState | None = None
         poller.subscribe(sub)
         self.log.info(
-            "Watching Slurm job %s via %s every %.0fs", self.job_id, self.ssh_conn_id, self.poll_interval
+            "Watching Slurm job %s via %s every %.0fs",
+            self.job_id,
+            self.ssh_conn_id,
+            self.poll_interval,
         )
         try:
             while True:
@@ -246,7 +248,9 @@ class SlurmJobTrigger(BaseTrigger):
                 if self.deadline is not None and time.time() > self.deadline:
                     await self._cancel()
                     yield self._event(
-                        "timeout", result.info, f"execution_timeout passed; cancelled job {self.job_id}"
+                        "timeout",
+                        result.info,
+                        f"execution_timeout passed; cancelled job {self.job_id}",
                     )
                     return
                 if result.error is not None:
@@ -272,7 +276,9 @@ class SlurmJobTrigger(BaseTrigger):
                     continue
                 if failing_since is not None:
                     self.log.info(
-                        "Reconnected to %s after %.1fs", self.ssh_conn_id, time.monotonic() - failing_since
+                        "Reconnected to %s after %.1fs",
+                        self.ssh_conn_id,
+                        time.monotonic() - failing_since,
                     )
                     failing_since = None
                 last_ok = time.monotonic()
@@ -305,7 +311,9 @@ class SlurmJobTrigger(BaseTrigger):
                     log_buf, metrics_buf = await self._drain(files, log_buf, metrics_buf, sink)
                     if log_buf:
                         self.log.info("%s", log_buf.decode("utf-8", "replace"))
-                    yield self._event("terminal", info, f"job {self.job_id} ended {info.state.value}")
+                    yield self._event(
+                        "terminal", info, f"job {self.job_id} ended {info.state.value}"
+                    )
                     return
         finally:
             poller.unsubscribe(sub)
@@ -344,7 +352,7 @@ class SlurmJobTrigger(BaseTrigger):
             tails = [TailRequest(files[n][0], int(files[n][1])) for n in names]
             try:
                 res = await client.run(build_poll_command([], tails))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.log.warning("could not read the rest of the job's files: %s", exc)
                 break
             _, chunks = parse_poll_output(res.stdout, [], len(tails))

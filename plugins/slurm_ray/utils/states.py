@@ -189,7 +189,7 @@ def is_active(state: SlurmState | str) -> bool:
     return _as_state(state) in ACTIVE_STATES
 
 
-JobSource = Literal["squeue", "scontrol", "sacct", "none"]
+JobSource = Literal["squeue", "scontrol", "sacct", "trigger", "none"]
 
 
 @dataclass(frozen=True)
