@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import os
 import re
 import shlex
@@ -83,6 +84,13 @@ def setup_airflow_env() -> None:
     env = load_cluster_env()
     for key in ("SLURM_CONF", "AIRFLOW_CONN_SLURM_DEV"):
         os.environ[key] = env[key]
+    # asyncssh/paramiko log every channel at INFO; the trigger relays every job
+    # log line. Keep the benchmark's own output readable (after Airflow has
+    # configured logging, which would reset the levels).
+    import airflow.sdk  # noqa: F401
+
+    for name in ("asyncssh", "paramiko", "slurm_ray", "airflow.task"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ensure_cluster() -> None:
@@ -134,9 +142,7 @@ def metrics_summary(rows: list[dict[str, Any]], target: float = TARGET_RETURN) -
     train_s = float(last.get("time_total_s") or 0.0)
     steps = int(last.get("env_steps") or 0)
     per_iter = [r.get("env_steps_per_s") for r in rows]
-    hit = next(
-        (r for r in rows if (r.get("episode_return_mean") or float("-inf")) >= target), None
-    )
+    hit = next((r for r in rows if (r.get("episode_return_mean") or float("-inf")) >= target), None)
     first_start = float(rows[0]["timestamp"]) - float(rows[0].get("time_this_iter_s") or 0)
     return {
         "iterations": len(rows),
@@ -266,12 +272,8 @@ def run_direct(run: dict[str, Any], base: str, label: str) -> dict[str, Any]:
     payload["config.json"] = json.dumps(run["config"], indent=2, sort_keys=True)
     payload["job.sbatch"] = direct_script(run, run_dir, f"bench-direct-{label}")
     # one ssh call for all files: a python one-liner unpacks a JSON bundle
-    unpack = (
-        f"cd {shlex.quote(run_dir)} && python3 -c "
-        + shlex.quote(
-            "import json,sys\n"
-            "for k,v in json.load(sys.stdin).items(): open(k,'w').write(v)"
-        )
+    unpack = f"cd {shlex.quote(run_dir)} && python3 -c " + shlex.quote(
+        "import json,sys\nfor k,v in json.load(sys.stdin).items(): open(k,'w').write(v)"
     )
     ssh(unpack, stdin=json.dumps(payload))
     t_submit = time.time()

@@ -209,7 +209,9 @@ def assemble() -> Path:
                 [f"{i}. {r['figure']}", r["value"], r["baseline"], r["ratio"], r["target"], met]
             )
         sections.append(f"## {i}. {title}\n\n{data['section_md'].strip()}\n")
-    parts.append(table(["figure", "measured", "baseline (same run)", "ratio", "target", "met"], rows))
+    parts.append(
+        table(["figure", "measured", "baseline (same run)", "ratio", "target", "met"], rows)
+    )
     parts.append("")
     parts.extend(sections)
     RESULTS.write_text("\n".join(parts).rstrip() + "\n")

@@ -248,7 +248,8 @@ def body(start: dict[str, Any], pairs: int) -> int:
             else None
         ),
     }
-    print(f"wrote {save(NAME, result, chr(10).join(lines), summary)}")
+    out = save(NAME, result, "\n".join(lines), summary)
+    print(f"wrote {out}")
     print(
         f"steady steps/s operator {s_op['mean']} vs direct {s_di['mean']}: "
         f"ratio {steady_ratio} (target loss <= {TARGET_LOSS:.0%})"

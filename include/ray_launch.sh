@@ -370,6 +370,9 @@ main() {
   export SLURM_RAY_TMPDIR="${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID"
   export SLURM_RAY_NUM_NODES=$NUM_NODES
   export RAY_USAGE_STATS_ENABLED=0
+  # Ray packs actors onto the first node until it is half busy; spread them
+  # so env runners sample on every node of the allocation (users can override).
+  export RAY_scheduler_spread_threshold="${RAY_scheduler_spread_threshold:-0.0}"
   export RAY_AUTH_MODE=token
   export RAY_AUTH_TOKEN_PATH="$RUN_DIR/.ray_auth_token.$SLURM_JOB_ID"
   export _RL_RUN_DIR=$RUN_DIR

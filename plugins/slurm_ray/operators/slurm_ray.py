@@ -266,7 +266,7 @@ class SlurmRayOperator(BaseOperator):
                 "This try's job %s already ended %s; collecting it", job.job_id, job.state.value
             )
             return self._finish(job.job_id, run_dir, job, result)
-        if result is not None and result.get("status") == "completed":
+        if result is not None and result.get("status") == "succeeded":
             self.log.info("result.json already present in %s; collecting it", run_dir)
             return self._summary(result.get("slurm_job_id", ""), run_dir, None, result)
 

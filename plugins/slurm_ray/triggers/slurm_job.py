@@ -346,7 +346,22 @@ class SlurmJobTrigger(BaseTrigger):
         metrics_buf: bytes,
         sink: MetricsSink | None,
     ) -> tuple[bytes, bytes]:
-        client = _HostPoller.get(self.ssh_conn_id).client
+        # Its own connection: the shared poller may close its one as soon as
+        # this trigger unsubscribed and it has nothing else to watch.
+        client = AsyncSlurmClient(self.ssh_conn_id)
+        try:
+            return await self._drain_with(client, files, log_buf, metrics_buf, sink)
+        finally:
+            await client.close()
+
+    async def _drain_with(
+        self,
+        client: AsyncSlurmClient,
+        files: dict[str, list[Any]],
+        log_buf: bytes,
+        metrics_buf: bytes,
+        sink: MetricsSink | None,
+    ) -> tuple[bytes, bytes]:
         names = list(files)
         for _ in range(20):
             tails = [TailRequest(files[n][0], int(files[n][1])) for n in names]
