@@ -14,7 +14,10 @@ help:  ## list targets
 
 # The Airflow-side environment: rebuilt when a requirements file changes.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
-	@command -v $(PY) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
+	@# docker-compose validates docker-compose.yaml offline in the tests (no engine needed)
+	@command -v docker-compose >/dev/null && command -v ssh-keygen >/dev/null && command -v curl >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl; }
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
@@ -72,3 +75,17 @@ down:  ## stop everything make demo started (Airflow, MLflow, the cluster)
 	bash $(CLUSTER) down
 
 .PHONY: help venv cluster-up cluster-status cluster-down lint test test-unit demo down mlflow-up mlflow-down airflow-up airflow-down
+
+# Every benchmark in bench/ in turn (BENCH_QUICK=1: fewer repetitions), then
+# bench/results.md. Starts MLflow/Airflow for the demo benchmark only if they are
+# down (and stops them again); never stops the cluster.
+BENCHES := ray_formation watch_jobs train_throughput demo_walltime
+bench: venv cluster-up  ## run every benchmark -> bench/results.md (BENCH_QUICK=1: shorter)
+	@rc=0; for b in $(BENCHES); do \
+	  echo "== bench/bench_$$b.py"; \
+	  $(VENV)/bin/python bench/bench_$$b.py || rc=$$?; \
+	done; \
+	$(VENV)/bin/python bench/_report.py; \
+	exit $$rc
+
+.PHONY: bench

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,29 @@ def default_run(**overrides: Any) -> dict[str, Any]:
     return resolve_run(params)
 
 
+def wait_idle(timeout: float = 300) -> float:
+    """Wait until no job runs on the dev cluster (other sessions share it); returns s waited.
+
+    A job of another user of the cluster would hold our whole-cluster job in
+    the queue and take CPU from it. After ``timeout`` the run goes ahead anyway
+    (its queue wait is measured and reported separately).
+    """
+    t0 = time.monotonic()
+    cmd = (
+        f"end=$((SECONDS+{int(timeout)})); "
+        'while [ -n "$(squeue -h -t R,CG,CF -o %i 2>/dev/null)" ]; do '
+        "[ $SECONDS -lt $end ] || exit 0; sleep 2; done"
+    )
+    ssh(cmd, timeout=timeout + 60, check=False)
+    return round(time.monotonic() - t0, 1)
+
+
+def _slurm_ts(value: str | None) -> float | None:
+    if not value or value in ("Unknown", "None"):
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
+
+
 def job_info(job_id: str) -> dict[str, str]:
     """``scontrol show job -o`` as a dict (first occurrence of each key)."""
     info: dict[str, str] = {}
@@ -178,6 +203,21 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
+def _queue_wait(info: dict[str, str]) -> float | None:
+    sub, start = _slurm_ts(info.get("SubmitTime")), _slurm_ts(info.get("StartTime"))
+    return None if sub is None or start is None else max(0.0, start - sub)
+
+
+def queue_excess(run: dict[str, Any]) -> float:
+    """Seconds a job surely waited for nodes beyond normal scheduling.
+
+    Slurm's Submit/StartTime are truncated to whole seconds, so the true wait
+    lies within 1 s of their difference: subtracting ``difference - 1`` never
+    removes time that was not queueing.
+    """
+    return max(0.0, float(run.get("queue_wait_s") or 0.0) - 1.0)
+
+
 def collect_run(run_dir: str, job_id: str) -> dict[str, Any]:
     """Metrics, result and Slurm timestamps of a finished run directory."""
     log_path = f"{run_dir}/slurm-{job_id}.out"
@@ -192,8 +232,11 @@ def collect_run(run_dir: str, job_id: str) -> dict[str, Any]:
         "job_id": job_id,
         "run_dir": run_dir,
         "state": info.get("JobState"),
+        "slurm_submit": info.get("SubmitTime"),
         "slurm_start": info.get("StartTime"),
         "slurm_end": info.get("EndTime"),
+        # time in the queue waiting for nodes (Slurm's 1-s timestamps)
+        "queue_wait_s": _queue_wait(info),
         "t_job_start": birth,  # the Slurm log's birth time (slurmstepd creates it)
         "t_job_end": mtime,  # the log's last write (the launcher's exit)
         "job_s": round(mtime - birth, 3) if birth and mtime else None,
@@ -366,6 +409,7 @@ def run_operator(
                 return event
             raise RuntimeError("trigger ended without an event")
 
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         try:
             event = asyncio.run(asyncio.wait_for(first_event(), 1800))
         except BaseException:
@@ -374,6 +418,8 @@ def run_operator(
                 ssh(f"scancel {int(job)}", check=False)
             raise
         t_event = time.time()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        trigger_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         summary = getattr(op, deferred.method_name)(
             context, event.payload, **(deferred.kwargs or {})
         )
@@ -396,6 +442,44 @@ def run_operator(
             "job_end_to_done_s": round(t_done - end, 3),
             "wall_s": round(t_done - t_exec, 3),
             "poll_interval_s": poll_interval,
+            # CPU the trigger (this process: asyncssh, parsing, log relay) used while waiting
+            "trigger_cpu_s": round(trigger_cpu, 3),
+            "trigger_wait_s": round(t_event - t_deferred, 3),
         }
     )
     return data
+
+
+def poll_command_cpu(job_id: str, run_dir: str, repeat: int = 20) -> dict[str, float]:
+    """CPU (user+sys, s) the trigger's per-interval poll command costs on the login node.
+
+    The command is the one the trigger sends (states + new bytes of the log and
+    metrics), with offsets at the files' ends as in the steady state; measured
+    with bash's ``times`` over ``repeat`` runs (sshd's own session cost is not
+    included).
+    """
+    from slurm_ray.utils.poll import TailRequest, build_poll_command
+
+    log, metrics = f"{run_dir}/slurm-{job_id}.out", f"{run_dir}/metrics.jsonl"
+    sizes = ssh(f"stat -c %s -- {shlex.quote(log)} {shlex.quote(metrics)}").split()
+    cmd = build_poll_command(
+        [job_id], [TailRequest(log, int(sizes[0])), TailRequest(metrics, int(sizes[1]))]
+    )
+    script = (
+        f"t0=$(date +%s.%N); for i in $(seq {int(repeat)}); do ( {cmd} ) >/dev/null 2>&1; done; "
+        "t1=$(date +%s.%N); times; echo WALL $t0 $t1"
+    )
+    out = ssh(f"bash -c {shlex.quote(script)}")
+    # `times`: shell user/sys, then children user/sys ("0m0.012s 0m0.004s")
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    nums = []
+    for ln in lines[:2]:
+        for tok in ln.split():
+            m = re.fullmatch(r"(\d+)m([\d.]+)s", tok)
+            if m:
+                nums.append(int(m.group(1)) * 60 + float(m.group(2)))
+    wall = [float(x) for x in lines[-1].split()[1:3]]
+    return {
+        "cpu_s_per_poll": round(sum(nums) / repeat, 4),
+        "wall_s_per_poll": round((wall[1] - wall[0]) / repeat, 4),
+    }

@@ -8,8 +8,10 @@
 #   slurm-ray-airflow ARGS...   `airflow ARGS...` (api-server, scheduler, ...)
 #
 # Secrets that every Airflow component must share (the JWT secret above all:
-# the scheduler signs task tokens the api-server checks) are generated once
-# into the airflow-state volume; a value set in the environment wins.
+# the scheduler signs task tokens the api-server checks; the Fernet key that
+# encrypts connections) are generated once into $AIRFLOW_CONFIG, a file in the
+# airflow-state volume that every component (and `docker compose exec ...
+# airflow ...`) reads. A value set in the environment wins, as always.
 #
 # The host key: slurm-init generates the login node's key at first start and
 # puts its public half in the airflow-ssh volume (mounted at $SSH_DIR); init
@@ -19,7 +21,7 @@ set -euo pipefail
 
 STATE_DIR=${SLURM_RAY_AIRFLOW_STATE:-/opt/airflow/state}
 SSH_DIR=${SLURM_RAY_AIRFLOW_SSH_DIR:-/opt/airflow/ssh}
-SECRETS=$STATE_DIR/secrets.env
+CONFIG=${AIRFLOW_CONFIG:-$STATE_DIR/airflow.cfg}
 CONN_ID=${SLURM_RAY_CONN_ID:-slurm_dev}
 
 log() { printf '[airflow-init] %s\n' "$*" >&2; }
@@ -30,27 +32,26 @@ die() {
 
 rand_hex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 
-# Export KEY=VALUE lines of the secrets file unless the environment sets KEY.
-load_secrets() {
-  [[ -s $SECRETS ]] || return 0
-  local key value
-  while IFS='=' read -r key value; do
-    [[ $key =~ ^AIRFLOW__[A-Z_]+$ ]] || continue
-    [[ -n ${!key:-} ]] || export "$key=$value"
-  done <"$SECRETS"
-}
-
-write_secrets() {
-  [[ -s $SECRETS ]] && return 0
+# The secrets as an airflow.cfg; every other setting is an environment variable.
+write_config() {
+  [[ -s $CONFIG ]] && return 0
   local fernet
   fernet=$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')
-  {
-    printf 'AIRFLOW__API_AUTH__JWT_SECRET=%s\n' "$(rand_hex 32)"
-    printf 'AIRFLOW__API__SECRET_KEY=%s\n' "$(rand_hex 32)"
-    printf 'AIRFLOW__CORE__FERNET_KEY=%s\n' "$fernet"
-  } >"$SECRETS.tmp"
-  mv "$SECRETS.tmp" "$SECRETS"
-  log "generated $SECRETS"
+  cat >"$CONFIG.tmp" <<EOF
+# Written once by airflow-init (docker/airflow/entrypoint.sh): the secrets all
+# Airflow components of docker-compose.yaml share. Every other setting is an
+# environment variable in docker-compose.yaml.
+[core]
+fernet_key = $fernet
+
+[api]
+secret_key = $(rand_hex 32)
+
+[api_auth]
+jwt_secret = $(rand_hex 32)
+EOF
+  mv "$CONFIG.tmp" "$CONFIG"
+  log "generated the shared secrets in $CONFIG"
 }
 
 write_passwords() {
@@ -95,9 +96,9 @@ cmd_init() {
   : "${SLURM_RAY_LOGIN_PORT:?set by docker-compose.yaml}"
   : "${SLURM_RAY_LOGIN_USER:?set by docker-compose.yaml}"
   umask 077
-  mkdir -p "$STATE_DIR"
-  write_secrets
-  load_secrets
+  mkdir -p "$STATE_DIR" "$(dirname "$CONFIG")"
+  export AIRFLOW_CONFIG=$CONFIG
+  write_config
   write_passwords
   log "airflow db migrate"
   airflow db migrate
@@ -112,7 +113,6 @@ cmd_init() {
   log "connection $CONN_ID -> $SLURM_RAY_LOGIN_USER@$SLURM_RAY_LOGIN_HOST:$SLURM_RAY_LOGIN_PORT"
 }
 
-load_secrets
 case ${1:-} in
   init) cmd_init ;;
   *) exec airflow "$@" ;;
