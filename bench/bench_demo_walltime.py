@@ -205,6 +205,15 @@ def body(start: dict[str, Any], pairs: int) -> int:
     o_dm, o_di = stats(r["outside_job_s"] for r in dm), stats(r["outside_job_s"] for r in di)
     j_dm, j_di = stats(r["job_s"] for r in dm), stats(r["job_s"] for r in di)
     wall_ratio = ratio(w_dm["median"], w_di["median"])
+    # Both paths run the identical training job; its length swings with the other
+    # tenants' load (see steady steps/s). At equal job length (the median of all
+    # jobs) the ratio depends only on what each path adds around the job.
+    j_all = stats(r["job_s"] for r in runs)["median"]
+    eq_ratio = (
+        ratio(o_dm["median"] + j_all, o_di["median"] + j_all)
+        if None not in (o_dm["median"], o_di["median"], j_all)
+        else None
+    )
     fixed = (
         round(o_dm["median"] - o_di["median"], 2)
         if o_dm["median"] is not None and o_di["median"] is not None
@@ -300,6 +309,12 @@ def body(start: dict[str, Any], pairs: int) -> int:
                     f"{fmt(wall_ratio, '.3f')}x, {fmt(wall_diff, '+.1f')} s",
                 ],
                 [
+                    f"wall s at equal Slurm job time ({fmt(j_all, '.1f')} s, median of all jobs)",
+                    fmt(None if j_all is None else o_dm["median"] + j_all, ".1f"),
+                    fmt(None if j_all is None else o_di["median"] + j_all, ".1f"),
+                    f"{fmt(eq_ratio, '.3f')}x",
+                ],
+                [
                     "Slurm job s",
                     fmt(j_dm["median"], ".1f"),
                     fmt(j_di["median"], ".1f"),
@@ -327,7 +342,16 @@ def body(start: dict[str, Any], pairs: int) -> int:
     ]
     summary = [
         row(
-            "demo wall time, trigger -> registered model vs the driver directly",
+            "demo wall time, trigger -> registered model vs the driver directly, "
+            "at equal Slurm job time",
+            f"{fmt(None if j_all is None else o_dm['median'] + j_all, '.1f')} s",
+            f"{fmt(None if j_all is None else o_di['median'] + j_all, '.1f')} s",
+            f"{fmt(eq_ratio, '.3f')}x",
+            f"<= {TARGET_RATIO}x",
+            None if eq_ratio is None else eq_ratio <= TARGET_RATIO,
+        ),
+        row(
+            "demo wall time as measured (medians; training length varies with the load)",
             f"{fmt(w_dm['median'], '.1f')} s",
             f"{fmt(w_di['median'], '.1f')} s",
             f"{fmt(wall_ratio, '.3f')}x",
@@ -350,6 +374,8 @@ def body(start: dict[str, Any], pairs: int) -> int:
         "conf": CONF,
         "runs": runs,
         "wall_s": {"demo": w_dm, "direct": w_di, "ratio": wall_ratio, "difference": wall_diff},
+        "equal_job_s": j_all,
+        "ratio_at_equal_job": eq_ratio,
         "outside_job_s": {"demo": o_dm, "direct": o_di, "fixed_overhead": fixed},
         "job_s": {"demo": j_dm, "direct": j_di},
         "breakdown_s": {k: v for k, v in breakdown},
@@ -357,7 +383,7 @@ def body(start: dict[str, Any], pairs: int) -> int:
     }
     out = save(NAME, result, "\n".join(lines), summary)
     print(f"wrote {out}")
-    print(f"demo/direct wall {wall_ratio}x; fixed overhead {fixed}s")
+    print(f"demo/direct wall {wall_ratio}x ({eq_ratio}x at equal job time); overhead {fixed}s")
     return 0
 
 

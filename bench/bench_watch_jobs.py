@@ -71,6 +71,9 @@ class SshdWindow:
     """Lines sshd wrote between :meth:`start` and :meth:`stop` (by byte offset)."""
 
     def start(self) -> None:
+        # only connections opened inside this window count (an earlier scenario's
+        # cancelled handshakes may still be logged late)
+        MY_PORTS.clear()
         self.offset = SSHD_LOG.stat().st_size
         self.t0 = time.monotonic()
         self.ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -79,7 +82,8 @@ class SshdWindow:
         elapsed = time.monotonic() - self.t0
         ru = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (ru.ru_utime - self.ru0.ru_utime) + (ru.ru_stime - self.ru0.ru_stime)
-        time.sleep(1.0)  # let sshd children flush their last lines
+        time.sleep(2.0)  # let sshd children flush their last lines
+        ports = set(MY_PORTS)
         with SSHD_LOG.open("rb") as fh:
             size = SSHD_LOG.stat().st_size
             fh.seek(self.offset if size >= self.offset else 0)
@@ -91,7 +95,7 @@ class SshdWindow:
                 m = rx.match(line)
                 if m:
                     counts[key] += 1
-                    if int(m.group(1)) in MY_PORTS:
+                    if int(m.group(1)) in ports:
                         mine[key] += 1
         per_min = 60.0 / elapsed
         return {

@@ -83,6 +83,10 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
         found = cluster.ssh(f"ls {shlex.quote(run_dir1)}/checkpoints 2>/dev/null", check=False)
         if "iter_000002" in found.stdout:
             break
+        state = cluster.ssh(f"squeue -h -j {job1} -o %T", check=False).stdout.strip()
+        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            log = cluster.ssh(f"tail -30 {shlex.quote(run_dir1)}/slurm-{job1}.out", check=False)
+            pytest.fail(f"job {job1} ended ({state}) before checkpointing:\n{log.stdout}")
         time.sleep(1)
     else:
         pytest.fail("no checkpoint of iteration 2 appeared")

@@ -534,6 +534,9 @@ class SlurmRayOperator(BaseOperator):
         job_id = str(event.get("job_id", ""))
         self._job_id = job_id
         self._context = context
+        # Some runners (`airflow dags test` with mapped tasks) drop the defer
+        # kwargs; the event carries the log path, whose directory is run_dir.
+        run_dir = run_dir or posixpath.dirname(str(event.get("log_path") or ""))
         status = event.get("status")
         if status == "timeout":
             from airflow.sdk.exceptions import AirflowTaskTimeout

@@ -216,6 +216,7 @@ class SlurmJobTrigger(BaseTrigger):
             "exit_code": info.exit_code if info else None,
             "nodelist": info.nodelist if info else "",
             "message": message,
+            "log_path": self.log_path,
             "log_offset": self.log_offset,
             "metrics_offset": self.metrics_offset,
             "relay": self.relay,
