@@ -68,8 +68,9 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
         "train_batch_size": 1000,
         "minibatch_size": 250,
         "num_epochs": 2,
-        "stop": {"iterations": 6, "minutes": 8},
+        "stop": {"iterations": 15, "minutes": 8},
         "checkpoint_every": 1,
+        "keep_checkpoints": 20,
         "eval_episodes": 1,
     }
     spec = {"nodes": 2, "cpus_per_task": 1, "time": "15"}
@@ -104,7 +105,7 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
     rows = metrics_rows(cluster, run_dir2)
     first = rows[0]["iteration"]
     assert first >= 3, "the retry started from scratch instead of the checkpoint"
-    assert rows[-1]["iteration"] == result["iterations"] == 6
+    assert rows[-1]["iteration"] == result["iterations"] == 15
 
 
 def test_bad_config_is_refused_before_submission(cluster: DevCluster) -> None:
