@@ -13,10 +13,15 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from airflow.sdk import DAG, Param, task
-from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
-from slurm_ray.pipeline import TRAIN_RETRIES, promote_model, register_trained_model, resolve_or_fail
+from slurm_ray.pipeline import (
+    TRAIN_RETRIES,
+    environment_tasks,
+    promote_model,
+    register_trained_model,
+    resolve_or_fail,
+)
 
 _OVERRIDABLE = sorted(set(param_specs()) - {"profile", "experiment_name", "register_model_name"})
 
@@ -80,23 +85,7 @@ with DAG(
     # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
     resolved: Any = resolve()
     runs: Any = plan_runs()
-    env = ClusterEnvOperator(
-        task_id="build_env",
-        ssh_conn_id=resolved["ssh_conn_id"],
-        environment=resolved["environment"],
-        remote_dir=resolved["env_stage_dir"],
-        extra_env=resolved["env_build_vars"],
-    )
-    sanity = GymSanityCheckOperator(
-        task_id="sanity_check",
-        ssh_conn_id=resolved["ssh_conn_id"],
-        environment=resolved["environment"],
-        env_id="{{ params.env_id }}",
-        where="compute",
-        partition=resolved["sanity_partition"],
-        account=resolved["sanity_account"],
-        quiet=True,
-    )
+    env, sanity = environment_tasks(resolved)
     train = SlurmRayOperator.partial(
         task_id="train",
         retries=TRAIN_RETRIES,
@@ -147,4 +136,5 @@ with DAG(
         comparison, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
     )
     promote(registered, resolved["mlflow"])
-    runs >> env >> sanity >> train
+    runs >> env
+    sanity >> train

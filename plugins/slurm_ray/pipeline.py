@@ -104,16 +104,8 @@ def promote_model(
     )
 
 
-def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> dict[str, Any]:
-    """Add the training tasks to the DAG in context; returns them by name."""
-
-    @task(multiple_outputs=True)
-    def resolve(params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Validate the Params and derive the run (nothing has touched the cluster yet)."""
-        return resolve_or_fail(params or {})
-
-    # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
-    resolved: Any = resolve()
+def environment_tasks(resolved: Any) -> tuple[ClusterEnvOperator, GymSanityCheckOperator]:
+    """Build the cluster-side environment, then Gym-check it on a compute node."""
     env = ClusterEnvOperator(
         task_id="build_env",
         ssh_conn_id=resolved["ssh_conn_id"],
@@ -131,6 +123,21 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         account=resolved["sanity_account"],
         quiet=True,
     )
+    env >> sanity
+    return env, sanity
+
+
+def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> dict[str, Any]:
+    """Add the training tasks to the DAG in context; returns them by name."""
+
+    @task(multiple_outputs=True)
+    def resolve(params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Validate the Params and derive the run (nothing has touched the cluster yet)."""
+        return resolve_or_fail(params or {})
+
+    # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
+    resolved: Any = resolve()
+    env, sanity = environment_tasks(resolved)
     train = SlurmRayOperator(
         task_id="train",
         ssh_conn_id=resolved["ssh_conn_id"],
@@ -172,7 +179,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         resolved["environment"],
     )
     promoted = promote(registered, resolved["mlflow"])
-    env >> sanity >> train
+    sanity >> train
     return {
         "resolve": resolved,
         "build_env": env,

@@ -1,0 +1,85 @@
+"""Helpers shared by the fault tests: stop/restore daemons by PID, drive triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import CLUSTER_SCRIPT, DevCluster
+
+SMALL_CONFIG: dict[str, Any] = {
+    "env": "CartPole-v1",
+    "num_env_runners": 1,
+    "num_envs_per_env_runner": 4,
+    "train_batch_size": 1000,
+    "minibatch_size": 250,
+    "num_epochs": 2,
+}
+
+
+def cluster_up() -> None:
+    """`devcluster.sh up`: restarts whatever is down (idempotent)."""
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"devcluster up failed: {proc.stderr[-2000:]}")
+
+
+def read_pid(path: Path) -> int:
+    return int(path.read_text().strip())
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def kill_sshd(cluster: DevCluster) -> None:
+    """Stop the login node's sshd and drop its live sessions (by PID)."""
+    pid = read_pid(cluster.state / "run" / "sshd.pid")
+    kids = children(pid)
+    os.kill(pid, signal.SIGTERM)
+    for kid in kids:
+        try:
+            os.kill(kid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+
+
+def squeue_jobs(cluster: DevCluster, name: str) -> list[str]:
+    """Active job ids with exactly this name (any state squeue still shows)."""
+    out = cluster.ssh(f"squeue -h --name={name} -o '%i %T'").stdout.split("\n")
+    return [line.split()[0] for line in out if line.strip()]
+
+
+def all_job_names(cluster: DevCluster) -> set[str]:
+    out = cluster.ssh("squeue -h -o '%i %j'").stdout.split("\n")
+    return {line.strip() for line in out if line.strip()}
+
+
+async def first_event(trigger: Any, timeout: float) -> Any:
+    async def go() -> Any:
+        async for event in trigger.run():
+            return event
+        raise AssertionError("trigger ended without an event")
+
+    return await asyncio.wait_for(go(), timeout)
