@@ -169,3 +169,25 @@ def test_invalid_job_id_is_fatal_not_retried(monkeypatch) -> None:
     event = asyncio.run(asyncio.wait_for(first_event(trig), 10))
     assert event.payload["status"] == "error" and "invalid Slurm job id" in event.payload["message"]
     assert client.commands == []
+
+
+def test_staggered_subscriptions_do_not_add_polls(monkeypatch) -> None:
+    client = FakeClient([squeue_output(*((str(i), "RUNNING") for i in range(1, 41)))])
+    install(monkeypatch, client)
+
+    async def main():
+        tasks = []
+        for i in range(1, 41):
+            trig = SlurmJobTrigger(
+                job_id=str(i), ssh_conn_id="c", log_path=f"/x/{i}", poll_interval=0.5
+            )
+            tasks.append(asyncio.ensure_future(first_event(trig)))
+            await asyncio.sleep(0.05)  # arrivals spread over 2 s
+        await asyncio.sleep(0.5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    # ~2.5 s at one poll per 0.5 s interval: about 5-6 polls, not one per arrival
+    assert len(client.commands) <= 7, len(client.commands)

@@ -128,9 +128,20 @@ class _HostPoller:
             await self._reset()
 
     async def _sleep(self, seconds: float) -> None:
-        self.wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout=seconds)
+        """Wait out the interval; end early only when nobody is watching any more.
+
+        A trigger that subscribes mid-interval waits for the next poll rather
+        than forcing one: one command per interval, however jobs arrive.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.subs:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=remaining)
 
     async def _reset(self) -> None:
         try:
