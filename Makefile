@@ -89,3 +89,18 @@ bench: venv cluster-up  ## run every benchmark -> bench/results.md (BENCH_QUICK=
 	exit $$rc
 
 .PHONY: bench
+
+# The fault suite with repetitions (SLURM_RAY_FAULT_TRIALS=5) -> bench/reliability.md.
+# Brings the cluster up, runs, and brings it down even when tests fail.
+test-faults: venv  ## fault suite, each fault repeated (5 trials) -> bench/reliability.md
+	@rc=0; \
+	bash $(CLUSTER) up || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+	  rm -f bench/out/reliability/results-*.jsonl; \
+	  SLURM_RAY_REQUIRE_CLUSTER=1 SLURM_RAY_FAULT_TRIALS=5 $(VENV)/bin/pytest -m faults -ra --durations=15 $(PYTEST_ARGS) || rc=$$?; \
+	  bash $(CLUSTER) status || true; \
+	fi; \
+	bash $(CLUSTER) down || true; \
+	exit $$rc
+
+.PHONY: test-faults

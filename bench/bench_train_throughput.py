@@ -56,9 +56,19 @@ def body(start: dict[str, Any], pairs: int) -> int:
                 idle_wait = cl.wait_idle()
                 load = machine()["loadavg"]
                 if path == "operator":
-                    r = cl.run_operator(run_cfg, f"{base}/op", f"{tag}-{i + 1}")
+                    r = cl.retry_once(
+                        label,
+                        lambda n=i + 1: cl.run_operator(
+                            run_cfg, f"{base}/op", f"{tag}-{n}-{uuid.uuid4().hex[:4]}"
+                        ),
+                    )
                 else:
-                    r = cl.run_direct(run_cfg, f"{base}/direct", label)
+                    r = cl.retry_once(
+                        label,
+                        lambda lb=label: cl.run_direct(
+                            run_cfg, f"{base}/direct", f"{lb}-{uuid.uuid4().hex[:4]}"
+                        ),
+                    )
                 r["pair"] = i + 1
                 r["loadavg_before"] = load
                 r["idle_wait_s"] = idle_wait

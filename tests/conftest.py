@@ -95,3 +95,7 @@ def cluster() -> Iterator[DevCluster]:
     for key in ("SLURM_CONF", "AIRFLOW_CONN_SLURM_DEV"):
         os.environ[key] = env[key]
     yield DevCluster(state=STATE, env=env)
+
+
+# Session fixtures shared by several test folders (imported last: they use `cluster`).
+from tests.airflow_fixtures import airflow  # noqa: E402, F401

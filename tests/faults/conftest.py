@@ -31,7 +31,13 @@ class FaultRecorder:
 
     def record(self, fault: str, *, passed: bool, recover_s: float | None, note: str = "") -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        row = {"fault": fault, "passed": passed, "recover_s": recover_s, "note": note, "t": time.time()}
+        row = {
+            "fault": fault,
+            "passed": passed,
+            "recover_s": recover_s,
+            "note": note,
+            "t": time.time(),
+        }
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -42,7 +48,9 @@ class FaultRecorder:
             try:
                 recover = body()
             except BaseException as exc:
-                self.record(fault, passed=False, recover_s=None, note=f"{type(exc).__name__}: {exc}"[:300])
+                self.record(
+                    fault, passed=False, recover_s=None, note=f"{type(exc).__name__}: {exc}"[:300]
+                )
                 raise
             self.record(fault, passed=True, recover_s=recover)
 

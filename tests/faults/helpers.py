@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 from tests.conftest import CLUSTER_SCRIPT, DevCluster
 
 SMALL_CONFIG: dict[str, Any] = {
-    "env": "CartPole-v1",
+    "env_id": "CartPole-v1",
     "num_env_runners": 1,
     "num_envs_per_env_runner": 4,
     "train_batch_size": 1000,
@@ -56,10 +57,8 @@ def kill_sshd(cluster: DevCluster) -> None:
     kids = children(pid)
     os.kill(pid, signal.SIGTERM)
     for kid in kids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(kid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.2)
@@ -83,3 +82,38 @@ async def first_event(trigger: Any, timeout: float) -> Any:
         raise AssertionError("trigger ended without an event")
 
     return await asyncio.wait_for(go(), timeout)
+
+
+class LogTap:
+    """Wraps an object's structlog logger: records (time, level, message) and forwards."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.records: list[tuple[float, str, str]] = []
+
+    def _make(self, level: str):
+        def emit(msg: Any, *args: Any, **kwargs: Any) -> Any:
+            text = str(msg) % args if args else str(msg)
+            self.records.append((time.time(), level, text))
+            return getattr(self.inner, level)(msg, *args, **kwargs)
+
+        return emit
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("debug", "info", "warning", "error", "exception", "critical"):
+            return self._make(name)
+        return getattr(self.inner, name)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(f"{level.upper()} {msg}" for _, level, msg in self.records)
+
+    def first(self, needle: str) -> tuple[float, str, str]:
+        return next(r for r in self.records if needle in r[2])
+
+
+def tap(obj: Any) -> LogTap:
+    """Install a LogTap on an Airflow LoggingMixin (operator or trigger)."""
+    t = LogTap(obj.log)
+    obj._log = t
+    return t

@@ -47,5 +47,7 @@ def write_report(sources: list[Path], target: Path) -> None:
         passed = sum(1 for r in trial_rows if r["passed"])
         times = [r["recover_s"] for r in trial_rows if r["passed"] and r["recover_s"] is not None]
         rec = f"{statistics.median(times):.1f} s / {max(times):.1f} s" if times else "-"
-        lines.append(f"| {fault} | {DESCRIPTIONS.get(fault, '')} | {len(trial_rows)} | {passed} | {rec} |")
+        lines.append(
+            f"| {fault} | {DESCRIPTIONS.get(fault, '')} | {len(trial_rows)} | {passed} | {rec} |"
+        )
     target.write_text("\n".join(lines) + "\n")

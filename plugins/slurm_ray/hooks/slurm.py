@@ -11,6 +11,7 @@ import io
 import posixpath
 import stat
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -202,7 +203,9 @@ class SlurmHook(BaseHook):
 
     def upload_bytes(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``remote_path`` (atomically: temp file then rename)."""
-        tmp = f"{remote_path}.part"
+        # A unique temp name: two executions of the same try (a double trigger)
+        # stage the same files at once and must not rename each other's temp file.
+        tmp = f"{remote_path}.part-{uuid.uuid4().hex[:12]}"
         with self._sftp() as sftp:
             sftp.putfo(io.BytesIO(data), tmp)
             sftp.chmod(tmp, mode)

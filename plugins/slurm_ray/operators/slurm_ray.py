@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from slurm_ray.hooks.slurm import SlurmHook
+from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
 from slurm_ray.links import MlflowRunLink, SlurmJobLink
 from slurm_ray.utils.batch import JobSpec, render_batch_script
 from slurm_ray.utils.environment import EnvironmentSpec
@@ -159,6 +159,15 @@ class SlurmRayOperator(BaseOperator):
         spec_dict = {k: v for k, v in self.job_spec.items() if v is not None}
         if "job_name" in spec_dict:
             raise AirflowException("job_spec.job_name: derived from the task; do not set it")
+        for key in ("output", "error", "chdir"):
+            value = spec_dict.get(key)
+            if isinstance(value, str) and (
+                value.startswith("/") or ".." in value.replace("\\", "/").split("/")
+            ):
+                raise AirflowException(
+                    f"job_spec.{key}: {value[:80]!r} must be a path inside the run directory "
+                    "(relative, no '..')"
+                )
         spec_dict.setdefault("output", log_path)
         if self.checkpoint_signal_s and self.entrypoint is None:
             spec_dict.setdefault("signal", f"B:USR1@{int(self.checkpoint_signal_s)}")
@@ -270,7 +279,11 @@ class SlurmRayOperator(BaseOperator):
             self.log.info("result.json already present in %s; collecting it", run_dir)
             return self._summary(result.get("slurm_job_id", ""), run_dir, None, result)
 
-        self.hook.makedirs(run_dir)
+        try:
+            self.hook.makedirs(run_dir)
+        except SlurmSSHError as exc:
+            raise AirflowException(f"{exc}; nothing was submitted") from exc
+        self._check_environment(env)
         self._resume_from = self._find_previous_checkpoint(run_dir) if config is not None else None
         if self._resume_from:
             self.log.info("Resuming from checkpoint of an earlier try: %s", self._resume_from)
@@ -297,6 +310,22 @@ class SlurmRayOperator(BaseOperator):
         ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
         self._mlflow_record_job(context, job_id, run_dir)
         return self._follow(context, job_id, run_dir)
+
+    def _check_environment(self, env: EnvironmentSpec) -> None:
+        """Fail before submitting when the job's Python environment is missing."""
+        if env.kind == "venv" and env.prefix:
+            probe = f"test -f {quote(posixpath.join(env.prefix, 'bin', 'activate'))}"
+        elif env.kind == "conda" and env.prefix:
+            probe = f"test -d {quote(posixpath.join(env.prefix, 'conda-meta'))}"
+        else:
+            return
+        # A build in progress holds PREFIX.lock; the job waits for it (activation_lines).
+        probe = f"{probe} || test -e {quote(env.prefix + '.lock')}"
+        if self.hook.run(probe).exit_code != 0:
+            raise AirflowException(
+                f"environment.prefix: {env.kind} environment {env.prefix!r} does not exist on "
+                f"{self.cluster_name} (build it with ClusterEnvOperator); nothing was submitted"
+            )
 
     def _existing_job(self, job_name: str) -> JobInfo | None:
         jobs = self.hook.find_jobs_by_name(job_name)
@@ -579,20 +608,97 @@ class SlurmRayOperator(BaseOperator):
         except Exception as exc:
             self.log.warning("MLflow catch-up failed: %s", exc)
         reason = info.reason if info else ""
-        where = f" on {info.nodelist}" if info and info.nodelist else ""
+        # exit 75 means "checkpointed on the pre-timeout signal" only for our driver
+        if self._hit_time_limit(state, info, result) and (
+            state == SlurmState.TIMEOUT or self.entrypoint is None
+        ):
+            raise AirflowException(self._time_limit_message(job_id, run_dir, state, info, result))
         hint = {
             SlurmState.TIMEOUT: "the job hit its time limit; a retry resumes from the newest checkpoint",
-            SlurmState.NODE_FAIL: f"a node failed{where}",
             SlurmState.OUT_OF_MEMORY: "a step ran out of memory; raise job_spec.mem",
             SlurmState.CANCELLED: "the job was cancelled (scancel, or by an administrator)",
             SlurmState.PREEMPTED: "the job was preempted by a higher-priority job",
             SlurmState.NOT_FOUND: "Slurm no longer knows the job and the site has no accounting",
         }.get(state, "")
+        if state == SlurmState.NODE_FAIL:
+            hint = self._node_fail_hint(info)
         raise AirflowException(
             f"Slurm job {job_id} ended {state.value}"
             + (f" (reason: {reason})" if reason and reason != "None" else "")
             + (f", exit code {info.exit_code}" if info and info.exit_code else "")
             + (f": {hint}" if hint else "")
+            + f"\nrun dir: {run_dir}\n--- last lines of slurm-{job_id}.out ---\n"
+            + self._log_tail(run_dir, job_id)
+        )
+
+    def _node_fail_hint(self, info: JobInfo | None) -> str:
+        """Name the job's node(s) Slurm considers down / not responding."""
+        nodelist = info.nodelist if info else ""
+        if not nodelist:
+            return "a node of the job failed; a retry can run on the remaining nodes"
+        bad: list[str] = []
+        try:
+            out = self.hook.run(f"sinfo -h -N -n {quote(nodelist)} -o '%N|%T'").stdout
+            for line in out.splitlines():
+                node, _, state = line.strip().partition("|")
+                st = state.lower()
+                down = "*" in st or st.startswith(("down", "drain", "fail", "no_respond"))
+                if node and down and node not in bad:
+                    bad.append(node)
+        except Exception as exc:
+            self.log.warning("could not ask Slurm which node failed: %s", exc)
+        if bad:
+            return (
+                f"node {', '.join(bad)} failed (job nodes: {nodelist}); a retry can run on the "
+                "remaining nodes when job_spec allows fewer"
+            )
+        return f"a node of {nodelist} failed; a retry can run on the remaining nodes"
+
+    @staticmethod
+    def _hit_time_limit(
+        state: SlurmState, info: JobInfo | None, result: dict[str, Any] | None
+    ) -> bool:
+        """Slurm's TIMEOUT, or the driver checkpointed on the pre-timeout signal (exit 75)."""
+        if state == SlurmState.TIMEOUT:
+            return True
+        if info is not None and str(info.exit_code or "").split(":")[0] == str(EXIT_CHECKPOINTED):
+            return True
+        return bool(result and str(result.get("stop_reason", "")) == "signal:SIGUSR1")
+
+    def _newest_checkpoint_iteration(self, run_dir: str) -> int | None:
+        cmd = (
+            f"ls -1d {quote(posixpath.join(run_dir, 'checkpoints'))}/iter_* 2>/dev/null | "
+            "sed 's/.*iter_//' | sort -n | tail -1"
+        )
+        try:
+            out = self.hook.run(cmd).stdout.strip()
+        except Exception:
+            return None
+        return int(out) if out.isdigit() else None
+
+    def _time_limit_message(
+        self,
+        job_id: str,
+        run_dir: str,
+        state: SlurmState,
+        info: JobInfo | None,
+        result: dict[str, Any] | None,
+    ) -> str:
+        how = (
+            f"Slurm state {state.value}"
+            if state == SlurmState.TIMEOUT
+            else f"Slurm state {state.value}, exit code {EXIT_CHECKPOINTED}: the driver "
+            "checkpointed on the pre-timeout signal"
+        )
+        it = self._newest_checkpoint_iteration(run_dir)
+        where = (
+            f"checkpointed at iteration {it}; a retry resumes from it"
+            if it is not None
+            else "no checkpoint was written; a retry starts over"
+        )
+        return (
+            f"Slurm job {job_id} reached its time limit (TIMEOUT; {how}): {where}. "
+            "Raise job_spec.time or let the retry continue."
             + f"\nrun dir: {run_dir}\n--- last lines of slurm-{job_id}.out ---\n"
             + self._log_tail(run_dir, job_id)
         )

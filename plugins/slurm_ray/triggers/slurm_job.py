@@ -22,7 +22,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
 from slurm_ray.utils.poll import TailRequest, build_poll_command, parse_poll_output
-from slurm_ray.utils.states import JobInfo, SlurmState, is_terminal
+from slurm_ray.utils.states import PENDING_STATES, JobInfo, SlurmState, is_terminal
 
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -309,6 +309,17 @@ class SlurmJobTrigger(BaseTrigger):
                 info = result.info
                 if info is None:
                     continue
+                if info.state != last_state and (
+                    last_state in (SlurmState.RUNNING, SlurmState.COMPLETING)
+                    and info.state in PENDING_STATES
+                ):
+                    self.log.warning(
+                        "Slurm job %s was requeued by Slurm (%s) after it had started "
+                        "(a node failure or preemption; the site requeues jobs): still watching, "
+                        "it runs again when nodes are free",
+                        self.job_id,
+                        info.reason or info.state.value,
+                    )
                 if info.state != last_state:
                     self.log.info(
                         "Slurm job %s is %s%s",

@@ -1,0 +1,117 @@
+"""A real Airflow (`airflow standalone`) for end-to-end and fault tests.
+
+Started in its own temp home and port by scripts/airflow_local.sh, once per
+test session, and stopped (by process group) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, DevCluster
+from tests.mlflow_fixtures import MlflowServer, free_port
+
+AIRFLOW_SCRIPT = ROOT / "scripts" / "airflow_local.sh"
+
+
+class Airflow:
+    """A running Airflow and a tiny REST client for it."""
+
+    def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
+        self.home = home
+        self.port = port
+        self.env = env
+        self.base = f"http://127.0.0.1:{port}"
+        self._token: str | None = None
+
+    def script(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(AIRFLOW_SCRIPT), command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            password = json.loads((self.home / "passwords.json").read_text())["admin"]
+            body = json.dumps({"username": "admin", "password": password}).encode()
+            req = urllib.request.Request(
+                f"{self.base}/auth/token", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                self._token = json.load(resp)["access_token"]
+        return self._token
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.base}/api/v2{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        for attempt in range(6):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status, json.load(resp)
+            except urllib.error.HTTPError as exc:
+                body = json.loads(exc.read() or b"null")
+                # sqlite (standalone's default) is briefly locked under load: retry.
+                if exc.code == 500 and "Database error" in json.dumps(body) and attempt < 5:
+                    time.sleep(1 + attempt)
+                    continue
+                return exc.code, body
+        raise AssertionError("unreachable")
+
+    def wait_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call("GET", f"/dags/{dag_id}")[0] == 200:
+                return
+            time.sleep(2)
+        raise AssertionError(f"DAG {dag_id} never appeared")
+
+    def ti(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")[1]
+
+
+@pytest.fixture(scope="session")
+def airflow(cluster: DevCluster, mlflow_server: MlflowServer) -> Iterator[Airflow]:
+    home = Path(tempfile.mkdtemp(prefix="slurm-ray-e2e-airflow-"))
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AIRFLOW__") and k not in ("AIRFLOW_HOME",)
+    }
+    env.update(
+        SLURM_RAY_AIRFLOW_HOME=str(home),
+        SLURM_RAY_AIRFLOW_PORT=str(port),
+        SLURM_RAY_MLFLOW_URI=mlflow_server.url,
+    )
+    af = Airflow(home, port, env)
+    started = af.script("start")
+    if started.returncode != 0:
+        pytest.fail(f"airflow did not start:\n{started.stderr[-3000:]}")
+    try:
+        yield af
+    finally:
+        af.script("stop")
+
+
+def trigger(af: Airflow, dag_id: str, conf: dict[str, Any]) -> tuple[int, Any]:
+    return af.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})

@@ -1,0 +1,85 @@
+"""R10: run directory not writable, environment missing, sanity check failing.
+
+Each fails early with a one-line reason and nothing is submitted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.cluster.test_operator import FakeTI, make_op
+from tests.conftest import DevCluster
+from tests.faults.helpers import squeue_jobs
+
+pytestmark = [pytest.mark.faults, pytest.mark.cluster]
+
+
+def never_submitted(cluster: DevCluster, job_name: str) -> None:
+    assert squeue_jobs(cluster, job_name) == []
+    hist = cluster.ssh(f"sacct -n -X -P --name={job_name} -o JobID", check=False).stdout
+    assert not hist.strip(), hist
+
+
+def fail_early(cluster: DevCluster, task_id: str, needle: str, **kwargs: Any) -> float:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.slurm_ray import run_identity
+
+    ti = FakeTI(task_id=task_id)
+    job_name, _ = run_identity(ti.dag_id, ti.run_id, task_id, -1, 1)
+    op = make_op(cluster, task_id, entrypoint="echo should-not-run", **kwargs)
+    started = time.monotonic()
+    with pytest.raises(AirflowException) as err:
+        op.execute({"ti": ti})
+    took = time.monotonic() - started
+    msg = str(err.value)
+    assert "\n" not in msg.strip(), msg
+    assert needle in msg, msg
+    assert "slurm_job_id" not in ti.xcom
+    never_submitted(cluster, job_name)
+    assert took < 30, took
+    return took
+
+
+def test_r10_run_dir_not_writable(cluster: DevCluster, faults) -> None:
+    # root-owned and not writable by the job user
+    base = f"{cluster.state}/etc/r10-not-writable"
+    faults.trial("R10")(
+        lambda: fail_early(cluster, "r10_dir", "not writable", remote_base_dir=base)
+    )
+
+
+def test_r10_environment_missing(cluster: DevCluster, faults) -> None:
+    env = {"kind": "venv", "prefix": f"{cluster.scratch}/no-such-venv-r10"}
+    faults.trial("R10")(
+        lambda: fail_early(cluster, "r10_env", "environment.prefix", environment=env)
+    )
+
+
+def test_r10_sanity_check_fails(cluster: DevCluster, faults) -> None:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.cluster_env import GymSanityCheckOperator
+
+    def body() -> float:
+        before = set(cluster.ssh("squeue -h -o %i").stdout.split())
+        op = GymSanityCheckOperator(
+            task_id="r10_sanity",
+            ssh_conn_id="slurm_dev",
+            environment={"kind": "venv", "prefix": str(cluster.venv)},
+            env_id="NoSuchEnv-v0",
+            remote_dir=f"{cluster.scratch}/tests/sanity",
+        )
+        started = time.monotonic()
+        with pytest.raises(AirflowException) as err:
+            op.execute({})
+        took = time.monotonic() - started
+        msg = str(err.value)
+        assert "\n" not in msg.strip(), msg
+        assert "NoSuchEnv-v0" in msg, msg
+        after = set(cluster.ssh("squeue -h -o %i").stdout.split())
+        assert not {j for j in after - before if j}, after - before
+        return took
+
+    faults.trial("R10")(body)
