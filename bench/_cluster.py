@@ -86,6 +86,11 @@ def load_cluster_env() -> dict[str, str]:
     return env
 
 
+#: The environment before :func:`setup_airflow_env`, for starting the real services
+#: (a leaked AIRFLOW_HOME or unit-test mode would break the local Airflow).
+ORIGINAL_ENV: dict[str, str] = dict(os.environ)
+
+
 def setup_airflow_env() -> None:
     """Make the provider importable outside Airflow: a throwaway AIRFLOW_HOME, the conn."""
     home = tempfile.mkdtemp(prefix="slurm-ray-bench-airflow-")

@@ -73,6 +73,7 @@ def _service(script: str, action: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=400,
         cwd=REPO,
+        env=cl.ORIGINAL_ENV,
     )
 
 
@@ -91,6 +92,14 @@ def ensure_services() -> list[str]:
 
 def _ts(value: str | None) -> float | None:
     return datetime.fromisoformat(value).timestamp() if value else None
+
+
+def connect(demo: ModuleType) -> Any:
+    """A logged-in REST client once the DAG is there (Airflow may have been restarted)."""
+    password = json.loads((demo.airflow_home() / "passwords.json").read_text())["admin"]
+    api = demo.Api(demo.AIRFLOW, "admin", password)
+    demo.wait_for_dag(api, DAG_ID)
+    return api
 
 
 def run_demo(api: Any, timeout: float = 1200) -> dict[str, Any]:
@@ -165,16 +174,18 @@ def body(start: dict[str, Any], pairs: int) -> int:
     tag = uuid.uuid4().hex[:8]
     base = f"{cl.SCRATCH}/demo-{tag}"
     try:
-        password = json.loads((demo.airflow_home() / "passwords.json").read_text())["admin"]
-        api = demo.Api(demo.AIRFLOW, "admin", password)
-        demo.wait_for_dag(api, DAG_ID)
         run_cfg = cl.default_run(**CONF)
         for i in range(pairs):
             for path in ("demo", "direct"):
                 idle_wait = cl.wait_idle()
                 load = machine()["loadavg"]
                 if path == "demo":
-                    r = cl.retry_once(f"demo-{i + 1}", lambda: run_demo(api))
+                    # other sessions start and stop the shared Airflow/MLflow too
+                    def one_demo() -> dict[str, Any]:
+                        started.extend(ensure_services())
+                        return run_demo(connect(demo))
+
+                    r = cl.retry_once(f"demo-{i + 1}", one_demo)
                 else:
                     r = cl.retry_once(
                         f"direct-{i + 1}",
@@ -204,7 +215,7 @@ def body(start: dict[str, Any], pairs: int) -> int:
                 )
     finally:
         cl.ssh(f"rm -rf {base}", check=False)
-        for script in reversed(started):
+        for script in reversed(list(dict.fromkeys(started))):
             print(f"[bench] stopping {script} (it was down before)", file=sys.stderr)
             _service(script, "stop")
 

@@ -22,6 +22,10 @@ log() { printf '[airflow] %s\n' "$*" >&2; }
 die() { printf '[airflow] ERROR: %s\n' "$*" >&2; exit 1; }
 
 export_env() {
+  # Settings inherited from a caller (a test's unit-test mode, another home)
+  # would silently change this Airflow: start from ours only.
+  local var
+  for var in $(compgen -e | grep '^AIRFLOW__' || true); do unset "$var"; done
   export AIRFLOW_HOME=$HOME_DIR
   export AIRFLOW__CORE__DAGS_FOLDER=$HERE/dags
   export AIRFLOW__CORE__LOAD_EXAMPLES=False
