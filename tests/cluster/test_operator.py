@@ -76,6 +76,20 @@ def run_deferred(op, context: dict[str, Any], *, timeout: float = 300) -> Any:
         return getattr(op, deferred.method_name)(context, event.payload, **(deferred.kwargs or {}))
 
 
+def wait_job_gone(cluster: DevCluster, job_id: str, timeout: float = 15) -> str:
+    """Poll squeue until the job is no longer active; returns its last active state ('' if gone)."""
+    deadline = time.monotonic() + timeout
+    active = ""
+    while time.monotonic() < deadline:
+        active = cluster.ssh(
+            f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False
+        ).stdout.strip()
+        if not active:
+            break
+        time.sleep(0.5)
+    return active
+
+
 def squeue_names(cluster: DevCluster) -> list[str]:
     return cluster.ssh("squeue -h -o '%i %j %T'").stdout.split("\n")
 
@@ -177,14 +191,7 @@ def test_trigger_on_kill_cancels_deferred_job(cluster: DevCluster) -> None:
     started = time.monotonic()
     event = asyncio.run(watch_then_kill())
     assert event.payload["state"] == "CANCELLED"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        active = cluster.ssh(
-            f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False
-        ).stdout.strip()
-        if not active:
-            break
-        time.sleep(0.5)
+    active = wait_job_gone(cluster, job_id)
     assert not active, active
     assert time.monotonic() - started < 40
 
@@ -207,14 +214,7 @@ def test_operator_on_kill_cancels_in_non_deferrable_mode(cluster: DevCluster) ->
         time.sleep(0.2)
     job_id = ti.xcom["slurm_job_id"]
     op.on_kill()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        active = cluster.ssh(
-            f"squeue -h -j {job_id} -t PD,R,CG,CF -o %T", check=False
-        ).stdout.strip()
-        if not active:
-            break
-        time.sleep(0.5)
+    active = wait_job_gone(cluster, job_id)
     assert not active
     thread.join(30)
     assert errors, "execute should fail once its job is cancelled"
