@@ -16,6 +16,7 @@ from airflow.sdk import DAG, Param, task
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
 from slurm_ray.pipeline import (
+    TRAIN_POLL_INTERVAL,
     TRAIN_RETRIES,
     environment_tasks,
     promote_model,
@@ -91,7 +92,7 @@ with DAG(
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),
         deferrable=True,
-        poll_interval=5,
+        poll_interval=TRAIN_POLL_INTERVAL,
     ).expand_kwargs(runs)
 
     @task

@@ -215,6 +215,20 @@ def verify(model_dir: Path, timeout: float = 300.0) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def verify_in_process(model_dir: Path) -> dict[str, Any]:
+    """Load the saved model here (the driver: ray and torch already imported) and act once."""
+    import numpy as np
+
+    # Loading executes the model's code file; keep __pycache__ out of the model.
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        model = mlflow.pyfunc.load_model(str(model_dir))
+        actions = model.predict(model.input_example)
+    finally:
+        sys.dont_write_bytecode = saved
+    return {"verified_action": np.asarray(actions).tolist()}
+
+
 class UsageError(Exception):
     """Bad input: nothing was exported."""
 

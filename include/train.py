@@ -2,6 +2,7 @@
 """RLlib training driver, run by the Slurm job on the Ray head node.
 
     python -u train.py --config config.json --run-dir DIR [--local [--num-cpus N]]
+                       [--export-model]
 
 Connects to the job's Ray cluster at ``$RAY_ADDRESS`` (the launcher exports
 ``HEAD_IP:PORT``; ``--address auto`` must be asked for explicitly because it
@@ -33,7 +34,14 @@ episode_return_mean, eval_episodes, eval_returns, eval_return_mean, checkpoint,
 rl_module_checkpoint, resumed_from, time_total_s, env_steps_per_s (this
 attempt), wall_s, started_at, finished_at, ray_nodes, ray_node_ips,
 ray_node_hostnames, num_env_runners, env_runner_node_ips, env_runner_hostnames,
-config, effective_config, versions; error / eval_error when something failed.
+config, effective_config, versions; error / eval_error when something failed;
+with --export-model, model_export (the export summary) or model_export_error.
+
+--export-model: after a successful run, build the MLflow pyfunc model in
+DIR/mlflow_model with export_model.py (staged next to this file) in this
+process, where torch and the checkpoint are already loaded, and load it back
+once to prove it works. A failed export does not fail the run: the Airflow
+side then exports on the login node instead.
 
 Exit codes:
 
@@ -666,7 +674,29 @@ class Trainer:
             flush=True,
         )
         self.shutdown()
+        if getattr(self.args, "export_model", False) and self.checkpoint is not None:
+            # export_model.py reads result.json, so it is written (and final) first.
+            _write_json_atomic(self.result_path, result | self.export_model())
         return EXIT_OK
+
+    def export_model(self) -> dict[str, Any]:
+        """The MLflow model, built in this process; never raises (the run succeeded)."""
+        t0 = time.monotonic()
+        try:
+            here = str(Path(__file__).resolve().parent)
+            if here not in sys.path:
+                sys.path.insert(0, here)
+            import export_model  # staged next to this file
+
+            summary = export_model.export(self.run_dir)
+            summary.update(export_model.verify_in_process(Path(summary["model_dir"])))
+        except Exception as exc:
+            err = _describe(exc)
+            print(f"train: model export failed (the login node retries it): {err}", flush=True)
+            return {"model_export_error": err}
+        summary["export_s"] = round(time.monotonic() - t0, 2)
+        print(f"train: model exported to {summary['model_dir']} in {summary['export_s']}s")
+        return {"model_export": summary}
 
     def safe_result(self, status: str, reason: str, **extra: Any) -> dict[str, Any]:
         try:
@@ -793,6 +823,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true", help="start a private local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the --local Ray")
     p.add_argument("--object-store-mb", type=int, default=512, help="for --local")
+    p.add_argument(
+        "--export-model",
+        action="store_true",
+        help="build DIR/mlflow_model after a successful run (export_model.py)",
+    )
     return p.parse_args(argv)
 
 

@@ -24,6 +24,10 @@ from slurm_ray.params import RunParamError, resolve_run
 #: resumes from the newest checkpoint (see DESIGN: a rare scheduler race).
 TRAIN_RETRIES = 2
 
+#: Seconds between job polls. The poll is one squeue per host per interval
+#: however many jobs are watched; 2 s keeps "job ended -> next task" short.
+TRAIN_POLL_INTERVAL = 2
+
 
 def resolve_or_fail(params: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`resolve_run`, failing the task for good (no retry) on bad Params."""
@@ -151,7 +155,8 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         retry_delay=timedelta(seconds=10),
         execution_timeout=train_timeout,
         deferrable=True,
-        poll_interval=5,
+        poll_interval=TRAIN_POLL_INTERVAL,
+        export_model=True,
     )
 
     @task

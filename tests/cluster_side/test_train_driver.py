@@ -164,8 +164,16 @@ def test_ppo_run_then_resume_continues_counters(cluster_python: Path, tmp_path: 
     assert checkpoints(run_dir) == ["iter_000002", "iter_000003"]  # every 2 + final
     assert "iter     3 |" in first.stdout and "steps/s" in first.stdout and "eta" in first.stdout
 
+    # The second run also exports the MLflow model in-process, as the DAGs ask.
+    shutil.copy(INCLUDE / "export_model.py", run_dir / "export_model.py")
     second = run_driver(
-        cluster_python, script, TINY_PPO | {"stop": {"iterations": 5}}, run_dir, tmp_path, "--local"
+        cluster_python,
+        script,
+        TINY_PPO | {"stop": {"iterations": 5}},
+        run_dir,
+        tmp_path,
+        "--local",
+        "--export-model",
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = metrics(run_dir)
@@ -177,6 +185,13 @@ def test_ppo_run_then_resume_continues_counters(cluster_python: Path, tmp_path: 
     assert res["iterations"] == 5 and res["env_steps"] == rows[-1]["env_steps"]
     assert (run_dir / "result.previous.json").is_file()
     assert checkpoints(run_dir) == ["iter_000004", "iter_000005"]  # keep_checkpoints=2
+    export = res["model_export"]
+    assert export["model_dir"] == str(run_dir / "mlflow_model")
+    assert export["rl_module_checkpoint"] == res["rl_module_checkpoint"]
+    assert export["verified_action"] in ([0], [1]) and export["export_s"] > 0
+    assert (run_dir / "mlflow_model" / "MLmodel").is_file()
+    assert not (run_dir / "mlflow_model" / "__pycache__").exists()
+    assert "model exported to" in second.stdout
     assert_clean_home(tmp_path)
 
 
@@ -267,8 +282,13 @@ def test_dqn_two_iterations(cluster_python: Path, tmp_path: Path) -> None:
         "stop": {"iterations": 2},
         "eval_episodes": 2,
     }
-    proc = run_driver(cluster_python, script, config, run_dir, tmp_path, "--local")
+    # export_model.py is not staged: the export fails, the run still succeeds.
+    proc = run_driver(
+        cluster_python, script, config, run_dir, tmp_path, "--local", "--export-model"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "export_model" in result(run_dir)["model_export_error"]
+    assert not (run_dir / "mlflow_model").exists()
     rows = metrics(run_dir)
     assert [r["iteration"] for r in rows] == [1, 2]
     assert rows[-1]["env_steps"] >= 2000  # DQN samples >= 1000 steps per iteration

@@ -12,7 +12,7 @@ import posixpath
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -203,13 +203,23 @@ class SlurmHook(BaseHook):
 
     def upload_bytes(self, data: bytes, remote_path: str, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``remote_path`` (atomically: temp file then rename)."""
-        # A unique temp name: two executions of the same try (a double trigger)
-        # stage the same files at once and must not rename each other's temp file.
-        tmp = f"{remote_path}.part-{uuid.uuid4().hex[:12]}"
+        self.upload_many({remote_path: (data, mode)})
+
+    def upload_many(self, files: Mapping[str, tuple[bytes, int]]) -> None:
+        """Write several ``{remote_path: (data, mode)}`` files over one SFTP session.
+
+        Each file is written atomically (temp file, then rename); one session
+        instead of one per file saves a round trip set per file when staging.
+        """
         with self._sftp() as sftp:
-            sftp.putfo(io.BytesIO(data), tmp)
-            sftp.chmod(tmp, mode)
-            sftp.posix_rename(tmp, remote_path)
+            for remote_path, (data, mode) in files.items():
+                # A unique temp name: two executions of the same try (a double
+                # trigger) stage the same files at once and must not rename each
+                # other's temp file.
+                tmp = f"{remote_path}.part-{uuid.uuid4().hex[:12]}"
+                sftp.putfo(io.BytesIO(data), tmp)
+                sftp.chmod(tmp, mode)
+                sftp.posix_rename(tmp, remote_path)
 
     def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
         """Copy a local file to the cluster, keeping its mode unless ``mode`` is given."""

@@ -90,6 +90,8 @@ class SlurmRayOperator(BaseOperator):
     :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
         time limit so the driver can checkpoint (0 disables).
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
+    :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
+        at the end of a successful job, while it still holds the checkpoint in memory.
     """
 
     template_fields: Sequence[str] = (
@@ -124,6 +126,7 @@ class SlurmRayOperator(BaseOperator):
         checkpoint_signal_s: int = 60,
         mlflow: Mapping[str, Any] | None = None,
         cluster_name: str = "",
+        export_model: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -142,6 +145,7 @@ class SlurmRayOperator(BaseOperator):
         self.checkpoint_signal_s = checkpoint_signal_s
         self.mlflow = mlflow or None
         self.cluster_name = cluster_name or ssh_conn_id
+        self.export_model = export_model
         self._job_id: str | None = None
 
     # -- helpers ------------------------------------------------------------------
@@ -207,6 +211,8 @@ class SlurmRayOperator(BaseOperator):
         """The batch script: environment, then the Ray launcher running the entrypoint."""
         if config is not None:
             command = f"python -u train.py --config config.json --run-dir {quote(run_dir)}"
+            if self.export_model:
+                command += " --export-model"
         else:
             command = f"bash -c {quote(self.entrypoint or 'true')}"
         env_vars = {
@@ -287,7 +293,7 @@ class SlurmRayOperator(BaseOperator):
         self._resume_from = self._find_previous_checkpoint(run_dir) if config is not None else None
         if self._resume_from:
             self.log.info("Resuming from checkpoint of an earlier try: %s", self._resume_from)
-        self._stage(run_dir, config)
+        self._stage(run_dir, config, self.render_script(spec, env, run_dir, config))
         if self._resume_from:
             # The driver resumes from the newest checkpoint in its own run dir.
             self.hook.run(
@@ -295,8 +301,6 @@ class SlurmRayOperator(BaseOperator):
                 f"cp -a {quote(self._resume_from)} {quote(run_dir)}/checkpoints/",
                 check=True,
             )
-        script = self.render_script(spec, env, run_dir, config)
-        self.hook.upload_bytes(script.encode(), posixpath.join(run_dir, "job.sbatch"), mode=0o644)
         job_id, attached = self._submit_once(run_dir, job_name)
         self.log.info(
             "%s Slurm job %s (%s) in %s",
@@ -344,23 +348,27 @@ class SlurmRayOperator(BaseOperator):
             return None
         return data if isinstance(data, dict) else None
 
-    def _stage(self, run_dir: str, config: dict[str, Any] | None) -> None:
+    def _stage(self, run_dir: str, config: dict[str, Any] | None, script: str) -> None:
+        """Upload the cluster-side files, ``config.json`` and ``job.sbatch`` (one SFTP session)."""
         files: dict[str, Path] = {name: include_dir() / name for name in DEFAULT_FILES}
         files["training_config.py"] = PLUGIN_DIR / "training_config.py"
         files.update({name: Path(path) for name, path in self.extra_files.items()})
         self._staged: dict[str, bytes] = {}
+        uploads: dict[str, tuple[bytes, int]] = {}
         for name, local in files.items():
             if "/" in name or name in ("", ".", ".."):
                 raise AirflowException(f"extra_files: {name!r} must be a plain file name")
             data = local.read_bytes()
             self._staged[name] = data
             mode = 0o755 if name.endswith(".sh") else 0o644
-            self.hook.upload_bytes(data, posixpath.join(run_dir, name), mode=mode)
+            uploads[posixpath.join(run_dir, name)] = (data, mode)
         payload = config if config is not None else self.config
-        self.hook.upload_bytes(
+        uploads[posixpath.join(run_dir, "config.json")] = (
             json.dumps(payload, indent=2, sort_keys=True).encode(),
-            posixpath.join(run_dir, "config.json"),
+            0o644,
         )
+        uploads[posixpath.join(run_dir, "job.sbatch")] = (script.encode(), 0o644)
+        self.hook.upload_many(uploads)
 
     def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
         """Submit unless a job of this name is already queued; atomic on the cluster.
