@@ -3,6 +3,9 @@
 # and the end-to-end tests: `airflow standalone` in its own process group.
 #
 #   airflow_local.sh start|stop|status|env
+#   airflow_local.sh component triggerer|scheduler|dag-processor
+#       start one more component on its own (to replace one that died: standalone
+#       does not restart its children); stop stops it too.
 #
 # AIRFLOW_HOME defaults to $SLURM_RAY_DEV_STATE/airflow; the UI listens on
 # 127.0.0.1:${SLURM_RAY_AIRFLOW_PORT:-8080}. Login: admin / the password in
@@ -94,16 +97,40 @@ cmd_start() {
   log "up: http://127.0.0.1:$PORT (user admin, password in $HOME_DIR/passwords.json)"
 }
 
+# A component started on its own: its own process group and pid file.
+cmd_component() {
+  local name=${1:-}
+  [[ $name =~ ^(triggerer|scheduler|dag-processor)$ ]] || die "component: triggerer, scheduler or dag-processor"
+  export_env
+  local pidfile=$HOME_DIR/$name.component.pid
+  if [[ -s $pidfile ]] && kill -0 -- "-$(<"$pidfile")" 2>/dev/null; then
+    log "$name already running (pid $(<"$pidfile"))"
+    return 0
+  fi
+  setsid airflow "$name" >>"$HOME_DIR/$name.component.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  log "$name started (pid $!, log $HOME_DIR/$name.component.log)"
+}
+
+stop_group() {
+  local pid=$1 i
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 150); do
+    kill -0 -- "-$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+}
+
 cmd_stop() {
+  local f
+  for f in "$HOME_DIR"/*.component.pid; do
+    [[ -s $f ]] || continue
+    stop_group "$(<"$f")"
+    rm -f "$f"
+  done
   if alive; then
-    local pid i
-    pid=$(<"$PIDFILE")
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 150); do
-      kill -0 -- "-$pid" 2>/dev/null || break
-      sleep 0.2
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    stop_group "$(<"$PIDFILE")"
     log "stopped"
   fi
   rm -f "$PIDFILE"
@@ -122,6 +149,7 @@ case ${1:-} in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
+  component) cmd_component "${2:-}" ;;
   env) export_env; env | grep -E '^(AIRFLOW|SLURM_RAY|MLFLOW)' | grep -v -E 'CONN|PASSWORD' ;;
-  *) die "usage: $0 start|stop|status|env" ;;
+  *) die "usage: $0 start|stop|status|env|component NAME" ;;
 esac

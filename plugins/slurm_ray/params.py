@@ -60,6 +60,7 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
         "experiment_name": "rllib_train",
         "checkpoint_every": 5,
         "register_model_name": "rllib-cartpole",
+        "deferrable": True,
     }
     d.update(defaults or {})
     names = profile_names()
@@ -179,6 +180,14 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
             },
             "description": "MLflow registered model name.",
         },
+        "deferrable": {
+            "default": d["deferrable"],
+            "schema": {"type": "boolean"},
+            "description": (
+                "Wait for the Slurm job in the triggerer, freeing the worker slot. "
+                "false: the train task polls from its worker (no triggerer needed)."
+            ),
+        },
     }
 
 
@@ -247,7 +256,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
     Everything the training tasks need, from the Params, or a RunParamError.
 
     Returns operator kwargs: ``ssh_conn_id``, ``remote_base_dir``, ``environment``,
-    ``job_spec``, ``config``, ``mlflow``, ``profile``.
+    ``job_spec``, ``config``, ``mlflow``, ``profile``, ``deferrable``.
     """
     try:
         profile = get_profile(str(params.get("profile", "local")))
@@ -303,6 +312,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         "sanity_account": job_spec.get("account"),
         "job_spec": job_spec,
         "config": config,
+        "deferrable": bool(params.get("deferrable", True)),
         "mlflow": {
             "tracking_uri": tracking_uri,
             "experiment_name": params.get("experiment_name") or "rllib_train",

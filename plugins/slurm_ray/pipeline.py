@@ -154,7 +154,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),
         execution_timeout=train_timeout,
-        deferrable=True,
+        deferrable=resolved["deferrable"],
         poll_interval=TRAIN_POLL_INTERVAL,
         export_model=True,
     )

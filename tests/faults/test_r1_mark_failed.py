@@ -1,107 +1,94 @@
-"""R1: the deferred `train` task marked failed over the Airflow REST API.
+"""R1: the `train` task marked failed or cleared over the Airflow REST API.
 
-The Slurm job must be cancelled within 15 s, and no Ray, Python or srun
-process of the job may be left in either node's namespace.
+Both while deferred (the triggerer watches the job) and while running in
+non-deferrable mode (the worker polls it; the DAG's ``deferrable`` Param). The
+Slurm job must be cancelled within 15 s, and no Ray, Python or srun process
+of the job may be left in either node's namespace.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.airflow_fixtures import Airflow, trigger
+from tests.airflow_fixtures import Airflow
 from tests.conftest import DevCluster
+from tests.faults.airflow_runs import DAG, job_processes, start_training, stop_run
+from tests.faults.conftest import trials
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.e2e]
 
-DAG = "rllib_train"
+VARIANTS = [
+    ("deferred", "failed"),
+    ("deferred", "clear"),
+    ("worker", "failed"),
+    ("worker", "clear"),
+]
 
 
-def job_processes(job_id: str) -> list[str]:
-    """Processes of the job in the node namespaces (cmdline or environment mention it)."""
-    left: list[str] = []
-    for ns in ("sr-n1", "sr-n2"):
-        pids = subprocess.run(
-            ["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30
-        ).stdout.split()
-        for pid in pids:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if "slurmd" in cmd.split(" ")[0]:
-                continue
-            if f"rs-{job_id}" in cmd or f"SLURM_JOB_ID={job_id}".encode() in env:
-                left.append(f"{ns} {pid} {cmd[:120]}")
-    return left
+def act(airflow: Airflow, run_id: str, action: str) -> None:
+    if action == "failed":
+        status, body = airflow.call(
+            "PATCH", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"}
+        )
+    else:
+        status, body = airflow.call(
+            "POST",
+            f"/dags/{DAG}/clearTaskInstances",
+            {
+                "dry_run": False,
+                "dag_run_id": run_id,
+                "task_ids": ["train"],
+                "only_failed": False,
+                "reset_dag_runs": True,
+            },
+        )
+    assert status == 200, body
 
 
-def test_r1_mark_deferred_train_failed_cancels_job(
-    airflow: Airflow,
-    cluster: DevCluster,
-    faults,
+@pytest.mark.parametrize("trial", range(trials()))
+@pytest.mark.parametrize(("mode", "action"), VARIANTS, ids=[f"{m}-{a}" for m, a in VARIANTS])
+def test_r1_train_failed_or_cleared_cancels_job(
+    airflow: Airflow, cluster: DevCluster, faults, mode: str, action: str, trial: int
 ) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("reading the node namespaces' processes needs root")
     airflow.wait_dag(DAG)
 
     def body() -> float:
-        status, run = trigger(airflow, DAG, {"stop_iterations": 1000})
-        assert status == 200, run
-        run_id = run["dag_run_id"]
-        job_id = ""
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            ti = airflow.ti(DAG, run_id, "train")
-            if ti.get("state") == "deferred":
-                status, xcom = airflow.call(
-                    "GET",
-                    f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train/xcomEntries/slurm_job_id",
-                )
-                if status == 200:
-                    job_id = str(xcom["value"]).strip('"')
-                    q = cluster.ssh(f"squeue -h -j {job_id} -o %T", check=False).stdout.strip()
-                    if q == "RUNNING" and job_processes(job_id):
-                        break
-            if ti.get("state") in ("failed", "upstream_failed", "success"):
-                raise AssertionError(f"train ended before the fault: {ti}")
-            time.sleep(1)
-        else:
-            raise AssertionError("train never deferred with a running job")
-        time.sleep(5)  # Ray is up and training
+        conf = {"stop_iterations": 1000, "stop_return_mean": None, "deferrable": mode == "deferred"}
+        run = start_training(
+            airflow, cluster, conf, task_state="deferred" if mode == "deferred" else "running"
+        )
         try:
-            marked = time.monotonic()
-            status, body = airflow.call(
-                "PATCH",
-                f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train",
-                {"new_state": "failed"},
-            )
-            assert status == 200, body
+            time.sleep(3)  # Ray is up and training
+            acted = time.monotonic()
+            act(airflow, run.run_id, action)
             gone = None
-            while time.monotonic() - marked < 15:
+            while time.monotonic() - acted < 15:
                 active = cluster.ssh(
-                    f"squeue -h -j {job_id} -t PD,R,CG,CF,S -o %T", check=False
+                    f"squeue -h -j {run.job_id} -t PD,R,CG,CF,S -o %T", check=False
                 ).stdout.strip()
                 if not active:
-                    gone = time.monotonic() - marked
+                    gone = time.monotonic() - acted
                     break
                 time.sleep(0.5)
-            assert gone is not None, f"job {job_id} still active 15 s after the task was failed"
-            # processes may need a moment after Slurm released the job
+            assert gone is not None, (
+                f"job {run.job_id} still active 15 s after the task was {action} ({mode})"
+            )
+            # Processes may need a moment after Slurm released the job.
             t0 = time.monotonic()
-            left = job_processes(job_id)
+            left = job_processes(run.job_id)
             while left and time.monotonic() - t0 < 15:
                 time.sleep(1)
-                left = job_processes(job_id)
+                left = job_processes(run.job_id)
             assert not left, left
             return gone
         finally:
-            if job_id:
-                cluster.ssh(f"scancel {job_id}", check=False)
+            # A cleared task runs again (a new try, a new job): stop the whole run.
+            stop_run(airflow, cluster, run.run_id)
+            cluster.ssh(f"scancel {run.job_id}", check=False)
 
-    if os.geteuid() != 0:
-        pytest.skip("reading the node namespaces' processes needs root")
-    faults.trial("R1")(body)
+    faults.trial(f"R1 {mode} {action}")(body)

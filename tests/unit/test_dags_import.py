@@ -50,10 +50,12 @@ def test_train_dag_chain_and_params(dagbag) -> None:
         "envs_per_runner",
         "seed",
         "experiment_name",
+        "deferrable",
     ):
         param = dag.params.get_param(name)
         assert param.description, name
         assert param.schema, name
+    assert train.export_model is True
 
 
 def test_retrain_is_scheduled_and_publishes_asset(dagbag) -> None:
@@ -66,3 +68,22 @@ def test_retrain_is_scheduled_and_publishes_asset(dagbag) -> None:
 def test_sweep_maps_training(dagbag) -> None:
     dag = dagbag.dags.get("rllib_sweep")
     assert {"train", "compare", "register_best", "promote"} <= set(dag.task_ids)
+
+
+def test_deferrable_param_reaches_the_operator() -> None:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.slurm_ray import _as_bool
+    from slurm_ray.params import param_specs, resolve_run
+
+    defaults = {name: spec["default"] for name, spec in param_specs().items()}
+    assert resolve_run(defaults)["deferrable"] is True
+    assert resolve_run(defaults | {"deferrable": False})["deferrable"] is False
+    assert [_as_bool(v, "deferrable") for v in (True, "True", "false", "0", "")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    with pytest.raises(AirflowException, match="deferrable: expected true or false"):
+        _as_bool("maybe", "deferrable")

@@ -64,6 +64,18 @@ def run_identity(
     return job_name, suffix
 
 
+def _as_bool(value: Any, field: str) -> bool:
+    """A rendered template field as a bool (Jinja renders to strings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise AirflowException(f"{field}: expected true or false, got {str(value)[:40]!r}")
+
+
 class SlurmRayOperator(BaseOperator):
     """
     Run a Ray program across the nodes of one Slurm job, submitted over SSH.
@@ -83,7 +95,8 @@ class SlurmRayOperator(BaseOperator):
     :param config: training config (dict, templated), written to ``config.json``.
     :param remote_base_dir: root of run directories (``{user}`` = remote user).
     :param poll_interval: seconds between job state polls.
-    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param deferrable: wait in the triggerer instead of a worker slot (templated:
+        a Param or XCom may choose; "true"/"false" strings are understood).
     :param env_vars: extra environment for the job (values are quoted).
     :param extra_files: more local files to stage (name -> local path).
     :param join_timeout: seconds the launcher waits for all Ray nodes.
@@ -104,6 +117,7 @@ class SlurmRayOperator(BaseOperator):
         "remote_base_dir",
         "env_vars",
         "environment",
+        "deferrable",
     )
     template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
     operator_extra_links = (SlurmJobLink(), MlflowRunLink())
@@ -249,6 +263,7 @@ class SlurmRayOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         self._context = context
+        self.deferrable = _as_bool(self.deferrable, "deferrable")
         job_name, suffix = self._identity(context)
         user = None
         base = self.remote_base_dir

@@ -1,0 +1,79 @@
+"""R8: the MLflow server stopped for 30 s during a real training job, then restarted.
+
+Through the real Airflow: every metrics row of the job reaches MLflow (once),
+the run completes and the model is registered.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.airflow_fixtures import Airflow
+from tests.conftest import DevCluster
+from tests.faults.airflow_runs import DAG, metric_steps, start_training, stop_run, wait_run
+from tests.faults.conftest import trials
+from tests.mlflow_fixtures import MlflowServer
+
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.e2e]
+
+OUTAGE_S = 30.0
+CONF = {
+    "stop_iterations": 14,
+    "stop_return_mean": None,
+    "experiment_name": "faults_r8",
+    "register_model_name": "faults-r8",
+}
+
+
+@pytest.mark.parametrize("trial", range(trials()))
+def test_r8_mlflow_down_during_training(
+    airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer, faults, trial: int
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("reading the node namespaces' processes needs root")
+    airflow.wait_dag(DAG)
+
+    def body() -> float:
+        from mlflow.tracking import MlflowClient
+
+        run = start_training(airflow, cluster, CONF, mlflow_url=mlflow_server.url, min_steps=1)
+        assert run.mlflow_run_id
+        try:
+            mlflow_server.stop()
+            try:
+                time.sleep(OUTAGE_S)
+                rows_during = cluster.ssh(
+                    f"wc -l < {run.run_dir}/metrics.jsonl", check=False
+                ).stdout.strip()
+            finally:
+                mlflow_server.start()
+            back = time.monotonic()
+            # The job went on training while MLflow was away.
+            assert int(rows_during or 0) >= 2, rows_during
+            caught_up = None
+            while time.monotonic() - back < 300:
+                steps = metric_steps(mlflow_server.url, run.mlflow_run_id)
+                if len(steps) >= int(rows_during):
+                    caught_up = time.monotonic() - back
+                    break
+                time.sleep(1)
+            assert caught_up is not None, "rows logged during the outage never arrived"
+            assert wait_run(airflow, run.run_id) == "success"
+            expected = list(range(1, CONF["stop_iterations"] + 1))
+            for key in ("episode_return_mean", "env_steps", "episode_len_mean"):
+                assert metric_steps(mlflow_server.url, run.mlflow_run_id, key) == expected, key
+            mlrun = MlflowClient(mlflow_server.url).get_run(run.mlflow_run_id)
+            assert mlrun.info.status == "FINISHED", mlrun.info
+            return caught_up
+        finally:
+            if airflow.call("GET", f"/dags/{DAG}/dagRuns/{run.run_id}")[1].get("state") not in (
+                "success",
+                "failed",
+            ):
+                stop_run(airflow, cluster, run.run_id)
+            mlflow_server.start()
+
+    faults.trial("R8")(body)
