@@ -35,9 +35,9 @@ class Airflow:
         self.base = f"http://127.0.0.1:{port}"
         self._token: str | None = None
 
-    def script(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(AIRFLOW_SCRIPT), command],
+            ["bash", str(AIRFLOW_SCRIPT), *args],
             capture_output=True,
             text=True,
             timeout=timeout,

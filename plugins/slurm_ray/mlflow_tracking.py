@@ -605,6 +605,8 @@ class RelayStats:
     pending: int = 0
     error: str | None = None
     watermark: int | None = None
+    #: the error was the server not answering (worth waiting for), not a refusal
+    unreachable: bool = False
 
 
 class MetricsRelay:
@@ -691,6 +693,7 @@ class MetricsRelay:
         except Exception as exc:  # any failure: keep the rows, re-read the watermark next time
             self._watermark = None
             stats.error = _short_error(exc)
+            stats.unreachable = isinstance(exc, MlflowUnreachableError)
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
                 self.log.warning(

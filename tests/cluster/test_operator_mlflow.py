@@ -83,3 +83,40 @@ def test_unreachable_tracking_server_fails_before_submitting(cluster: DevCluster
     base = f"{cluster.scratch}/tests/runs/{ti.dag_id}"
     listing = cluster.ssh(f"ls {shlex.quote(base)} 2>/dev/null", check=False).stdout
     assert ti.run_id.replace(":", "_").replace("+", "_") not in listing
+
+
+def test_retry_first_relays_rows_an_earlier_try_left_behind(
+    cluster: DevCluster, mlflow_server: MlflowServer
+) -> None:
+    """Try 1 ended while MLflow was down: try 2 sends its rows before anything else."""
+    import json
+    import posixpath
+
+    from mlflow.tracking import MlflowClient
+    from slurm_ray.operators.slurm_ray import run_identity
+
+    ti = FakeTI(task_id="earlier", try_number=2)
+    _, suffix1 = run_identity(ti.dag_id, ti.run_id, ti.task_id, -1, 1)
+    try1 = posixpath.join(cluster.scratch, "tests", "runs", suffix1)
+    rows = "".join(
+        json.dumps({"iteration": i, "episode_return_mean": 10.0 * i, "env_steps": 100 * i}) + "\n"
+        for i in (1, 2, 3)
+    )
+    cluster.ssh(
+        f"mkdir -p {shlex.quote(try1)} && printf %s {shlex.quote(rows)} > "
+        f"{shlex.quote(try1)}/metrics.jsonl"
+    )
+    op = make_op(
+        cluster,
+        ti.task_id,
+        entrypoint="true",
+        job_spec={"nodes": 1, "cpus_per_task": 1, "time": "5"},
+        mlflow={"tracking_uri": mlflow_server.url, "experiment_name": f"retry-{ti.run_id[8:16]}"},
+    )
+    with pytest.raises(TaskDeferred):
+        op.execute({"ti": ti})
+    cluster.ssh(f"scancel {ti.xcom['slurm_job_id']}", check=False)
+    history = MlflowClient(mlflow_server.url).get_metric_history(
+        ti.xcom["mlflow_run_id"], "episode_return_mean"
+    )
+    assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 20.0), (3, 30.0)]

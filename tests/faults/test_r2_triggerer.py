@@ -92,7 +92,7 @@ def test_r2_triggerer_killed_and_restarted(
             steps_at_kill = len(metric_steps(mlflow_server.url, run.mlflow_run_id))
             time.sleep(3)
             assert not triggerer_pids(airflow.home), "the triggerer came back by itself"
-            started = airflow.script("component triggerer")
+            started = airflow.script("component", "triggerer")
             assert started.returncode == 0, started.stderr
             restarted = time.monotonic()
             # Re-attached: the new triggerer relays new steps, or the task moves on.
@@ -123,6 +123,6 @@ def test_r2_triggerer_killed_and_restarted(
             ):
                 stop_run(airflow, cluster, run.run_id)
             # The next test needs a triggerer whatever happened here.
-            airflow.script("component triggerer")
+            airflow.script("component", "triggerer")
 
     faults.trial("R2")(body)

@@ -62,6 +62,9 @@ def test_r8_mlflow_down_during_training(
                 time.sleep(1)
             assert caught_up is not None, "rows logged during the outage never arrived"
             assert wait_run(airflow, run.run_id) == "success"
+            # The finished job was collected by its own try (it waited for MLflow):
+            # no retry, no second job.
+            assert airflow.ti(DAG, run.run_id, "train")["try_number"] == 1
             expected = list(range(1, CONF["stop_iterations"] + 1))
             for key in ("episode_return_mean", "env_steps", "episode_len_mean"):
                 assert metric_steps(mlflow_server.url, run.mlflow_run_id, key) == expected, key

@@ -103,6 +103,8 @@ class SlurmRayOperator(BaseOperator):
     :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
         time limit so the driver can checkpoint (0 disables).
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
+    :param mlflow_wait_s: at completion, how long to wait for an MLflow server
+        that does not answer before failing the task (its rows stay on disk).
     :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
         at the end of a successful job, while it still holds the checkpoint in memory.
     """
@@ -141,6 +143,7 @@ class SlurmRayOperator(BaseOperator):
         mlflow: Mapping[str, Any] | None = None,
         cluster_name: str = "",
         export_model: bool = False,
+        mlflow_wait_s: float = 600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -160,6 +163,7 @@ class SlurmRayOperator(BaseOperator):
         self.mlflow = mlflow or None
         self.cluster_name = cluster_name or ssh_conn_id
         self.export_model = export_model
+        self.mlflow_wait_s = mlflow_wait_s
         self._job_id: str | None = None
 
     # -- helpers ------------------------------------------------------------------
@@ -280,6 +284,8 @@ class SlurmRayOperator(BaseOperator):
         run_dir = posixpath.join(base, suffix)
         ti = context["ti"]
         self._mlflow_start(context, config)
+        if ti.try_number > 1:
+            self._catch_up_earlier_tries(run_dir)
 
         job = self._existing_job(job_name)
         if job is not None and is_active(job.state):
@@ -508,33 +514,100 @@ class SlurmRayOperator(BaseOperator):
             settings, run_id=getattr(self, "_mlflow_run_id", None), tags=self._mlflow_tags(context)
         )
 
+    def _catch_up_earlier_tries(self, run_dir: str) -> None:
+        """Relay the rows earlier tries' jobs wrote that MLflow lacks.
+
+        A try that failed while MLflow was down leaves rows behind; once this
+        try logs later steps, the relay's watermark would pass them for good.
+        """
+        run_id = getattr(self, "_mlflow_run_id", None)
+        settings = self._mlflow_settings(self._context)
+        if run_id is None or settings is None:
+            return
+        task_dir, me = posixpath.split(run_dir)
+        cmd = (
+            f"cd {quote(task_dir)} 2>/dev/null || exit 0; "
+            "for d in $(ls -1d try_* 2>/dev/null | sort -t_ -k2 -n); do "
+            f'[ "$d" != {quote(me)} ] && [ -f "$d/metrics.jsonl" ] && cat -- "$d/metrics.jsonl"; '
+            "done; exit 0"
+        )
+        raw = self.hook.run(cmd).stdout_bytes
+        if not raw.strip():
+            return
+        from slurm_ray.mlflow_tracking import make_relay, parse_metrics_jsonl, relay_rows
+
+        stats = relay_rows(
+            make_relay(settings, run_id=run_id),
+            parse_metrics_jsonl(raw, self.log),
+            log=self.log,
+            strict=False,
+        )
+        self.log.info("MLflow: rows of earlier tries: %s", stats)
+
     def _relay_catch_up(self, run_dir: str, *, strict: bool = True) -> None:
         """At completion: relay every metrics row MLflow does not have yet.
 
-        ``strict``: an MLflow outage fails the task (its retry collects the
-        finished job and relays again) instead of losing rows.
+        ``strict``: the rows must arrive. While the server does not answer, wait
+        with backoff (up to ``mlflow_wait_s``: the job is done, its rows are safe
+        in metrics.jsonl, and a retry would submit a new job), then fail the task
+        instead of losing rows.
         """
         relay = getattr(self, "_relay", None)
         if not relay:
             return
-        from slurm_ray.mlflow_tracking import make_relay, parse_metrics_jsonl, relay_rows
+        from slurm_ray.mlflow_tracking import (
+            MetricsRelay,
+            MlflowError,
+            MlflowUnreachableError,
+            ensure_run,
+            make_relay,
+            parse_metrics_jsonl,
+        )
 
-        if relay.get("run_id") is None and self.mlflow:
-            # relay_later: the server was down at submit time; the sink has
-            # created the run since, find it by the task's tags.
-            ctx = getattr(self, "_context", None)
-            if ctx is not None:
-                from slurm_ray.mlflow_tracking import ensure_run
-
-                settings = self._mlflow_settings(ctx)
-                run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
-                relay = self._relay = make_relay(settings, run_id=run_id)
         raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
-        if raw:
-            stats = relay_rows(
-                relay, parse_metrics_jsonl(raw, self.log), log=self.log, strict=strict
+        rows = parse_metrics_jsonl(raw, self.log) if raw else []
+        started = time.monotonic()
+        delay = 2.0
+        while True:
+            try:
+                if relay.get("run_id") is None and self.mlflow:
+                    # relay_later: the server was down at submit time; the sink
+                    # has created the run since, find it by the task's tags.
+                    ctx = getattr(self, "_context", None)
+                    if ctx is not None:
+                        from slurm_ray.mlflow_tracking import check_reachable
+
+                        settings = self._mlflow_settings(ctx)
+                        check_reachable(settings)
+                        run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
+                        relay = self._relay = make_relay(settings, run_id=run_id)
+                stats = MetricsRelay(relay, self.log).send(rows)
+                error, unreachable = stats.error, stats.unreachable
+            except MlflowUnreachableError as exc:
+                error, unreachable = str(exc), True
+            if error is None:
+                self.log.info("MLflow metrics relay at completion: %s", stats)
+                return
+            waited = time.monotonic() - started
+            if not strict:
+                self.log.warning("MLflow metrics relay at completion failed: %s", error)
+                return
+            if not unreachable or waited + delay > self.mlflow_wait_s:
+                raise MlflowError(
+                    f"could not log the job's metrics rows to {relay['tracking_uri']} "
+                    f"(waited {waited:.0f}s): {error}; they are in {run_dir}/metrics.jsonl"
+                )
+            self.log.warning(
+                "MLflow at %s does not answer (%s); the job is done and its metrics are "
+                "safe in metrics.jsonl: retrying in %.0fs (waited %.0fs of %.0fs)",
+                relay["tracking_uri"],
+                error,
+                delay,
+                waited,
+                self.mlflow_wait_s,
             )
-            self.log.info("MLflow metrics relay at completion: %s", stats)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
         """Non-deferrable mode: poll from the worker; cancel the job if we are stopped."""
