@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "out" / "reliability"
 
 
-def trials() -> int:
-    """How many times each repeated fault runs (1 in `make test`)."""
-    return max(1, int(os.environ.get("SLURM_RAY_FAULT_TRIALS", "1")))
+def trials(limit: int | None = None) -> int:
+    """How many times each repeated fault runs (1 in `make test`), at most ``limit``."""
+    n = max(1, int(os.environ.get("SLURM_RAY_FAULT_TRIALS", "1")))
+    return min(n, limit) if limit else n
 
 
 class FaultRecorder:
