@@ -24,6 +24,22 @@ DESCRIPTIONS = {
 }
 
 
+#: What "time to recover" measures for each fault.
+CLOCKS = {
+    "R1": "REST action -> the job has left squeue (limit 15 s)",
+    "R2": "new triggerer started -> the task moves again (new MLflow steps or done)",
+    "R3": "sshd back -> the trigger's first good poll",
+    "R4": "first try failed -> the resumed retry finished",
+    "R5": "one-node retry started -> it finished",
+    "R6": "the refusal or the inert run, end to end",
+    "R7": "the refusal (before any command)",
+    "R8": "MLflow back -> every row of the outage is in MLflow",
+    "R9": "both executions returned (one job)",
+    "R10": "the early failure",
+    "S": "the run whose outputs are searched",
+}
+
+
 def write_report(sources: list[Path], target: Path) -> None:
     """Aggregate every results-*.jsonl file into a markdown table."""
     rows: dict[str, list[dict]] = defaultdict(list)
@@ -52,4 +68,6 @@ def write_report(sources: list[Path], target: Path) -> None:
             f"| {fault} | {DESCRIPTIONS.get(fault.split()[0], '')} | {len(trial_rows)} "
             f"| {passed} | {rec} |"
         )
+    lines += ["", "Time to recover, per fault:", ""]
+    lines += [f"- {fault}: {CLOCKS[fault]}" for fault in sorted(CLOCKS, key=lambda f: (len(f), f))]
     target.write_text("\n".join(lines) + "\n")
