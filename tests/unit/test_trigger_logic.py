@@ -191,3 +191,20 @@ def test_staggered_subscriptions_do_not_add_polls(monkeypatch) -> None:
     asyncio.run(main())
     # ~2.5 s at one poll per 0.5 s interval: about 5-6 polls, not one per arrival
     assert len(client.commands) <= 7, len(client.commands)
+
+
+def test_poller_leaves_the_registry_when_nobody_watches(monkeypatch) -> None:
+    client = FakeClient([squeue_line("9", "COMPLETED")])
+    install(monkeypatch, client)
+
+    async def one(job_id: str) -> Any:
+        trig = SlurmJobTrigger(job_id=job_id, ssh_conn_id="c", log_path="/x/l", poll_interval=0.01)
+        event = await first_event(trig)
+        await asyncio.sleep(0.05)  # the poll loop notices it has no subscriber left
+        return event
+
+    assert asyncio.run(one("9")).payload["state"] == "COMPLETED"
+    assert _HostPoller.registry == {}
+    # A new event loop (the id of the old one may be reused) gets a fresh poller.
+    assert asyncio.run(one("9")).payload["state"] == "COMPLETED"
+    assert _HostPoller.registry == {}

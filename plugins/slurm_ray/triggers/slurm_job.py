@@ -47,12 +47,17 @@ class _Subscription:
 
 
 class _HostPoller:
-    """One connection and one poll loop per (event loop, ssh_conn_id)."""
+    """One connection and one poll loop per (event loop, ssh_conn_id).
+
+    A poller leaves the registry when its last subscriber goes, so the registry
+    holds only hosts being watched (and never a poller of a closed loop).
+    """
 
     registry: dict[tuple[int, str], _HostPoller] = {}
 
-    def __init__(self, ssh_conn_id: str) -> None:
+    def __init__(self, ssh_conn_id: str, key: tuple[int, str] | None = None) -> None:
         self.ssh_conn_id = ssh_conn_id
+        self.key = key
         self.client = AsyncSlurmClient(ssh_conn_id)
         self.subs: dict[int, _Subscription] = {}
         self.task: asyncio.Task[None] | None = None
@@ -64,10 +69,13 @@ class _HostPoller:
         key = (id(asyncio.get_running_loop()), ssh_conn_id)
         poller = cls.registry.get(key)
         if poller is None:
-            poller = cls.registry[key] = cls(ssh_conn_id)
+            poller = cls.registry[key] = cls(ssh_conn_id, key)
         return poller
 
     def subscribe(self, sub: _Subscription) -> None:
+        if self.key is not None:
+            # Back in the registry if it was pruned between get() and now.
+            self.registry.setdefault(self.key, self)
         self.subs[id(sub)] = sub
         self.wake.set()
         if self.task is None or self.task.done():
@@ -126,6 +134,8 @@ class _HostPoller:
                 await self._sleep(min(s.interval for s in subs))
         finally:
             await self._reset()
+            if not self.subs and self.key is not None and self.registry.get(self.key) is self:
+                del self.registry[self.key]
 
     async def _sleep(self, seconds: float) -> None:
         """Wait out the interval; end early only when nobody is watching any more.
