@@ -85,6 +85,8 @@ bench: venv cluster-up  ## run every benchmark -> bench/results.md (BENCH_QUICK=
 	  echo "== bench/bench_$$b.py"; \
 	  $(VENV)/bin/python bench/bench_$$b.py || rc=$$?; \
 	done; \
+	echo "== bench/bench_demo_walltime.py --long"; \
+	$(VENV)/bin/python bench/bench_demo_walltime.py --long || rc=$$?; \
 	$(VENV)/bin/python bench/_report.py; \
 	exit $$rc
 

@@ -53,6 +53,8 @@ from _report import (
 NAME = "demo_walltime"
 DAG_ID = "rllib_train"
 CONF = {"experiment_name": "bench_demo", "register_model_name": "rllib-bench"}
+#: --long: a fixed 40-iteration job (~1 min of training here) instead of "to 450".
+LONG = {"stop_return_mean": None, "stop_iterations": 40}
 TARGET_RATIO = 1.15
 TARGET_OVERHEAD_S = 15.0
 TASKS = ("resolve", "build_env", "sanity_check", "train", "register_model", "promote")
@@ -164,7 +166,7 @@ def run_demo(api: Any, timeout: float = 1200) -> dict[str, Any]:
     return data
 
 
-def body(start: dict[str, Any], pairs: int) -> int:
+def body(start: dict[str, Any], pairs: int, name: str = NAME) -> int:
     """Run the interleaved pairs and write the results section."""
     cl.setup_airflow_env()
     cl.ensure_cluster()
@@ -288,8 +290,9 @@ def body(start: dict[str, Any], pairs: int) -> int:
         machine_line(start, end),
         "",
         f"{pairs} pairs run demo/direct/demo/direct...; the DAG's default "
-        f"Params (PPO CartPole-v1, 2 nodes x 4 CPUs, stop at return >= 450) with conf "
-        f"`{json.dumps(CONF)}`. Direct: the same resolved job spec and config, sbatch by hand.",
+        "Params (PPO CartPole-v1, 2 nodes x 4 CPUs, stop at return >= 450) with conf "
+        f"`{json.dumps(CONF)}` (the conf wins). Direct: the same resolved job spec and "
+        "config, sbatch by hand.",
         "",
         table(
             [
@@ -401,7 +404,7 @@ def body(start: dict[str, Any], pairs: int) -> int:
         "breakdown_s": {k: v for k, v in breakdown},
         "services_started_here": started,
     }
-    out = save(NAME, result, "\n".join(lines), summary)
+    out = save(name, result, "\n".join(lines), summary)
     print(f"wrote {out}")
     print(f"demo/direct wall {wall_ratio}x ({eq_ratio}x at equal job time); overhead {fixed}s")
     return 0
@@ -410,8 +413,13 @@ def body(start: dict[str, Any], pairs: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=1 if quick() else 2)
+    p.add_argument("--long", action="store_true", help=f"a longer job: conf {json.dumps(LONG)}")
     a = p.parse_args(argv)
-    return run_main(NAME, lambda start: body(start, a.pairs))
+    name = NAME
+    if a.long:
+        CONF.update(LONG)
+        name = f"{NAME}_long"
+    return run_main(name, lambda start: body(start, a.pairs, name))
 
 
 if __name__ == "__main__":
