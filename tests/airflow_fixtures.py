@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -90,7 +91,9 @@ class Airflow:
 
 
 @pytest.fixture(scope="session")
-def airflow(cluster: DevCluster, mlflow_server: MlflowServer) -> Iterator[Airflow]:
+def airflow(
+    cluster: DevCluster, mlflow_server: MlflowServer, request: pytest.FixtureRequest
+) -> Iterator[Airflow]:
     home = Path(tempfile.mkdtemp(prefix="slurm-ray-e2e-airflow-"))
     port = free_port()
     env = {
@@ -111,6 +114,9 @@ def airflow(cluster: DevCluster, mlflow_server: MlflowServer) -> Iterator[Airflo
         yield af
     finally:
         af.script("stop")
+        # Task logs are what one reads after a failure: keep them only then.
+        if request.session.testsfailed == 0:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def trigger(af: Airflow, dag_id: str, conf: dict[str, Any]) -> tuple[int, Any]:
