@@ -559,6 +559,7 @@ class SlurmRayOperator(BaseOperator):
             MetricsRelay,
             MlflowError,
             MlflowUnreachableError,
+            check_reachable,
             ensure_run,
             make_relay,
             parse_metrics_jsonl,
@@ -575,8 +576,6 @@ class SlurmRayOperator(BaseOperator):
                     # has created the run since, find it by the task's tags.
                     ctx = getattr(self, "_context", None)
                     if ctx is not None:
-                        from slurm_ray.mlflow_tracking import check_reachable
-
                         settings = self._mlflow_settings(ctx)
                         check_reachable(settings)
                         run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
