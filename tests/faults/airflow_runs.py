@@ -130,7 +130,8 @@ def run_job_prefix(run_id: str, task_id: str = "train") -> str:
 
 
 def stop_run(af: Airflow, cluster: DevCluster, run_id: str) -> None:
-    """Fail the DAG run and cancel whatever job any try of it still has."""
-    af.call("PATCH", f"/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
+    """Fail the DAG run unless it has ended, and cancel whatever job any try of it has."""
+    if af.call("GET", f"/dags/{DAG}/dagRuns/{run_id}")[1].get("state") not in ("success", "failed"):
+        af.call("PATCH", f"/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
     for job_id, _ in jobs_named(cluster, run_job_prefix(run_id)):
         cluster.ssh(f"scancel {job_id}", check=False)

@@ -117,11 +117,7 @@ def test_r2_triggerer_killed_and_restarted(
                 assert steps == list(range(1, CONF["stop_iterations"] + 1)), (key, steps)
             return recovered
         finally:
-            if airflow.call("GET", f"/dags/{DAG}/dagRuns/{run.run_id}")[1].get("state") not in (
-                "success",
-                "failed",
-            ):
-                stop_run(airflow, cluster, run.run_id)
+            stop_run(airflow, cluster, run.run_id)
             # The next test needs a triggerer whatever happened here.
             airflow.script("component", "triggerer")
 
