@@ -635,7 +635,8 @@ main() {
     log "warning: batch shell runs on $short_host, not on the first node $HEAD_NODE"
   fi
 
-  local prc
+  local prc tp
+  tp=$(now)
   choose_ports
   prc=$?
   if ((prc != 0)); then
@@ -645,7 +646,7 @@ main() {
   set_ports "$PORT_BASE"
   export _RL_PORT_BASE=$PORT_BASE
 
-  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
+  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)) (probed in $(elapsed "$tp")s), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
 
   # Start every node at once; workers wait for the head's GCS port themselves.
   # srun's own messages go to the node's log next to `ray start`'s output.
