@@ -394,7 +394,7 @@ node_main() {
     python "$_RL_SELF_DIR/ray_wait.py" worker-start "$_RL_HEAD_IP:$GCS_PORT" \
       "${SLURM_RAY_JOIN_TIMEOUT:-180}" start "${args[@]}" &
   fi
-  # A child, not exec: this shell outlives Ray to clean up its temp dir.
+  # A child, not exec: when Ray exits by itself this shell still cleans up.
   RAY_PID=$!
   wait_pid "$RAY_PID"
   exit "$WAIT_RC"
