@@ -87,7 +87,7 @@ def marker(tmp_path: Path) -> Path:
     "good", ["CartPole-v1", "ALE/Pong-v5", "my_pkg.envs:Grid-v0", "Pendulum-v1"]
 )
 def test_valid_env_ids(good: str) -> None:
-    assert validate_env_id(good) == good
+    assert validate_env_id(good, env_modules=("my_pkg.envs",)) == good
 
 
 @pytest.mark.parametrize(

@@ -87,10 +87,11 @@ def include_dir() -> Path:
 # -- validation ------------------------------------------------------------------
 
 
-def validate_env_id(env_id: object) -> str:
+def validate_env_id(env_id: object, env_modules: Sequence[str] = ()) -> str:
     """
     Check a Gym environment id before it goes anywhere near a shell.
 
+    :param env_modules: modules a ``module:Name`` id may import (none by default).
     :raises AirflowException: naming the ``env_id`` field.
     """
     if not isinstance(env_id, str) or not _ENV_ID_RE.fullmatch(env_id):
@@ -98,6 +99,12 @@ def validate_env_id(env_id: object) -> str:
             f"env_id: {env_id!r} is not a Gym environment id such as 'CartPole-v1' "
             "(letters, digits and _ . : / - only, at most 200 characters)"
         )
+    from slurm_ray.training_config import ConfigError, check_env_module
+
+    try:
+        check_env_module("env_id", env_id, env_modules)
+    except ConfigError as exc:
+        raise AirflowException(str(exc).removeprefix("config.")) from exc
     return env_id
 
 
@@ -509,6 +516,7 @@ class GymSanityCheckOperator(BaseOperator):
         the script in; relative paths are relative to the remote home directory.
     :param timeout: seconds the remote command may take (queue wait included).
     :param quiet: print only the summary, not a line per step.
+    :param env_modules: modules a ``module:Name`` env id may import (the profile's).
     :return: the ``SANITY_SUMMARY`` object (``ok``, ``env_id``, ``api``, ``steps``,
         ``returns``, ``versions``, ``host``, ...).
     """
@@ -523,6 +531,7 @@ class GymSanityCheckOperator(BaseOperator):
         "account",
         "time",
         "remote_dir",
+        "env_modules",
     )
     template_fields_renderers = {"environment": "json"}
     ui_color = "#f3ecd2"
@@ -542,9 +551,11 @@ class GymSanityCheckOperator(BaseOperator):
         remote_dir: str = ".slurm_ray/sanity",
         timeout: float = 600.0,
         quiet: bool = False,
+        env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.env_modules = env_modules  # templated: an XComArg from the profile
         self.ssh_conn_id = ssh_conn_id
         # Kept as given: a template or an XComArg resolves only at run time.
         self.environment = environment
@@ -561,7 +572,7 @@ class GymSanityCheckOperator(BaseOperator):
 
     def _validated(self) -> EnvironmentSpec:
         """Check every field before the cluster is touched; errors name the field."""
-        validate_env_id(self.env_id)
+        validate_env_id(self.env_id, list(self.env_modules))
         for name in ("episodes", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, str) and value.isdigit():  # a rendered template

@@ -33,6 +33,9 @@ DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py", 
 EXIT_CHECKPOINTED = 75
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# 64 bits: finding two run ids with one directory takes ~2**32 hashes.
+_DIGEST_LEN = 16
+_DIGESTED = re.compile(rf"-[0-9a-f]{{{_DIGEST_LEN}}}\Z")
 
 
 def include_dir() -> Path:
@@ -43,14 +46,19 @@ def include_dir() -> Path:
 
 
 def sanitize(component: str, max_len: int = 120) -> str:
-    """A path/job-name safe version of ``component`` (never ``.``/``..``)."""
+    """A path/job-name safe version of ``component`` (never ``.``/``..``), injective.
+
+    Readable: a component that is already safe is kept as it is. Any other one
+    (characters replaced, cut, or ending like a digest) gets ``-<digest>`` of
+    the original, so ``a:b``, ``a+b`` and ``a_b`` never share a run directory.
+    """
     text = _SAFE.sub("_", component).strip("_") or "x"
     if set(text) <= {"."}:
         text = text.replace(".", "_")
-    if len(text) > max_len:
-        digest = hashlib.sha256(component.encode()).hexdigest()[:10]
-        text = f"{text[: max_len - 11]}-{digest}"
-    return text
+    if text == component and len(text) <= max_len and not _DIGESTED.search(text):
+        return text
+    digest = hashlib.sha256(component.encode()).hexdigest()[:_DIGEST_LEN]
+    return f"{text[: max_len - _DIGEST_LEN - 1]}-{digest}"
 
 
 def run_identity(
@@ -107,6 +115,8 @@ class SlurmRayOperator(BaseOperator):
         that does not answer before failing the task (its rows stay on disk).
     :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
         at the end of a successful job, while it still holds the checkpoint in memory.
+    :param env_modules: modules a ``module:Name`` env id may import on the cluster
+        (the profile's ``env_modules``; none by default).
     """
 
     template_fields: Sequence[str] = (
@@ -120,6 +130,7 @@ class SlurmRayOperator(BaseOperator):
         "env_vars",
         "environment",
         "deferrable",
+        "env_modules",
     )
     template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
     operator_extra_links = (SlurmJobLink(), MlflowRunLink())
@@ -144,9 +155,11 @@ class SlurmRayOperator(BaseOperator):
         cluster_name: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
+        env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.env_modules = env_modules  # templated: an XComArg from the profile
         self.ssh_conn_id = ssh_conn_id
         self.remote_base_dir = remote_base_dir
         # Templated arguments are kept as given: XComArgs resolve at run time.
@@ -203,13 +216,19 @@ class SlurmRayOperator(BaseOperator):
             from slurm_ray.training_config import ConfigError, validate_config
 
             try:
-                config = validate_config(self.config).to_dict()
+                config = validate_config(self.config, env_modules=self._env_modules()).to_dict()
             except ConfigError as exc:
                 raise AirflowException(str(exc)) from exc
         for key in self.env_vars:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
         return spec, env, config
+
+    def _env_modules(self) -> tuple[str, ...]:
+        mods = self.env_modules
+        if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
+            raise AirflowException(f"env_modules: expected a list of module names, got {mods!r}")
+        return tuple(mods)
 
     def _remote_user(self) -> str:
         return self.hook.run("id -un", check=True).stdout.strip()
@@ -241,6 +260,8 @@ class SlurmRayOperator(BaseOperator):
             "PYTHONUNBUFFERED": "1",
             **self.env_vars,
         }
+        if self._env_modules():
+            env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(self._env_modules())
         setup = [f"cd {quote(run_dir)}", *env.activation_lines()]
         return render_batch_script(
             spec,

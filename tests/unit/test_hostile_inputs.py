@@ -1,0 +1,219 @@
+"""Hostile inputs that used to pass a loose check (issue 11, holes 5-7, section 3).
+
+Pure tests: each payload class is refused with the field named, by the same
+functions the DAGs and operators call before anything reaches the cluster.
+The real-cluster half ("nothing created") is tests/cluster/test_shared_site_secrets.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import ParamValidationError
+from slurm_ray.params import RunParamError, check_params, param_specs, resolve_run
+from slurm_ray.training_config import ConfigError, validate_config
+
+DEFAULTS = {name: spec["default"] for name, spec in param_specs().items()}
+PATTERNED = sorted(n for n, s in param_specs().items() if "pattern" in s["schema"])
+#: a valid value for each string Param with a pattern (the default may be empty)
+VALID = {"partition": "debug", "account": "proj42", "time_limit": "00:30:00"}
+
+
+def _param(name: str) -> Any:
+    from airflow.sdk import Param
+
+    spec = param_specs()[name]
+    return Param(spec["default"], **spec["schema"])
+
+
+# -- hole 6: trailing newlines --------------------------------------------------------
+
+
+def test_every_param_pattern_is_covered() -> None:
+    assert set(PATTERNED) == {
+        "partition",
+        "account",
+        "time_limit",
+        "experiment_name",
+        "register_model_name",
+    }
+
+
+@pytest.mark.parametrize("name", PATTERNED)
+def test_param_patterns_refuse_a_trailing_newline(name: str) -> None:
+    good = VALID.get(name) or DEFAULTS[name]
+    _param(name).resolve(good)  # the value itself is fine
+    for bad in (f"{good}\n", f"{good}\r\n", f"\n{good}"):
+        with pytest.raises(ParamValidationError):
+            _param(name).resolve(bad)
+        with pytest.raises(RunParamError, match=rf"^{name}: "):
+            resolve_run({**DEFAULTS, name: bad})
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1\n", "ale_py:ALE/Breakout-v5\n", "Custom\n"])
+def test_config_env_id_refuses_a_trailing_newline(env_id: str) -> None:
+    with pytest.raises(ConfigError, match=r"^config\.env_id: "):
+        validate_config({"env_id": env_id}, env_modules=("ale_py",))
+
+
+def test_sanity_check_env_id_refuses_a_trailing_newline() -> None:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.cluster_env import validate_env_id
+
+    with pytest.raises(AirflowException, match=r"^env_id: "):
+        validate_env_id("CartPole-v1\n")
+
+
+# -- hole 6: wrong JSON types and values that int() would mangle ----------------------
+
+WRONG_TYPES = [
+    ("nodes", 2.9),
+    ("nodes", "2; x"),
+    ("nodes", True),
+    ("nodes", [2]),
+    ("cpus_per_node", 1.5),
+    ("cpus_per_node", False),
+    ("gpus_per_node", "1"),
+    ("seed", 1.25),
+    ("train_batch_size", None),
+    ("stop_iterations", True),
+    ("lr", "0.1"),
+    ("deferrable", "yes"),
+    ("partition", ["debug"]),
+    ("account", {"a": 1}),
+    ("time_limit", 30),
+    ("experiment_name", ["x"]),
+    ("env_id", ["CartPole-v1"]),
+    ("profile", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), WRONG_TYPES)
+def test_wrong_json_types_are_refused_naming_the_field(name: str, value: Any) -> None:
+    with pytest.raises(RunParamError, match=rf"^{name}: "):
+        resolve_run({**DEFAULTS, name: value})
+
+
+def test_check_params_prefixes_the_field() -> None:
+    with pytest.raises(RunParamError, match=r"^configs\[3\]\.nodes: "):
+        check_params({"nodes": 2.9}, prefix="configs[3].")
+
+
+# -- hole 6: sweep override values ----------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_RAY_MLFLOW_URI", "http://127.0.0.1:1")
+
+
+def _plan(configs: list[Any]) -> list[dict[str, Any]]:
+    from slurm_ray.pipeline import plan_sweep_runs
+
+    return plan_sweep_runs({**DEFAULTS, "configs": configs})
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"nodes": 2.9}, "nodes"),
+        ({"nodes": "2; x"}, "nodes"),
+        ({"lr": "0.001"}, "lr"),
+        ({"partition": "debug\n"}, "partition"),
+        ({"env_id": "evil_module:Evil-v0"}, "env_id"),
+        ({"env_id": "CartPole-v1\n"}, "env_id"),
+        ({"seed": True}, "seed"),
+        ({"profile": "local"}, "profile"),  # not overridable per configuration
+        ({"nodes": 2, "bogus": 1}, "bogus"),
+    ],
+)
+def test_sweep_override_values_pass_the_param_schema(override: dict[str, Any], field: str) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match=rf"configs\[1\]\.{field}: "):
+        _plan([{"lr": 0.001}, override])
+
+
+def test_sweep_configs_must_be_objects() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match=r"configs\[0\]: "):
+        _plan(["lr=0.1"])
+
+
+def test_sweep_good_overrides_plan_one_run_each() -> None:
+    runs = _plan([{"lr": 0.001}, {"nodes": 1, "seed": 7}])
+    assert [r["config"]["lr"] for r in runs] == [0.001, DEFAULTS["lr"]]
+    assert runs[1]["job_spec"]["nodes"] == 1 and runs[1]["config"]["seed"] == 7
+
+
+# -- hole 6: `module:` env ids import code on the cluster ------------------------------
+
+
+@pytest.mark.parametrize("env_id", ["os:Evil-v0", "my_pkg.envs:Grid-v0", "ale_py:ALE/Pong-v5"])
+def test_module_env_ids_are_refused_unless_the_profile_allows_them(env_id: str) -> None:
+    with pytest.raises(ConfigError, match=r"^config\.env_id: .*not allowed"):
+        validate_config({"env_id": env_id})
+    module = env_id.split(":", 1)[0]
+    assert validate_config({"env_id": env_id}, env_modules=(module,)).env_id == env_id
+    # a parent package allowed does not allow its children, nor the reverse
+    with pytest.raises(ConfigError, match="not allowed"):
+        validate_config({"env_id": env_id}, env_modules=(module + "x",))
+
+
+def test_module_env_id_refused_by_the_operator_and_sanity_check() -> None:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.cluster_env import validate_env_id
+    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+
+    with pytest.raises(AirflowException, match=r"^env_id: .*not allowed"):
+        validate_env_id("os:Evil-v0")
+    assert validate_env_id("my_envs:Grid-v0", env_modules=("my_envs",)) == "my_envs:Grid-v0"
+    op = SlurmRayOperator(
+        task_id="t", ssh_conn_id="x", remote_base_dir="/r", config={"env_id": "os:Evil-v0"}
+    )
+    with pytest.raises(AirflowException, match=r"^config\.env_id: .*not allowed"):
+        op._validated("job", "slurm-%j.out")
+
+
+def test_profiles_allow_no_env_module_by_default() -> None:
+    from slurm_ray.profiles import get_profile, profile_names
+
+    for name in profile_names():
+        assert get_profile(name).env_modules == ()
+    assert resolve_run(DEFAULTS)["env_modules"] == []
+
+
+# -- hole 7: run directories that collide ---------------------------------------------
+
+
+def test_sanitize_is_injective_on_lookalike_run_ids() -> None:
+    from slurm_ray.operators.slurm_ray import run_identity, sanitize
+
+    ids = ["a:b", "a+b", "a~b", "a_b", "a b", "a/b", "a__b", "a.b", "a-b", "_a_b_", "ab"]
+    outs = [sanitize(i) for i in ids]
+    assert len(set(outs)) == len(ids), dict(zip(ids, outs, strict=True))
+    suffixes = {run_identity("dag", i, "train", -1, 1)[1] for i in ids}
+    assert len(suffixes) == len(ids)
+    # readable: the safe text is kept, a digest is appended only where needed
+    assert sanitize("a_b") == "a_b" and sanitize("a:b").startswith("a_b-")
+
+
+def test_sanitize_cannot_be_mimicked_by_a_safe_id() -> None:
+    from slurm_ray.operators.slurm_ray import sanitize
+
+    forged = sanitize("a:b")  # a safe-looking id equal to another id's directory
+    assert sanitize(forged) != forged
+    assert len({sanitize(x) for x in (forged, "a:b", "a+b")}) == 3
+
+
+def test_sanitize_injective_on_many_variants() -> None:
+    from slurm_ray.operators.slurm_ray import sanitize
+
+    alphabet = ["a", "_", ":", "+", "~", " ", ".", "-", "é"]
+    ids = ["".join(p) for n in (1, 2, 3) for p in itertools.product(alphabet, repeat=n)]
+    assert len({sanitize(i) for i in ids}) == len(ids)
+    long_ids = ["x" * 200 + c for c in alphabet]
+    assert len({sanitize(i) for i in long_ids}) == len(long_ids)
