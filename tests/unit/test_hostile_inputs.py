@@ -217,3 +217,67 @@ def test_sanitize_injective_on_many_variants() -> None:
     assert len({sanitize(i) for i in ids}) == len(ids)
     long_ids = ["x" * 200 + c for c in alphabet]
     assert len({sanitize(i) for i in long_ids}) == len(long_ids)
+
+
+# -- hole 5: connection extras that switch host key verification off ------------------
+
+UNSAFE_EXTRAS = [
+    ({"no_host_key_check": True}, "no_host_key_check"),
+    ({"no_host_key_check": "true"}, "no_host_key_check"),
+    ({"ignore_hostkey_verification": "True"}, "ignore_hostkey_verification"),
+    ({"allow_host_key_change": True}, "allow_host_key_change"),
+    ({"allow_host_key_change": "true", "host_key": "ssh-ed25519 AAAA"}, "allow_host_key_change"),
+    ({"known_hosts": "none"}, "known_hosts"),
+    ({"known_hosts": "None"}, "known_hosts"),
+]
+
+
+def _conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, extra: dict[str, Any]) -> None:
+    import json
+
+    # Port 1 on loopback: nothing listens, so a hook that tried to connect
+    # would fail with "connection refused", not with the refusal asserted here.
+    conn = {"conn_type": "ssh", "host": "127.0.0.1", "port": 1, "login": "x", "extra": extra}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+
+
+@pytest.mark.parametrize(("extra", "name"), UNSAFE_EXTRAS)
+def test_host_key_disabling_extras_are_refused(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], name: str
+) -> None:
+    from slurm_ray.hooks.slurm import HostKeyError, SlurmHook
+
+    _conn(monkeypatch, "hk_unsafe", extra)
+    hook = SlurmHook("hk_unsafe", conn_timeout=2)
+    with pytest.raises(HostKeyError, match=rf"disable host key verification: {name}=.*host_key"):
+        hook.run("true")
+    hook.close()  # nothing to close, and no second error
+
+
+@pytest.mark.parametrize(("extra", "name"), UNSAFE_EXTRAS)
+def test_host_key_disabling_extras_are_refused_by_the_trigger_client(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], name: str
+) -> None:
+    import asyncio
+
+    from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
+
+    _conn(monkeypatch, "hk_unsafe_async", extra)
+    client = AsyncSlurmClient("hk_unsafe_async")
+    with pytest.raises(HostKeyError, match=rf"{name}="):
+        asyncio.run(client.run("true"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"no_host_key_check": False}, {"allow_host_key_change": "false"}, {"known_hosts": "/x/kh"}],
+)
+def test_harmless_values_of_those_extras_pass_the_check(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
+) -> None:
+    from slurm_ray.hooks.slurm import HostKeyError, SlurmHook, SlurmSSHError
+
+    _conn(monkeypatch, "hk_ok", extra)
+    with pytest.raises(SlurmSSHError) as info:
+        SlurmHook("hk_ok", conn_timeout=2).run("true")
+    assert not isinstance(info.value, HostKeyError), info.value  # refused by the network

@@ -82,6 +82,40 @@ def _host_key_message(conn_id: str | None, exc: BaseException) -> str:
     )
 
 
+#: Connection extras with which the SSH provider skips or weakens host key
+#: verification, and why each is refused.
+_UNSAFE_EXTRAS = {
+    "no_host_key_check": "accepts any server key (auto-add)",
+    "ignore_hostkey_verification": "accepts any server key (old name of no_host_key_check)",
+    "allow_host_key_change": "accepts a server key that differs from the known one",
+}
+
+
+def check_host_key_extras(conn_id: str | None, extra: Mapping[str, Any]) -> None:
+    """Refuse connection extras that switch host key verification off.
+
+    The SSH provider honours them silently; a man in the middle (or a
+    neighbour on the login node's port) would then get our key and commands.
+
+    :raises HostKeyError: naming the extra and what it does.
+    """
+    bad = [
+        f"{name}={extra[name]!r} {why}"
+        for name, why in _UNSAFE_EXTRAS.items()
+        if name in extra and str(extra[name]).strip().lower() in ("true", "1", "yes")
+    ]
+    known = extra.get("known_hosts")
+    if isinstance(known, str) and known.strip().lower() in ("none", "/dev/null"):
+        bad.append(f"known_hosts={known!r} turns verification off")
+    if bad:
+        raise HostKeyError(
+            f"SSH connection {conn_id!r}: refusing extras that disable host key verification: "
+            + "; ".join(bad)
+            + ". Pin the server's key in the `host_key` extra instead (`ssh-keyscan`, "
+            "verified out of band)."
+        )
+
+
 class SlurmHook(BaseHook):
     """
     Talk to a Slurm cluster through its login node over SSH.
@@ -113,6 +147,7 @@ class SlurmHook(BaseHook):
     def ssh_hook(self) -> Any:
         from airflow.providers.ssh.hooks.ssh import SSHHook
 
+        check_host_key_extras(self.ssh_conn_id, self.get_connection(self.ssh_conn_id).extra_dejson)
         # One attempt: our callers decide about retries, and a host key
         # mismatch must not be retried at all.
         return SSHHook(
@@ -136,6 +171,8 @@ class SlurmHook(BaseHook):
 
     def close(self) -> None:
         """Close the SSH connection if one is open."""
+        if "ssh_hook" not in self.__dict__:
+            return  # never connected (or refused before connecting)
         client = self.ssh_hook.client
         if client is not None:
             client.close()
@@ -306,6 +343,10 @@ class AsyncSlurmClient:
 
         if self._conn is not None and not self._conn.is_closed():
             return
+        from airflow.providers.common.compat.connection import get_async_connection
+
+        conn = await get_async_connection(self.ssh_conn_id)
+        check_host_key_extras(self.ssh_conn_id, conn.extra_dejson)
         try:
             self._conn = await SSHHookAsync(ssh_conn_id=self.ssh_conn_id).get_conn()
         except asyncssh.HostKeyNotVerifiable as exc:
