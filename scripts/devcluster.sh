@@ -14,6 +14,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${SLURM_RAY_DEV_STATE:-/var/lib/slurm-ray-dev}
 JOB_USER=${SLURM_RAY_DEV_USER:-slurmray}
+# A second normal user on the same partition and nodes: the tests' hostile
+# neighbour on a shared site (tests/neighbour.py).
+NEIGHBOUR=${SLURM_RAY_DEV_NEIGHBOUR:-neighbour}
 SSH_PORT=${SLURM_RAY_DEV_SSH_PORT:-22022}
 CTLD_PORT=16817
 SLURMD_PORT=16818
@@ -102,12 +105,17 @@ make_dirs() {
   fi
 }
 
-ensure_user() {
-  if ! id "$JOB_USER" >/dev/null 2>&1; then
-    useradd --create-home --shell /bin/bash "$JOB_USER"
+ensure_account() {
+  if ! id "$1" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash "$1"
   fi
   # A fresh useradd account is locked; without PAM sshd refuses key login.
-  usermod -p '*' "$JOB_USER"
+  usermod -p '*' "$1"
+}
+
+ensure_user() {
+  ensure_account "$JOB_USER"
+  ensure_account "$NEIGHBOUR"
   mkdir -p "$SCRATCH"
   chown "$JOB_USER:" "$SCRATCH"
   chmod 755 "$SCRATCH"
@@ -157,6 +165,7 @@ PropagateResourceLimitsExcept=MEMLOCK
 NodeName=DEFAULT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
 NodeName=n1 NodeAddr=$NET.11 NodeHostname=n1
 NodeName=n2 NodeAddr=$NET.12 NodeHostname=n2
+# A shared site: jobs of every user share the nodes (by core, never --exclusive).
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
@@ -267,6 +276,11 @@ ensure_keys() {
   chmod 755 "$STATE/authorized_keys"
   cp "$STATE/ssh/id_ed25519.pub" "$STATE/authorized_keys/$JOB_USER"
   chmod 644 "$STATE/authorized_keys/$JOB_USER"
+  # The neighbour's own key: it cannot log in as the job user, nor we as it.
+  [[ -s $STATE/ssh/neighbour_ed25519 ]] ||
+    ssh-keygen -q -t ed25519 -N '' -C slurm-ray-dev-neighbour -f "$STATE/ssh/neighbour_ed25519"
+  cp "$STATE/ssh/neighbour_ed25519.pub" "$STATE/authorized_keys/$NEIGHBOUR"
+  chmod 644 "$STATE/authorized_keys/$NEIGHBOUR"
   printf '[127.0.0.1]:%s %s\n' "$SSH_PORT" "$(cut -d' ' -f1,2 "$STATE/ssh/ssh_host_ed25519_key.pub")" \
     >"$STATE/ssh/known_hosts"
 }
@@ -283,7 +297,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin no
-AllowUsers $JOB_USER
+AllowUsers $JOB_USER $NEIGHBOUR
 UsePAM no
 StrictModes no
 LogLevel VERBOSE
@@ -295,7 +309,8 @@ EOF
 }
 
 sshd_ok() {
-  ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 dev-cluster true
+  ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 dev-cluster true &&
+    ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 dev-cluster-neighbour true
 }
 
 start_sshd() {
@@ -323,6 +338,17 @@ Host dev-cluster
   UserKnownHostsFile $STATE/ssh/known_hosts
   StrictHostKeyChecking yes
   BatchMode yes
+
+# A second user of the same cluster (the tests' neighbour on a shared site).
+Host dev-cluster-neighbour
+  HostName 127.0.0.1
+  Port $SSH_PORT
+  User $NEIGHBOUR
+  IdentityFile $STATE/ssh/neighbour_ed25519
+  IdentitiesOnly yes
+  UserKnownHostsFile $STATE/ssh/known_hosts
+  StrictHostKeyChecking yes
+  BatchMode yes
 EOF
   local hostkey conn
   hostkey=$(cut -d' ' -f2 "$STATE/ssh/ssh_host_ed25519_key.pub")
@@ -334,6 +360,7 @@ export SLURM_CONF='$CONF'
 export SLURM_RAY_DEV_STATE='$STATE'
 export SLURM_RAY_DEV_VENV='$VENV'
 export SLURM_RAY_DEV_SCRATCH='$SCRATCH'
+export SLURM_RAY_DEV_NEIGHBOUR='$NEIGHBOUR'
 export AIRFLOW_CONN_SLURM_DEV='$conn'
 EOF
 }
@@ -385,6 +412,24 @@ kill_netns_procs() {
   kill -KILL $pids 2>/dev/null || true
 }
 
+# remove_neighbour: the neighbour's processes (found by uid, not by name), its
+# litter in /tmp and the account itself; up creates them again.
+remove_neighbour() {
+  id "$NEIGHBOUR" >/dev/null 2>&1 || return 0
+  local pids i
+  for i in $(seq 30); do
+    pids=$(pgrep -u "$NEIGHBOUR" || true)
+    [[ -n $pids ]] || break
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  find /tmp /var/tmp /dev/shm -xdev -mindepth 1 -maxdepth 1 -user "$NEIGHBOUR" \
+    -exec rm -rf {} + 2>/dev/null || true
+  userdel -r "$NEIGHBOUR" >/dev/null 2>&1 || userdel "$NEIGHBOUR" 2>/dev/null || true
+  rm -f "$STATE/authorized_keys/$NEIGHBOUR"
+}
+
 cmd_down() {
   [[ $(id -u) == 0 ]] || die "must run as root"
   stop_pid "$RUN/sshd.pid" "$STATE/ssh/sshd_config"
@@ -395,6 +440,7 @@ cmd_down() {
   done
   stop_pid "$RUN/slurmctld.pid" slurmctld
   stop_pid "$RUN/munged.pid" munged
+  remove_neighbour
   for n in "${NODES[@]}"; do
     ip link del "sr-$n-h" 2>/dev/null || true
     [[ -e /run/netns/sr-$n ]] && ip netns del "sr-$n"

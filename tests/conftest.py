@@ -99,3 +99,4 @@ def cluster() -> Iterator[DevCluster]:
 
 # Session fixtures shared by several test folders (imported last: they use `cluster`).
 from tests.airflow_fixtures import airflow  # noqa: E402, F401
+from tests.neighbour import neighbour  # noqa: E402, F401

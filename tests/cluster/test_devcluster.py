@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLUSTER_SCRIPT, ROOT, DevCluster
+from tests.neighbour import Neighbour
 
 pytestmark = pytest.mark.cluster
 
@@ -50,6 +51,8 @@ def test_up_is_idempotent_and_down_up_cycles_twice(cluster: DevCluster) -> None:
             assert not Path(f"/proc/{pid}").exists()
         assert not Path("/run/netns/sr-n1").exists()
         assert subprocess.run(["ip", "link", "show", "srbr0"], capture_output=True).returncode
+        # the neighbour user goes with the cluster (up creates it again)
+        assert subprocess.run(["id", "neighbour"], capture_output=True).returncode
         # down twice in a row is fine
         assert devcluster("down").returncode == 0
         started = time.monotonic()
@@ -62,6 +65,8 @@ def test_up_is_idempotent_and_down_up_cycles_twice(cluster: DevCluster) -> None:
     for name in ("ssh_config", "cluster.env", "log/slurmctld.log", "etc/slurm.conf"):
         assert (ROOT / ".dev" / name).exists(), name
     cluster.ssh("sinfo -h -o %t | sort -u | grep -qx idle")
+    neighbour = ["ssh", "-F", str(cluster.ssh_config), "dev-cluster-neighbour", "id -un"]
+    assert subprocess.run(neighbour, capture_output=True, text=True).stdout == "neighbour\n"
 
 
 def test_ssh_config_checks_host_key_strictly(cluster: DevCluster) -> None:
@@ -150,3 +155,45 @@ def test_status_reports_stopped_sshd_clearly(cluster: DevCluster) -> None:
     finally:
         assert devcluster("up").returncode == 0
     cluster.ssh("true")
+
+
+def test_neighbour_is_a_second_user_on_the_same_nodes(
+    cluster: DevCluster, neighbour: Neighbour
+) -> None:
+    """A shared site: a second user with its own key and ssh entry submits to the
+    same partition, its job shares the nodes with ours, and it sees our jobs and
+    processes the way a stranger would."""
+    text = cluster.ssh_config.read_text()
+    assert "Host dev-cluster\n" in text and "Host dev-cluster-neighbour\n" in text
+    assert neighbour.ssh("id -un").stdout.strip() == "neighbour"
+    # Its key is not ours: it cannot log in as the job user.
+    key = cluster.state / "ssh" / "neighbour_ed25519"
+    as_us = subprocess.run(
+        ["ssh", "-F", str(cluster.ssh_config), "-o", f"IdentityFile={key}", "-l", "slurmray",
+         "-o", "IdentitiesOnly=yes", "dev-cluster-neighbour", "id -un"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert as_us.returncode != 0
+    # Its job (one core on each node) runs while ours runs on the same nodes.
+    theirs = neighbour.sbatch(
+        "-N2 --ntasks-per-node=1 --cpus-per-task=1 --time=2 -o /dev/null",
+        "#!/bin/bash\nsrun sleep 120\n",
+    )
+    d = cluster.new_dir("shared")
+    ours = cluster.ssh(
+        f"cd {d} && sbatch --parsable -N2 --ntasks-per-node=1 --cpus-per-task=1 --time=2"
+        f" -o out-%j.txt --wait --wrap 'squeue -h -t R -o \"%i %u %N\"; srun hostname'",
+        timeout=120,
+    ).stdout.strip()
+    out = cluster.ssh(f"cat {d}/out-{ours}.txt").stdout
+    assert f"{theirs} neighbour n[1-2]" in out, out
+    assert f"{ours} slurmray n[1-2]" in out, out
+    # What the neighbour sees: our job in squeue, our processes in ps, from a node.
+    assert neighbour.run("hostname", node="n1").stdout.strip() == "n1"
+    assert "10.213.77.11" in neighbour.run("ip -4 -o addr show", node="n1").stdout
+    assert any(row["id"] == theirs for row in neighbour.squeue())
+    pid = int(cluster.ssh("setsid sleep 37 >/dev/null 2>&1 </dev/null & echo $!").stdout)
+    try:
+        assert (pid, "slurmray", "sleep 37") in neighbour.ps()
+    finally:
+        cluster.ssh(f"kill {pid}", check=False)
