@@ -162,7 +162,12 @@ class MlflowSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip():
             raise ValueError("mlflow.tracking_uri: must be a non-empty string")
-        self.tracking_uri = self.tracking_uri.strip().rstrip("/")
+        given = self.tracking_uri.strip().rstrip("/")
+        # Settings travel (XCom, trigger kwargs, logs): they keep the URI without
+        # its credentials; this process remembers them for its own clients.
+        self.tracking_uri = public_uri(given)
+        if given != self.tracking_uri:
+            _CREDENTIALS[self.tracking_uri] = given
         if not isinstance(self.experiment_name, str) or not self.experiment_name.strip():
             raise ValueError("mlflow.experiment_name: must be a non-empty string")
         if len(self.experiment_name) > 500:
@@ -217,10 +222,52 @@ class MlflowSettings:
         return asdict(self)
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+_USERINFO_ANYWHERE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*:[^/?#\s@]*@")
+#: public URI -> the same URI with credentials, for settings built in this process.
+_CREDENTIALS: dict[str, str] = {}
+#: Where the Airflow processes (worker, triggerer) get a tracking URI with credentials.
+URI_ENV_VARS = ("SLURM_RAY_MLFLOW_URI", "MLFLOW_TRACKING_URI")
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without ``user:password@``: the form that may be stored, logged or shown."""
+    return _USERINFO.sub(r"\1", uri.strip()).rstrip("/")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` replaced by ``***``."""
+    return _USERINFO_ANYWHERE.sub(lambda m: m.group(0).split(":")[0] + "://***@", text)
+
+
+def credentialed_uri(uri: str) -> str:
+    """The URI to connect with: credentials from this process, never from stored state.
+
+    A URI with credentials in :data:`URI_ENV_VARS` (set for the workers and the
+    triggerer alike) or given to :class:`MlflowSettings` in this process.
+    """
+    if uri in _CREDENTIALS:
+        return _CREDENTIALS[uri]
+    for name in URI_ENV_VARS:
+        value = os.environ.get(name, "").strip().rstrip("/")
+        if value and value != uri and public_uri(value) == uri:
+            return value
+    return uri
+
+
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = credentialed_uri(tracking_uri)
+    if uri != tracking_uri:
+        # MLflow prints "View run ... at: <the URI>" to stdout (the task log).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client_for(settings: MlflowSettings) -> MlflowClient:
+    """An :class:`mlflow.MlflowClient` for ``settings`` (credentials from this process)."""
+    return _client(settings.tracking_uri)
 
 
 def _is_http(uri: str) -> bool:
@@ -236,7 +283,7 @@ def _probe(tracking_uri: str, timeout: float) -> str | None:
 
     try:
         resp = http_request(
-            get_default_host_creds(tracking_uri),
+            get_default_host_creds(credentialed_uri(tracking_uri)),
             "/api/2.0/mlflow/experiments/search",
             "GET",
             params={"max_results": 1},
@@ -266,7 +313,8 @@ def _short_error(exc: BaseException) -> str:
     ):
         if marker in text:
             return marker
-    return f"{type(exc).__name__}: {text[:300]}"
+    # MLflow's errors quote the request URL, credentials included.
+    return f"{type(exc).__name__}: {scrub(text)[:300]}"
 
 
 def check_reachable(settings: MlflowSettings) -> None:

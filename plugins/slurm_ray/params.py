@@ -321,8 +321,12 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         JobSpec.from_dict({**job_spec, "job_name": "validate"})
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
-    tracking_uri = os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get(
-        "MLFLOW_TRACKING_URI", ""
+    from slurm_ray.mlflow_tracking import public_uri
+
+    # Without credentials: this dict goes to XCom and the rendered fields; the
+    # worker and triggerer take them from their own environment again.
+    tracking_uri = public_uri(
+        os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
     )
     return {
         "profile": profile.name,

@@ -8,6 +8,7 @@ The real-cluster half ("nothing created") is tests/cluster/test_shared_site_secr
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -281,3 +282,60 @@ def test_harmless_values_of_those_extras_pass_the_check(
     with pytest.raises(SlurmSSHError) as info:
         SlurmHook("hk_ok", conn_timeout=2).run("true")
     assert not isinstance(info.value, HostKeyError), info.value  # refused by the network
+
+
+# -- hole 4: MLflow credentials and build variables stay out of what is stored ---------
+
+
+def test_tracking_uri_credentials_never_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slurm_ray.mlflow_tracking import (
+        MlflowSettings,
+        credentialed_uri,
+        make_relay,
+        public_uri,
+        scrub,
+    )
+
+    secret_uri = "https://alice:S3cr%2Ft@mlflow.example.org:5000/"
+    assert public_uri(secret_uri) == "https://mlflow.example.org:5000"
+    assert public_uri("sqlite:///data/x@y/mlflow.db") == "sqlite:///data/x@y/mlflow.db"
+    settings = MlflowSettings(secret_uri, "exp")
+    stored = json.dumps([settings.to_dict(), make_relay(settings, run_id=None, tags={"a": "b"})])
+    assert "S3cr" not in stored and "alice" not in stored
+    assert credentialed_uri(settings.tracking_uri) == secret_uri.rstrip("/")
+    # a process that only has the environment (the triggerer) finds them there
+    monkeypatch.setenv("SLURM_RAY_MLFLOW_URI", "http://bob:pw2@10.0.0.9:5055")
+    assert credentialed_uri("http://10.0.0.9:5055") == "http://bob:pw2@10.0.0.9:5055"
+    assert credentialed_uri("http://10.0.0.8:5055") == "http://10.0.0.8:5055"
+    assert "pw2" not in resolve_run(DEFAULTS)["mlflow"]["tracking_uri"]
+    msg = scrub("API request to http://bob:pw2@10.0.0.9:5055/api/2.0 failed")
+    assert "pw2" not in msg and "10.0.0.9:5055/api" in msg
+
+
+def test_build_values_never_in_the_command_line() -> None:
+    from slurm_ray.operators.cluster_env import render_build_command, render_build_stdin
+    from slurm_ray.utils.environment import EnvironmentSpec
+
+    env = EnvironmentSpec(kind="venv", prefix="/p/env", module_lines=("module load x",))
+    cmd = render_build_command(env, stage_dir="/p/env.spec/.stage-1", spec_name="r.txt")
+    stdin = render_build_stdin(env, {"PIP_INDEX_URL": "https://u:tok3n@idx/simple"})
+    assert "tok3n" not in cmd and "module load" not in cmd
+    assert stdin.split(b"\0")[-2] == b"PIP_INDEX_URL=https://u:tok3n@idx/simple"
+
+
+def test_job_env_vars_are_not_in_the_batch_script() -> None:
+    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.utils.batch import JobSpec
+    from slurm_ray.utils.environment import EnvironmentSpec
+
+    op = SlurmRayOperator(
+        task_id="t",
+        ssh_conn_id="x",
+        remote_base_dir="/r",
+        entrypoint="true",
+        env_vars={"API_TOKEN": "tok-123-secret"},
+    )
+    script = op.render_script(
+        JobSpec.from_dict({"job_name": "j"}), EnvironmentSpec(), "/r/run", None
+    )
+    assert "tok-123-secret" not in script and "job.env" in script

@@ -7,7 +7,6 @@ pure builders in :mod:`slurm_ray.utils.remote`; this module only transports.
 
 from __future__ import annotations
 
-import io
 import posixpath
 import stat
 import time
@@ -181,13 +180,20 @@ class SlurmHook(BaseHook):
     # -- commands ---------------------------------------------------------------
 
     def run(
-        self, command: str, *, timeout: float | None = None, check: bool = False
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        check: bool = False,
+        stdin: bytes | None = None,
     ) -> CommandResult:
         """
         Run ``command`` in the login node's shell.
 
         :param timeout: seconds before the command is abandoned (channel closed).
         :param check: raise :class:`RemoteCommandError` on a non-zero exit.
+        :param stdin: bytes for the command's stdin (secrets go here, not in
+            ``command``: every user's `ps` shows the command line).
         """
         limit = self.command_timeout if timeout is None else timeout
         transport = self.get_conn().get_transport()
@@ -197,6 +203,8 @@ class SlurmHook(BaseHook):
         try:
             chan.settimeout(limit)
             chan.exec_command(command)
+            if stdin:
+                chan.sendall(stdin)
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = time.monotonic() + limit
@@ -254,8 +262,12 @@ class SlurmHook(BaseHook):
                 # trigger) stage the same files at once and must not rename each
                 # other's temp file.
                 tmp = f"{remote_path}.part-{uuid.uuid4().hex[:12]}"
-                sftp.putfo(io.BytesIO(data), tmp)
-                sftp.chmod(tmp, mode)
+                # The mode is set while the file is still empty: a 0600 file
+                # must never hold its data under the login umask, even briefly.
+                with sftp.open(tmp, "wb") as fh:
+                    fh.chmod(mode)
+                    fh.set_pipelined(True)
+                    fh.write(data)
                 sftp.posix_rename(tmp, remote_path)
 
     def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
@@ -292,7 +304,12 @@ class SlurmHook(BaseHook):
     def makedirs(self, remote_path: str) -> None:
         """``mkdir -p`` and prove the directory is writable (one-line error if not)."""
         probe = posixpath.join(remote_path, ".slurm_ray_write_probe")
-        cmd = f"mkdir -p -- {quote(remote_path)} && : > {quote(probe)} && rm -f -- {quote(probe)}"
+        # umask 077: every directory this creates is owner-only (a shared site);
+        # the leaf is made 0700 even if it existed.
+        cmd = (
+            f"umask 077 && mkdir -p -- {quote(remote_path)} && chmod 700 -- {quote(remote_path)} "
+            f"&& : > {quote(probe)} && rm -f -- {quote(probe)}"
+        )
         res = self.run(cmd)
         if res.exit_code != 0:
             reason = (res.stderr.strip().splitlines() or ["unknown error"])[-1]

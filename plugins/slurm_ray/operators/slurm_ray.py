@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py", "export_model.py")
+#: The job's env_vars, 0600, read by job.sbatch (never uploaded anywhere).
+JOB_ENV_FILE = "job.env"
 #: Exit code of the driver when it checkpointed on Slurm's pre-timeout signal.
 EXIT_CHECKPOINTED = 75
 
@@ -219,9 +221,11 @@ class SlurmRayOperator(BaseOperator):
                 config = validate_config(self.config, env_modules=self._env_modules()).to_dict()
             except ConfigError as exc:
                 raise AirflowException(str(exc)) from exc
-        for key in self.env_vars:
+        for key, value in self.env_vars.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
+            if not isinstance(value, str) or "\0" in value:
+                raise AirflowException(f"env_vars[{key!r}]: expected a string without NUL bytes")
         return spec, env, config
 
     def _env_modules(self) -> tuple[str, ...]:
@@ -258,11 +262,16 @@ class SlurmRayOperator(BaseOperator):
             "RAY_USAGE_STATS_ENABLED": "0",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
-            **self.env_vars,
         }
         if self._env_modules():
             env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(self._env_modules())
-        setup = [f"cd {quote(run_dir)}", *env.activation_lines()]
+        setup = [f"cd {quote(run_dir)}"]
+        if self.env_vars:
+            # env_vars may hold secrets: they live in the 0600 job.env (NUL-separated
+            # records, read as data, never sourced), not in this script, which is
+            # kept for audit and uploaded to MLflow.
+            setup.append(f"while IFS= read -r -d '' kv; do export \"$kv\"; done < {JOB_ENV_FILE}")
+        setup += env.activation_lines()
         return render_batch_script(
             spec,
             command=f"exec bash ray_launch.sh {command}",
@@ -402,14 +411,18 @@ class SlurmRayOperator(BaseOperator):
                 raise AirflowException(f"extra_files: {name!r} must be a plain file name")
             data = local.read_bytes()
             self._staged[name] = data
-            mode = 0o755 if name.endswith(".sh") else 0o644
+            # Owner only: on a shared site nobody else reads a run directory.
+            mode = 0o700 if name.endswith(".sh") else 0o600
             uploads[posixpath.join(run_dir, name)] = (data, mode)
         payload = config if config is not None else self.config
         uploads[posixpath.join(run_dir, "config.json")] = (
             json.dumps(payload, indent=2, sort_keys=True).encode(),
-            0o644,
+            0o600,
         )
-        uploads[posixpath.join(run_dir, "job.sbatch")] = (script.encode(), 0o644)
+        uploads[posixpath.join(run_dir, "job.sbatch")] = (script.encode(), 0o600)
+        if self.env_vars:
+            records = b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.env_vars.items())
+            uploads[posixpath.join(run_dir, JOB_ENV_FILE)] = (records, 0o600)
         self.hook.upload_many(uploads)
 
     def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
@@ -419,7 +432,9 @@ class SlurmRayOperator(BaseOperator):
         serialise on a lock file in the run directory, so only one submits.
         """
         cmd = (
-            f"cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
+            # umask 077: the lock, and every file the job creates (Slurm's log,
+            # metrics, checkpoints), is owner-only.
+            f"umask 077 && cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
             f'existing=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
             "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
             'if [ -n "$existing" ]; then echo "attach:$existing"; '
@@ -499,9 +514,9 @@ class SlurmRayOperator(BaseOperator):
         context["ti"].xcom_push(key="mlflow_run_id", value=self._mlflow_run_id)
         context["ti"].xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
         try:
-            from mlflow.tracking import MlflowClient
+            from slurm_ray.mlflow_tracking import client_for
 
-            run = MlflowClient(settings.tracking_uri).get_run(self._mlflow_run_id)
+            run = client_for(settings).get_run(self._mlflow_run_id)
             context["ti"].xcom_push(key="mlflow_experiment_id", value=run.info.experiment_id)
         except Exception as exc:
             self.log.warning("could not read the MLflow run's experiment: %s", exc)
