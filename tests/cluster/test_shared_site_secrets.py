@@ -226,6 +226,8 @@ def test_canary_secrets_nowhere_in_logs_xcom_trigger_or_mlflow(
     client.download_artifacts(run_id, "", str(art))
     files = [p for p in art.rglob("*") if p.is_file()]
     assert any(p.name == "job.sbatch" for p in files), files
+    # the checkpoint inside the run directory is still uploaded (hole 8 confines, not drops)
+    assert any(p.relative_to(art).parts[0] == "checkpoint" for p in files), files
     places: dict[str, str] = {
         "task log (operator)": op_log.text,
         "task log (trigger)": trig_log.text,
@@ -272,3 +274,40 @@ def test_no_host_key_check_extra_cannot_skip_verification(
         hook.run(f"touch {shlex.quote(marker)}")
     hook.close()
     assert cluster.ssh(f"test -e {shlex.quote(marker)}", check=False).returncode != 0
+
+
+def test_finalize_uploads_nothing_from_outside_the_run(
+    cluster: DevCluster, mlflow_server, tmp_path: Path
+) -> None:
+    """result.json naming a directory outside the run (directly or by a symlink): not uploaded."""
+    from mlflow import MlflowClient
+    from slurm_ray.hooks.slurm import SlurmHook
+    from slurm_ray.mlflow_tracking import MlflowSettings, ensure_run, finalize_run
+
+    base = cluster.new_dir("outside")
+    secret = _canary("OUT")
+    run_dir = f"{base}/run"
+    q = shlex.quote
+    cluster.ssh(
+        f"mkdir -p {q(base)}/keys {q(run_dir)}/checkpoints/iter_000001 && "
+        f"printf %s {q(secret)} > {q(base)}/keys/id_ed25519 && "
+        f"echo inside > {q(run_dir)}/checkpoints/iter_000001/state && "
+        f"ln -s {q(base)}/keys {q(run_dir)}/checkpoints/iter_000002 && "
+        f"ln -s {q(base)}/keys/id_ed25519 {q(run_dir)}/config.json"
+    )
+    settings = MlflowSettings(mlflow_server.url, "shared-site-outside")
+    hook = SlurmHook("slurm_dev")
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    try:
+        for ckpt in (f"{base}/keys", f"{run_dir}/checkpoints/iter_000002", f"{run_dir}/../keys"):
+            run_id = ensure_run(settings, tags={"slurm_ray.test": uuid.uuid4().hex})
+            result = {"status": "succeeded", "iterations": 1, "checkpoint": ckpt}
+            hook.upload_bytes(json.dumps(result).encode(), f"{run_dir}/result.json")
+            finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="1", result=None)
+            art = tmp_path / run_id
+            client.download_artifacts(run_id, "", str(art))
+            names = sorted(str(p.relative_to(art)) for p in art.rglob("*") if p.is_file())
+            assert names == ["result.json"], (ckpt, names)
+            assert all(secret not in p.read_text() for p in art.rglob("*") if p.is_file())
+    finally:
+        hook.close()

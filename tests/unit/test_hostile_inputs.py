@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -339,3 +340,70 @@ def test_job_env_vars_are_not_in_the_batch_script() -> None:
         JobSpec.from_dict({"job_name": "j"}), EnvironmentSpec(), "/r/run", None
     )
     assert "tok-123-secret" not in script and "job.env" in script
+
+
+# -- hole 8: uploads only from inside the run directory, symlinks resolved -------------
+
+
+def _outside_and_run(tmp_path: Path, links: bool = True) -> tuple[Path, Path]:
+    outside = tmp_path / "outside"
+    (outside / "ckpt").mkdir(parents=True)
+    (outside / "ckpt" / "id_ed25519").write_text("OUTSIDE-SECRET-1")
+    (outside / "secret.txt").write_text("OUTSIDE-SECRET-2")
+    run_dir = tmp_path / "run"
+    good = run_dir / "checkpoints" / "iter_000002"
+    good.mkdir(parents=True)
+    (good / "state.pkl").write_text("inside")
+    (run_dir / "result.json").write_text("{}")
+    (run_dir / "checkpoints" / "iter_000009").symlink_to(outside / "ckpt")
+    if not links:
+        return outside, run_dir
+    (good / "leak").symlink_to(outside / "secret.txt")  # a link inside the checkpoint
+    (good / "leakdir").symlink_to(outside / "ckpt")
+    (run_dir / "config.json").symlink_to(outside / "secret.txt")
+    (run_dir / "mlflow_model").symlink_to(outside / "ckpt")
+    return outside, run_dir
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "{outside}/ckpt",  # named outright
+        "{run}/../outside/ckpt",  # '..' out of the run dir
+        "{run}/checkpoints/iter_000009",  # a symlink in the run dir pointing out
+        "/",
+    ],
+)
+@pytest.mark.parametrize("links", [False, True], ids=["plain", "symlinks"])
+def test_bundle_never_takes_anything_from_outside_the_run(
+    tmp_path: Path, checkpoint: str, links: bool
+) -> None:
+    from slurm_ray import mlflow_tracking as mt
+
+    from tests.unit.test_mlflow_pure import LocalHook
+
+    outside, run_dir = _outside_and_run(tmp_path, links)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    names = [*mt.RUN_DIR_ARTIFACTS, mt.MODEL_DIRNAME]
+    ckpt = checkpoint.format(outside=outside, run=run_dir)
+    got_ckpt = mt._fetch_bundle(LocalHook(), str(run_dir), names, ckpt, dest)
+    assert got_ckpt is None
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+    assert files == ["result.json"], files
+
+
+def test_bundle_takes_the_checkpoint_inside_without_its_links(tmp_path: Path) -> None:
+    from slurm_ray import mlflow_tracking as mt
+
+    from tests.unit.test_mlflow_pure import LocalHook
+
+    _, run_dir = _outside_and_run(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    ckpt = run_dir / "checkpoints" / "iter_000002"
+    got = mt._fetch_bundle(LocalHook(), str(run_dir), ["result.json"], str(ckpt), dest)
+    assert got == "checkpoints/iter_000002"
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir())
+    assert files == ["checkpoints/iter_000002/state.pkl", "result.json"], files
+    assert "OUTSIDE" not in "".join(p.read_text() for p in dest.rglob("*") if p.is_file())
