@@ -142,11 +142,15 @@ class SlurmHook(BaseHook):
         self.command_timeout = command_timeout
         self.conn_timeout = conn_timeout
 
+    def check_connection(self) -> None:
+        """Refuse a connection whose extras disable host key checks (no network used)."""
+        check_host_key_extras(self.ssh_conn_id, self.get_connection(self.ssh_conn_id).extra_dejson)
+
     @cached_property
     def ssh_hook(self) -> Any:
         from airflow.providers.ssh.hooks.ssh import SSHHook
 
-        check_host_key_extras(self.ssh_conn_id, self.get_connection(self.ssh_conn_id).extra_dejson)
+        self.check_connection()
         # One attempt: our callers decide about retries, and a host key
         # mismatch must not be retried at all.
         return SSHHook(

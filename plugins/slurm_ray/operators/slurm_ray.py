@@ -304,6 +304,8 @@ class SlurmRayOperator(BaseOperator):
         needs_user = "{user}" in base or "{user}" in str(self.environment.get("prefix", ""))
         log_rel = "slurm-%j.out"
         spec, env, config = self._validated(job_name, log_rel)
+        # Before MLflow is touched: a refused connection must leave nothing behind.
+        self.hook.check_connection()
         if needs_user:
             user = self._remote_user()
             base = self._resolve_user(base, user)
