@@ -22,18 +22,27 @@
 #      grace period; never `ray stop`) and exits with ENTRYPOINT's status.
 #
 # Environment read (all optional):
-#   SLURM_RAY_PORT_BASE            first port of this job's 100-port block
-#                                  (default 20000 + (SLURM_JOB_ID % 400) * 100)
+#   SLURM_RAY_PORT_BASE            first port of this job's 100-port block (fixed:
+#                                  the job fails if a port of it is taken); by
+#                                  default the block is picked from
+#   SLURM_RAY_PORT_MIN/_MAX        (20000/65535) minus the ephemeral port range
+#                                  (/proc/sys/net/ipv4/ip_local_port_range),
+#                                  starting at SLURM_JOB_ID modulo the number of
+#                                  blocks; every port of a block is probed on
+#                                  every node first, and a taken block is
+#                                  skipped (logged)
 #   SLURM_RAY_JOIN_TIMEOUT         seconds to wait for all nodes (default 180)
 #   SLURM_RAY_STOP_GRACE           seconds between SIGTERM and SIGKILL (default 8)
-#   SLURM_RAY_TMP_ROOT             parent of the per-job temp dir (default /tmp)
+#   SLURM_RAY_TMP_ROOT             parent of the job's private temp dirs (default
+#                                  /tmp; owned by root or you, sticky if others
+#                                  may write to it)
 #   SLURM_RAY_OBJECT_STORE_MEMORY  bytes per node (default 30% of the job's
 #                                  memory on the node, else min(30% RAM, 2 GiB))
 #   SLURM_RAY_NUM_GPUS             GPUs per node (default: detected)
 #   SLURM_RAY_IFACE                take each node's address from this interface
 #                                  (default: getent ahostsv4 "$(hostname)")
 #   SLURM_RAY_DASHBOARD            1 = start the dashboard on the head (port base+7)
-#   SLURM_RAY_KEEP_TMP             1 = keep the temp dir even on success
+#   SLURM_RAY_KEEP_TMP             1 = keep the nodes' temp dirs in place
 # plus Slurm's SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_JOB_CPUS_PER_NODE,
 # SLURM_CPUS_ON_NODE, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE,
 # SLURM_MEM_PER_NODE, SLURM_MEM_PER_CPU, CUDA_VISIBLE_DEVICES.
@@ -41,15 +50,22 @@
 # Environment exported to every process of the job (Ray daemons, ENTRYPOINT):
 #   RAY_ADDRESS=HEAD_IP:GCS_PORT (ENTRYPOINT only), RAY_AUTH_MODE=token,
 #   RAY_AUTH_TOKEN_PATH=<run dir>/.ray_auth_token.<jobid> (mode 600, removed
-#   at exit), RAY_USAGE_STATS_ENABLED=0, SLURM_RAY_TMPDIR, SLURM_RAY_NUM_NODES.
+#   at exit), RAY_USAGE_STATS_ENABLED=0, SLURM_RAY_NUM_NODES, SLURM_RAY_TMPDIR
+#   (a private temp dir of the batch shell, removed at exit).
 #
 # Exit status: ENTRYPOINT's status; 2 usage/environment error; 3 the Ray
 # cluster did not form; 75 SIGUSR1 arrived before ENTRYPOINT started;
 # 128+n a fatal signal n arrived before ENTRYPOINT started.
 #
 # Files: <run dir>/ray-logs/<jobid>.<node>.log (output of `ray start` per
-# node); /tmp/rs-<jobid>/<node> (Ray's temp dir and logs: removed when the
-# job succeeded, kept when it failed).
+# node); Ray's temp dir on each node is a fresh private `mktemp -d`
+# (<tmp root>/rs-<jobid>.XXXXXX, mode 700: a neighbour can neither pre-create
+# nor own it), removed when the node's step ends, also on failure and
+# scancel; unless the job succeeded, Ray's logs are first copied to
+# <run dir>/ray-logs/<jobid>.<node>.ray/.
+#
+# Shared site: nothing read back from a file is executed (results are
+# key=value data, parsed strictly, from a private directory).
 #
 # Portable to bash 4.4 (RHEL 8 / SLES 15 login and compute nodes).
 
@@ -153,10 +169,139 @@ tcp_open() {
   timeout 2 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
 }
 
+# port_blocks LO HI: the first port of every 100-port block within
+# SLURM_RAY_PORT_MIN..SLURM_RAY_PORT_MAX that stays clear of the ephemeral
+# range LO-HI (every outgoing connection on the node takes a port from there).
+port_blocks() {
+  local lo=$1 hi=$2 min=${SLURM_RAY_PORT_MIN:-20000} max=${SLURM_RAY_PORT_MAX:-65535} b
+  for ((b = min; b + 99 <= max; b += 100)); do
+    if ((b + 99 < lo || b > hi)); then printf '%s\n' "$b"; fi
+  done
+}
+
+# preferred_block JOBID < BLOCKS: the block a job tries first (spread by job id).
+preferred_block() {
+  local blocks=()
+  mapfile -t blocks
+  ((${#blocks[@]})) || return 1
+  printf '%s\n' "${blocks[$1 % ${#blocks[@]}]}"
+}
+
+# choose_ports: probe the candidate blocks on every node (one srun task per
+# node) and set PORT_BASE to the first block that is free everywhere.
+choose_ports() {
+  local order=() blocks=() lo=32768 hi=60999 n i start
+  if [[ -n ${SLURM_RAY_PORT_BASE:-} ]]; then
+    if ! [[ $SLURM_RAY_PORT_BASE =~ ^[0-9]+$ ]] || ((SLURM_RAY_PORT_BASE < 1024 ||
+      SLURM_RAY_PORT_BASE > 65436)); then
+      err "SLURM_RAY_PORT_BASE=$SLURM_RAY_PORT_BASE: must be a port number 1024..65436"
+      return 2
+    fi
+    order=("$SLURM_RAY_PORT_BASE")
+  else
+    read -r lo hi </proc/sys/net/ipv4/ip_local_port_range || true
+    mapfile -t blocks < <(port_blocks "$lo" "$hi")
+    n=${#blocks[@]}
+    if ((n == 0)); then
+      err "no 100-port block in ${SLURM_RAY_PORT_MIN:-20000}-${SLURM_RAY_PORT_MAX:-65535} outside the ephemeral range $lo-$hi"
+      return 2
+    fi
+    start=$((SLURM_JOB_ID % n))
+    for ((i = 0; i < n; i++)); do order+=("${blocks[(start + i) % n]}"); done
+  fi
+  local out list live reap=()
+  list=$(printf '%s,' "${order[@]}")
+  # This user's jobs that are not over (%A: one id per array element): their
+  # temp dirs stay; without that list nothing is reaped.
+  if live=$(squeue -h -u "$(id -un)" -o %A 2>/dev/null) && [[ -n $live ]]; then
+    reap=(--reap "${SLURM_RAY_TMP_ROOT:-/tmp}" "$SLURM_JOB_ID" "$(tr '\n' , <<<"$live")")
+  fi
+  if ! out=$(timeout 60 srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
+    --ntasks-per-node=1 --cpus-per-task=1 --job-name=ray-ports \
+    "$py" "$_RL_SELF_DIR/ray_wait.py" ports "$list" 100 "${reap[@]}" \
+    2>>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.ports.log"); then
+    err "could not probe Ray's ports on the nodes (see $RUN_DIR/ray-logs/$SLURM_JOB_ID.ports.log)"
+    return 3
+  fi
+  local -A why=()
+  local word base port node skipped=0 reaped
+  reaped=$(grep -c '^reaped ' <<<"$out")
+  ((reaped)) && log "removed $reaped temp dir(s) that ended jobs (cancelled) left on the nodes"
+  while read -r word base port node; do
+    [[ $word == taken && $base =~ ^[0-9]+$ && $port =~ ^([0-9]+|ephemeral)$ &&
+      $node =~ ^[A-Za-z0-9._-]+$ ]] || continue
+    why[$base]+="${why[$base]:+, }port $port on $node"
+  done <<<"$out"
+  for base in "${order[@]}"; do
+    if [[ -z ${why[$base]:-} ]]; then
+      PORT_BASE=$base
+      ((skipped)) && log "skipped $skipped taken port block(s); using $base-$((base + 99))"
+      return 0
+    fi
+    skipped=$((skipped + 1))
+    if ((skipped <= 3)); then
+      log "port block $base-$((base + 99)) is taken (${why[$base]}); trying the next one"
+    fi
+  done
+  if [[ -n ${SLURM_RAY_PORT_BASE:-} ]]; then
+    err "port block $SLURM_RAY_PORT_BASE-$((SLURM_RAY_PORT_BASE + 99)) (SLURM_RAY_PORT_BASE) is taken: ${why[$SLURM_RAY_PORT_BASE]}"
+  else
+    err "every port block is taken on some node"
+  fi
+  return 3
+}
+
+# private_dir: a new directory that only this user can use, under the temp
+# root. `mktemp -d` creates an unpredictable name exclusively (mode 700), so
+# a neighbour can neither pre-create it, own it nor deny it to us.
+private_dir() {
+  local root=${SLURM_RAY_TMP_ROOT:-/tmp} d owner mode
+  if [[ ! -d $root || -L $root ]]; then
+    err "temp root $root is not a directory (SLURM_RAY_TMP_ROOT)"
+    return 1
+  fi
+  owner=$(stat -c %u "$root") mode=$(stat -c %a "$root")
+  if [[ $owner != 0 && $owner != "$(id -u)" ]]; then
+    err "temp root $root belongs to uid $owner, not to root or you (SLURM_RAY_TMP_ROOT)"
+    return 1
+  fi
+  if (((8#$mode & 8#022) && !(8#$mode & 8#1000))); then
+    err "temp root $root is writable by others and not sticky (SLURM_RAY_TMP_ROOT)"
+    return 1
+  fi
+  if ! d=$(umask 077 && mktemp -d "$root/rs-$SLURM_JOB_ID.XXXXXX"); then
+    err "cannot create a temp dir in $root"
+    return 1
+  fi
+  if [[ -L $d || ! -O $d || $(stat -c %a "$d") != 700 ]]; then
+    err "temp dir $d is not private"
+    return 1
+  fi
+  printf '%s\n' "$d"
+}
+
+# read_result FILE: ray_wait.py's key=value lines into alive/cpus/gpus/dead_node.
+# Data only: any other line is refused, nothing is evaluated.
+read_result() {
+  local line
+  while IFS= read -r line; do
+    if [[ $line =~ ^(alive|cpus|gpus)=([0-9]+(\.[0-9]+)?)$ ]] ||
+      [[ $line =~ ^(dead_node)=([A-Za-z0-9._-]*)$ ]]; then
+      case ${BASH_REMATCH[1]} in
+        alive) alive=${BASH_REMATCH[2]} ;;
+        cpus) cpus=${BASH_REMATCH[2]} ;;
+        gpus) gpus=${BASH_REMATCH[2]} ;;
+        dead_node) dead_node=${BASH_REMATCH[2]} ;;
+      esac
+    else
+      err "ignoring unexpected line in $1: ${line:0:80}"
+    fi
+  done <"$1"
+}
+
 # Port layout inside the job's block (BASE .. BASE+99).
 set_ports() {
-  local jobid=${SLURM_JOB_ID:-0}
-  PORT_BASE=${SLURM_RAY_PORT_BASE:-$((20000 + (jobid % 400) * 100))}
+  PORT_BASE=$1
   GCS_PORT=$((PORT_BASE + 0))
   NODE_MANAGER_PORT=$((PORT_BASE + 1))
   OBJECT_MANAGER_PORT=$((PORT_BASE + 2))
@@ -172,11 +317,14 @@ set_ports() {
 # ---------------------------------------------------------------------------
 # Inside one node's srun step: `ray_launch.sh __node__ head|worker CPUS`.
 # ---------------------------------------------------------------------------
+NODE_TMP=""
+NODE_NAME=""
+RAY_PID=""
+
 node_main() {
   local role=$1 cpus=$2
-  set_ports
+  set_ports "$_RL_PORT_BASE"
   local node=${SLURMD_NODENAME:-$(hostname -s)}
-  local tmp="$SLURM_RAY_TMPDIR/$node"
   local logdir="$_RL_RUN_DIR/ray-logs"
   mkdir -p "$logdir"
   exec >>"$logdir/$SLURM_JOB_ID.$node.log" 2>&1
@@ -189,7 +337,20 @@ node_main() {
     err "no IPv4 address found for $(hostname) (set SLURM_RAY_IFACE)"
     exit 97
   fi
-  mkdir -p "$tmp" && chmod 700 "$SLURM_RAY_TMPDIR" "$tmp"
+  NODE_NAME=$node
+  trap node_exit EXIT
+  trap 'node_signal TERM' TERM
+  trap 'node_signal INT' INT
+  trap 'node_signal HUP' HUP
+  NODE_TMP=$(private_dir) || exit 96
+  # Ray makes its temp dir world-writable (0777): it lives one level below
+  # our private dir, which nobody else can enter.
+  local tmp=$NODE_TMP/ray
+  printf 'temp dir %s\n' "$tmp"
+  # For the cleanup step (srun's SIGTERM reaches this shell as SIGKILL), and
+  # for the next job's reaper when a scancel leaves the dir behind.
+  (umask 077 && printf '%s\n' "$NODE_TMP" >"$logdir/$SLURM_JOB_ID.$node.tmp" &&
+    printf '%s\n' "$_RL_RUN_DIR" >"$NODE_TMP/run_dir")
 
   local gpus osm
   gpus=$(detect_gpus)
@@ -223,23 +384,77 @@ node_main() {
     else
       args+=(--include-dashboard=false)
     fi
+    printf 'ray start %s\n' "${args[*]}"
+    ray start "${args[@]}" &
   else
     args+=(--address="$_RL_HEAD_IP:$GCS_PORT")
     printf 'ray start %s\n' "${args[*]}"
     # `ray start` via ray_wait.py: imports Ray while the head is starting,
     # then waits (no fixed sleep) until the head is registered in the GCS.
-    exec python "$_RL_SELF_DIR/ray_wait.py" worker-start "$_RL_HEAD_IP:$GCS_PORT" \
-      "${SLURM_RAY_JOIN_TIMEOUT:-180}" start "${args[@]}"
+    python "$_RL_SELF_DIR/ray_wait.py" worker-start "$_RL_HEAD_IP:$GCS_PORT" \
+      "${SLURM_RAY_JOIN_TIMEOUT:-180}" start "${args[@]}" &
   fi
-  printf 'ray start %s\n' "${args[*]}"
-  exec ray start "${args[@]}"
+  # A child, not exec: this shell outlives Ray to clean up its temp dir.
+  RAY_PID=$!
+  wait_pid "$RAY_PID"
+  exit "$WAIT_RC"
 }
 
-# On success: remove the per-job temp dir on every node (node-local /tmp).
+node_signal() {
+  if pid_running "$RAY_PID"; then kill -s "$1" "$RAY_PID" 2>/dev/null; fi
+}
+
+# The node step ends by itself (Ray failed) or by scancel's SIGTERM: clean up.
+# (The batch shell's SIGTERM to srun arrives as SIGKILL: __cleanup__ then.)
+node_exit() {
+  local rc=$? i
+  trap '' TERM INT HUP
+  if pid_running "$RAY_PID"; then
+    kill -TERM "$RAY_PID" 2>/dev/null
+    for ((i = 0; i < 30; i++)); do
+      pid_running "$RAY_PID" || break
+      sleep 0.1
+    done
+  fi
+  if [[ -z $NODE_TMP || ! -d $NODE_TMP ]]; then exit "$rc"; fi
+  if [[ ${SLURM_RAY_KEEP_TMP:-0} == 1 ]]; then
+    printf 'keeping temp dir %s (SLURM_RAY_KEEP_TMP=1)\n' "$NODE_TMP"
+    exit "$rc"
+  fi
+  local status=""
+  [[ -f $_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.status ]] &&
+    status=$(head -c 8 "$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.status")
+  remove_node_tmp "$NODE_TMP" "$NODE_NAME" "${status:-1}"
+  exit "$rc"
+}
+
+# remove_node_tmp DIR NODE STATUS: unless STATUS is 0, copy Ray's logs to
+# <run dir>/ray-logs/<jobid>.<node>.ray/ first; then remove DIR.
+remove_node_tmp() {
+  local d=$1 node=$2 status=$3 s i
+  if [[ $status != 0 ]]; then
+    local dest="$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.ray"
+    for s in "$d"/ray/session_2*; do
+      [[ -d $s/logs ]] && mkdir -p "$dest" && cp -r "$s/logs/." "$dest/" 2>/dev/null
+    done
+  fi
+  # Ray's daemons may still be exiting and writing.
+  for ((i = 0; i < 5; i++)); do
+    rm -rf "$d" 2>/dev/null && break
+    sleep 0.2
+  done
+  rm -f "$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.tmp"
+}
+
+# __cleanup__ STATUS, one task per node after the Ray steps ended: remove the
+# temp dir the node step recorded (only if it is this job's and ours).
 cleanup_main() {
-  local node=${SLURMD_NODENAME:-$(hostname -s)}
-  rm -rf "${SLURM_RAY_TMPDIR:?}/$node" 2>/dev/null
-  rmdir "$SLURM_RAY_TMPDIR" 2>/dev/null
+  local node=${SLURMD_NODENAME:-$(hostname -s)} rec d=""
+  rec="$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.tmp"
+  [[ -f $rec ]] && d=$(head -n 1 "$rec")
+  if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
+    remove_node_tmp "$d" "$node" "$1"
+  fi
   return 0
 }
 
@@ -248,6 +463,7 @@ cleanup_main() {
 # ---------------------------------------------------------------------------
 STEP_PIDS=()
 STEP_NODES=()
+PRIV_DIR=""
 EP_PID=""
 WAIT_PID=""
 FINAL_RC=""
@@ -310,17 +526,24 @@ on_exit() {
     log "entrypoint still running at exit; SIGTERM"
     kill -TERM "$EP_PID" 2>/dev/null
   fi
+  # Tells each node step whether to keep Ray's logs before removing its temp dir.
+  ((${#STEP_PIDS[@]})) && printf '%s\n' "$rc" >"$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
   stop_steps
   [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]] && rm -f "$RAY_AUTH_TOKEN_PATH"
+  [[ -n $PRIV_DIR ]] && rm -rf "$PRIV_DIR"
   if ((${#STEP_PIDS[@]})); then
-    if [[ $rc == 0 && ${SLURM_RAY_KEEP_TMP:-0} != 1 ]]; then
+    if [[ ${SLURM_RAY_KEEP_TMP:-0} == 1 ]]; then
+      log "keeping Ray's temp dirs (SLURM_RAY_KEEP_TMP=1): see 'temp dir' in $RUN_DIR/ray-logs/$SLURM_JOB_ID.<node>.log"
+    else
       # The batch shell holds the job's CPUs on the first node only; the
       # Ray steps are gone, but --overlap keeps this from ever waiting.
       timeout 60 srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
-        --ntasks-per-node=1 --cpus-per-task=1 bash "$SELF" __cleanup__ >/dev/null 2>&1 ||
-        log "could not remove $SLURM_RAY_TMPDIR on every node"
-    else
-      log "keeping Ray temp dir $SLURM_RAY_TMPDIR/<node> on ${NODES[*]} (Ray's logs; exit status $rc); ray start output in $RUN_DIR/ray-logs/"
+        --ntasks-per-node=1 --cpus-per-task=1 bash "$SELF" __cleanup__ "$rc" >/dev/null 2>&1 ||
+        log "could not remove Ray's temp dirs on every node"
+      rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
+      if [[ $rc != 0 ]]; then
+        log "kept Ray's logs in $RUN_DIR/ray-logs/$SLURM_JOB_ID.<node>.ray/ (exit status $rc); ray start output in $RUN_DIR/ray-logs/"
+      fi
     fi
   fi
   log "exit $rc"
@@ -349,7 +572,6 @@ main() {
   local t0
   t0=$(now)
   RUN_DIR=$(pwd)
-  set_ports
   # shellcheck disable=SC2207
   NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
   NUM_NODES=${#NODES[@]}
@@ -367,7 +589,6 @@ main() {
     for ((i = 0; i < NUM_NODES; i++)); do cpus_list+=("${SLURM_CPUS_ON_NODE:-1}"); done
   fi
 
-  export SLURM_RAY_TMPDIR="${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID"
   export SLURM_RAY_NUM_NODES=$NUM_NODES
   export RAY_USAGE_STATS_ENABLED=0
   # Ray packs actors onto the first node until it is half busy; spread them
@@ -378,14 +599,19 @@ main() {
   export _RL_RUN_DIR=$RUN_DIR
   _RL_SELF_DIR=$(dirname "$SELF")
   export _RL_SELF_DIR
-  [[ -n ${SLURM_RAY_PORT_BASE:-} ]] && export SLURM_RAY_PORT_BASE
-  unset RAY_ADDRESS
+  unset RAY_ADDRESS SLURM_RAY_TMPDIR
 
   trap on_exit EXIT
   trap 'on_signal USR1' USR1
   trap 'on_signal TERM' TERM
   trap 'on_signal INT' INT
   trap 'on_signal HUP' HUP
+
+  # The batch shell's own private dir (ray_wait's result; SLURM_RAY_TMPDIR).
+  PRIV_DIR=$(private_dir) || exit 2
+  export SLURM_RAY_TMPDIR=$PRIV_DIR
+  mkdir -p "$RUN_DIR/ray-logs"
+  rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
 
   (
     umask 077
@@ -409,11 +635,21 @@ main() {
     log "warning: batch shell runs on $short_host, not on the first node $HEAD_NODE"
   fi
 
-  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)), temp $SLURM_RAY_TMPDIR"
+  local prc tp
+  tp=$(now)
+  choose_ports
+  prc=$?
+  if ((prc != 0)); then
+    FINAL_RC=$prc
+    exit "$prc"
+  fi
+  set_ports "$PORT_BASE"
+  export _RL_PORT_BASE=$PORT_BASE
+
+  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)) (probed in $(elapsed "$tp")s), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
 
   # Start every node at once; workers wait for the head's GCS port themselves.
   # srun's own messages go to the node's log next to `ray start`'s output.
-  mkdir -p "$RUN_DIR/ray-logs"
   local i role
   for ((i = 0; i < NUM_NODES; i++)); do
     role=worker
@@ -427,7 +663,7 @@ main() {
   done
 
   # Wait for all nodes; ray_wait.py watches the srun PIDs as well.
-  local result="$SLURM_RAY_TMPDIR.wait.$$"
+  local result="$PRIV_DIR/wait"
   local watch=() rc
   for ((i = 0; i < NUM_NODES; i++)); do watch+=(--watch "${STEP_PIDS[i]}=${STEP_NODES[i]}"); done
   "$py" -u "$_RL_SELF_DIR/ray_wait.py" --address "$HEAD_IP:$GCS_PORT" \
@@ -438,10 +674,7 @@ main() {
   rc=$WAIT_RC
   WAIT_PID=""
   local alive=0 cpus=0 gpus=0 dead_node=""
-  if [[ -s $result ]]; then
-    # shellcheck disable=SC1090
-    source "$result"
-  fi
+  [[ -f $result ]] && read_result "$result"
   rm -f "$result"
   local took
   took=$(elapsed "$t0")
@@ -451,7 +684,7 @@ main() {
       local logf="$RUN_DIR/ray-logs/$SLURM_JOB_ID.$dead_node.log"
       [[ -r $logf ]] && tail -n 20 "$logf" | sed 's/^/    /' >&2
     fi
-    err "only $alive of $NUM_NODES Ray nodes joined after $took s; see $SLURM_RAY_TMPDIR logs"
+    err "only $alive of $NUM_NODES Ray nodes joined after $took s; see $RUN_DIR/ray-logs/"
     FINAL_RC=3
     exit 3
   fi
@@ -496,7 +729,7 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
       node_main "$@"
       ;;
     __cleanup__)
-      cleanup_main
+      cleanup_main "${2:-1}"
       ;;
     *)
       main "$@"

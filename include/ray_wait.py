@@ -3,14 +3,16 @@
     python ray_wait.py --address IP:PORT --nodes N [--timeout S]
                        [--watch PID=NODE ...] [--result FILE]
     python ray_wait.py worker-start IP:PORT TIMEOUT start [RAY START ARGS...]
+    python ray_wait.py ports BASE[,BASE...] [SIZE] [--reap ROOT JOBID LIVE_IDS]
 
 1. Polls the GCS TCP port (never calls into Ray before it accepts
    connections: a Ray client pointed at a closed port blocks for minutes).
 2. Polls the GCS node table until N nodes are ALIVE.
 
 Stops early when a watched process (the `srun ... ray start` steps, children
-of the same batch shell) has exited. Writes shell assignments to --result:
-``alive=K cpus=C gpus=G`` and, when a step died, ``dead_node=NODE``.
+of the same batch shell) has exited. Writes ``key=value`` lines to --result
+(``alive=K``, ``cpus=C``, ``gpus=G``, ``dead_node=NODE`` or empty): data that
+the launcher parses strictly, never shell code.
 
 Exit status: 0 all nodes joined; 3 timeout; 4 a watched step exited;
 5 unexpected error talking to Ray.
@@ -20,15 +22,28 @@ The ``worker-start`` form is `ray start` for a worker node: it imports Ray
 node is ALIVE in the GCS (a worker that connects earlier falls into Ray's
 own 2-second retry sleeps), then runs the `ray` console script in-process.
 
+The ``ports`` form runs on every node of the job (one srun task per node)
+before Ray starts: for each candidate port block (BASE .. BASE+SIZE-1, SIZE
+100 by default) it prints ``taken BASE PORT NODE`` when a port of the block
+cannot be bound on this node (someone listens, or it lies in this node's
+ephemeral range: PORT is then ``ephemeral``). With ``--reap`` it first
+removes this user's temp dirs ROOT/rs-<id>.XXXXXX of ended jobs (an id below
+JOBID that is not in the comma-separated LIVE_IDS): what a cancelled job
+could not remove (srun SIGKILLs its steps), after moving Ray's logs into
+that job's run directory; it prints ``reaped DIR``.
+
 Needs the Ray job's environment: RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
-import shlex
+import re
+import shutil
 import socket
+import stat
 import sys
 import time
 
@@ -153,10 +168,85 @@ def worker_start(argv: list[str]) -> int:
     return ray_main()
 
 
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """This node's (network namespace's) ephemeral port range."""
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split()[:2])
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_free(port: int) -> bool:
+    """Nothing on this node holds `port` (a listener on any address, or a socket
+    still bound to it): binding the wildcard address without SO_REUSEADDR fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+TMP_NAME = re.compile(r"rs-(\d+)\.[A-Za-z0-9]{6}")
+
+
+def reap(root: str, job: int, live: set[int], node: str) -> None:
+    """Remove this user's temp dirs of ended jobs under `root` (see the module doc)."""
+    uid = os.getuid()
+    for entry in os.scandir(root):
+        m = TMP_NAME.fullmatch(entry.name)
+        if not m or int(m.group(1)) >= job or int(m.group(1)) in live:
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        try:
+            with open(os.path.join(entry.path, "run_dir")) as f:
+                run_dir = f.readline().rstrip("\n")
+        except OSError:
+            run_dir = ""
+        logs_dir = os.path.join(run_dir, "ray-logs")
+        if run_dir and os.path.isdir(logs_dir) and os.stat(logs_dir).st_uid == uid:
+            dest = os.path.join(logs_dir, f"{m.group(1)}.{node}.ray")
+            for logs in glob.glob(os.path.join(entry.path, "ray", "session_2*", "logs")):
+                shutil.copytree(logs, dest, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        print(f"reaped {entry.path}")
+
+
+def probe_ports(argv: list[str]) -> int:
+    """ports BASE[,BASE...] [SIZE] [--reap ROOT JOBID LIVE]: the blocks this node cannot use."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    if "--reap" in argv:
+        i = argv.index("--reap")
+        root, job, live = argv[i + 1 : i + 4]
+        argv = argv[:i]
+        try:
+            reap(root, int(job), {int(x) for x in live.split(",") if x.isdigit()}, node)
+        except OSError as e:  # never a reason to fail the job
+            log(f"could not clean up old temp dirs in {root}: {e!r}")
+    bases = [int(b) for b in argv[0].split(",") if b]
+    size = int(argv[1]) if len(argv) > 1 else 100
+    lo, hi = ephemeral_range()
+    for base in bases:
+        if base <= hi and base + size - 1 >= lo:
+            print(f"taken {base} ephemeral {node}")
+            continue
+        busy = next((p for p in range(base, base + size) if not port_free(p)), None)
+        if busy is not None:
+            print(f"taken {base} {busy} {node}")
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker-start"]:
         return worker_start(argv[1:])
+    if argv[:1] == ["ports"]:
+        return probe_ports(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", required=True, help="GCS address IP:PORT")
     p.add_argument("--nodes", type=int, required=True, help="expected node count")
@@ -184,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"alive={int(state['alive'])}\n")
             f.write(f"cpus={fmt(state['cpus'])}\n")
             f.write(f"gpus={fmt(state['gpus'])}\n")
-            f.write(f"dead_node={shlex.quote(str(state['dead_node']))}\n")
+            f.write(f"dead_node={state['dead_node']}\n")
         os.replace(tmp, a.result)
 
     def dead_step() -> str | None:

@@ -309,8 +309,7 @@ EOF
 }
 
 sshd_ok() {
-  ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 dev-cluster true &&
-    ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 dev-cluster-neighbour true
+  ssh -F "$STATE/ssh_config" -o BatchMode=yes -o ConnectTimeout=5 "${1:-dev-cluster}" true
 }
 
 start_sshd() {
@@ -324,6 +323,14 @@ start_sshd() {
     /usr/sbin/sshd -f "$STATE/ssh/sshd_config" -E "$LOG/sshd.log"
   fi
   wait_for 15 sshd sshd_ok
+  # Not fatal: while checkouts with an older devcluster.sh share this cluster,
+  # their `up` rewrites the configs without the neighbour (tests re-apply it).
+  local i
+  for i in $(seq 25); do
+    sshd_ok dev-cluster-neighbour >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  log "warning: the neighbour user cannot log in (ssh dev-cluster-neighbour)"
 }
 
 write_client_files() {

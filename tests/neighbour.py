@@ -186,7 +186,11 @@ def _ready(n: Neighbour) -> bool:
         entry = "Host dev-cluster-neighbour\n" in (n.state / "ssh_config").read_text()
     except (KeyError, OSError):
         return False
-    return entry and n.ssh("true", check=False, timeout=30).returncode == 0
+    for _ in range(3):  # other checkouts' `up` restart sshd (SIGHUP) now and then
+        if entry and n.ssh("true", check=False, timeout=30).returncode == 0:
+            return True
+        time.sleep(1)
+    return False
 
 
 @pytest.fixture

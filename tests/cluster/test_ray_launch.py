@@ -158,7 +158,7 @@ def wait_done(jobid: str, timeout: float = 180) -> dict[str, str]:
 JOB_PROCS = r"""
 for p in /proc/[0-9]*; do
   if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$1" ||
-     tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q "/tmp/rs-$1/"; then
+     tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -Eq "/tmp/rs-$1[./]"; then
     echo "${p#/proc/} $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)"
   fi
 done
@@ -175,6 +175,11 @@ def ray_procs(jobid: str) -> list[str]:
         for line in out.splitlines()
         if line.strip() and "bash -s" not in line and "/proc/[0-9]" not in line
     ]
+
+
+def tmp_dirs(jobid: str) -> list[str]:
+    """The job's temp dirs still in /tmp (the dev nodes share it)."""
+    return ssh(f"ls -d /tmp/rs-{jobid}.* 2>/dev/null", check=False).stdout.split()
 
 
 def wait_no_ray(jobid: str, timeout: float) -> float:
@@ -252,8 +257,9 @@ def test_two_node_cluster_runs_entrypoint(job):
     assert "AUTH token 0o600" in out
     assert "entrypoint exited with status 0" in out
     wait_no_ray(jobid, timeout=15)
-    # success: temp dir removed everywhere, token removed
-    assert ssh(f"ls -d /tmp/rs-{jobid}", check=False).returncode != 0
+    # success: temp dirs removed everywhere (no Ray logs kept), token removed
+    assert tmp_dirs(jobid) == []
+    assert ssh(f"ls -d {j.dir}/ray-logs/{jobid}.*.ray", check=False).returncode != 0
     assert ssh(f"ls {shlex.quote(str(j.dir))}/.ray_auth_token.{jobid}", check=False).returncode != 0
 
 
@@ -270,11 +276,14 @@ def test_failing_entrypoint_exit_code(job):
     assert info["JobState"] == "FAILED", out
     assert info["ExitCode"] == "7:0", out
     assert "entrypoint exited with status 7" in out
-    assert f"keeping Ray temp dir /tmp/rs-{jobid}" in out
+    assert f"kept Ray's logs in {j.dir}/ray-logs/{jobid}.<node>.ray/" in out
     m = READY_RE.search(out)
     assert m, out
     wait_no_ray(jobid, timeout=15)
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    # failure: Ray's logs moved into the run directory, no temp dir left behind
+    assert tmp_dirs(jobid) == []
+    for node in ("n1", "n2"):
+        ssh(f"test -s {j.dir}/ray-logs/{jobid}.{node}.ray/raylet.out")
 
 
 @pytest.mark.cluster
@@ -312,7 +321,17 @@ def test_scancel_leaves_no_ray_process(job):
     info = wait_done(jobid, timeout=60)
     assert info["JobState"] == "CANCELLED"
     print(f"Ray gone {took:.1f}s after scancel")
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    # cancelled: srun SIGKILLs the steps, so the temp dirs stay (private)
+    # until this user's next job starts on the nodes: it moves Ray's logs
+    # into the cancelled job's run directory and removes them.
+    left = tmp_dirs(jobid)
+    modes = ssh(f"stat -c '%a %U' {' '.join(left)}", check=False).stdout.split("\n")
+    assert all(m == "700 slurmray" for m in modes if m), modes
+    nxt = j.submit("true")
+    assert wait_done(nxt)["JobState"] == "COMPLETED", j.out(nxt)
+    assert tmp_dirs(jobid) == [], j.out(nxt)
+    assert "temp dir(s) that ended jobs (cancelled) left" in j.out(nxt)
+    ssh(f"test -s {j.dir}/ray-logs/{jobid}.n2.ray/raylet.out")
 
 
 @pytest.mark.cluster
@@ -330,7 +349,7 @@ def test_usr1_reaches_entrypoint(job):
     assert info["ExitCode"] == "75:0", out
     assert info["JobState"] == "FAILED"
     wait_no_ray(jobid, timeout=15)
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    assert tmp_dirs(jobid) == []
 
 
 @pytest.mark.cluster
@@ -347,12 +366,12 @@ def test_ray_start_failure_stops_waiting(job):
     out = j.out(jobid)
     assert info["ExitCode"] == "3:0", out
     assert "exited before the cluster formed" in out
-    m = re.search(r"only (\d+) of 2 Ray nodes joined after ([\d.]+) s; see /tmp/rs-\d+ logs", out)
+    m = re.search(r"only (\d+) of 2 Ray nodes joined after ([\d.]+) s; see \S+/ray-logs/", out)
     assert m, out
     assert float(m.group(2)) < 60  # did not sit out the 120 s timeout
     assert "must not run" not in out
     wait_no_ray(jobid, timeout=15)
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    assert tmp_dirs(jobid) == []
 
 
 @pytest.mark.cluster
@@ -363,11 +382,11 @@ def test_join_timeout(job):
     info = wait_done(jobid, timeout=120)
     out = j.out(jobid)
     assert info["ExitCode"] == "3:0", out
-    pattern = r"only [01] of 2 Ray nodes joined after [\d.]+ s; see /tmp/rs-\d+ logs"
+    pattern = r"only [01] of 2 Ray nodes joined after [\d.]+ s; see \S+/ray-logs/"
     assert re.search(pattern, out), out
     assert "must not run" not in out
     wait_no_ray(jobid, timeout=15)
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    assert tmp_dirs(jobid) == []
 
 
 @pytest.mark.cluster
@@ -381,7 +400,7 @@ def test_scancel_while_forming_leaves_no_ray_process(job):
     info = wait_done(jobid, timeout=60)
     assert info["JobState"] == "CANCELLED"
     assert "must not run" not in j.out(jobid)
-    ssh(f"rm -rf /tmp/rs-{jobid}", check=False)
+    assert tmp_dirs(jobid) == []
 
 
 # --- the launcher's helpers, sourced into a local bash (no cluster needed) ---
@@ -437,13 +456,33 @@ def test_object_store_bytes():
 
 def test_port_block():
     out = bash_fn(
-        'set_ports; echo "$GCS_PORT $MIN_WORKER_PORT $MAX_WORKER_PORT"', SLURM_JOB_ID="1234"
+        'set_ports 31000; echo "$GCS_PORT $NODE_MANAGER_PORT $MIN_WORKER_PORT $MAX_WORKER_PORT"'
     )
-    assert out == f"{20000 + 34 * 100} {20000 + 34 * 100 + 10} {20000 + 34 * 100 + 99}"
-    out = bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="1", SLURM_RAY_PORT_BASE="31000")
-    assert out == "31000"
-    # every job's block stays outside Ray's default worker range 10002-19999
-    assert int(bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="399")) + 99 <= 59999
+    assert out == "31000 31001 31010 31099"
+    # blocks stay out of Linux's ephemeral range and Ray's default worker range 10002-19999
+    blocks = [int(b) for b in bash_fn("port_blocks 32768 60999").split()]
+    assert blocks[0] == 20000 and blocks[-1] == 65400
+    assert all(b + 99 < 32768 or b > 60999 for b in blocks)
+    assert len(blocks) == 127 + 45
+    narrow = bash_fn("port_blocks 1024 65535", SLURM_RAY_PORT_MIN="20000")
+    assert narrow == ""
+    # jobs spread over the blocks by id; the next job id starts one block further
+    first = bash_fn("port_blocks 32768 60999 | preferred_block 171")
+    assert first == "65400"
+    assert bash_fn("port_blocks 32768 60999 | preferred_block 172") == "20000"
+
+
+def test_read_result_is_data_only(tmp_path):
+    """ray_wait's result is parsed, never executed: other lines are refused."""
+    f = tmp_path / "wait"
+    marker = tmp_path / "ran"
+    f.write_text(
+        f"alive=2\ncpus=3.5\ngpus=0\ndead_node=n1\ntouch {marker}\nalive=$(touch {marker})\n"
+    )
+    out = bash_fn(f'alive=0; read_result {f} 2>&1; echo "$alive $cpus $gpus $dead_node"')
+    assert out.splitlines()[-1] == "2 3.5 0 n1"
+    assert "ignoring unexpected line" in out
+    assert not marker.exists()
 
 
 def test_launcher_refuses_outside_slurm():

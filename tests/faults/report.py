@@ -40,6 +40,9 @@ CLOCKS = {
 }
 
 
+SHARED_SITE = "## Shared site"
+
+
 def write_report(sources: list[Path], target: Path) -> None:
     """Aggregate every results-*.jsonl file into a markdown table."""
     rows: dict[str, list[dict]] = defaultdict(list)
@@ -70,14 +73,8 @@ def write_report(sources: list[Path], target: Path) -> None:
         )
     lines += ["", "Time to recover, per fault:", ""]
     lines += [f"- {fault}: {CLOCKS[fault]}" for fault in sorted(CLOCKS, key=lambda f: (len(f), f))]
-    target.write_text("\n".join(lines) + "\n" + _kept_sections(target))
-
-
-#: Hand-written sections (from this heading on) survive a rewrite of the table.
-KEPT_HEADING = "## Shared site"
-
-
-def _kept_sections(target: Path) -> str:
+    # The hand-kept "shared site" section (attacks by a second user) stays.
     old = target.read_text() if target.exists() else ""
-    at = old.find("\n" + KEPT_HEADING)
-    return old[at:] if at >= 0 else ""
+    if SHARED_SITE in old:
+        lines += ["", old[old.index(SHARED_SITE) :].rstrip("\n")]
+    target.write_text("\n".join(lines) + "\n")

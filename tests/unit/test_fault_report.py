@@ -32,13 +32,12 @@ def test_report_rows_variants_and_failures(tmp_path: Path) -> None:
     assert table[1].endswith("| 1 | 0 | - |")
 
 
-def test_report_keeps_the_hand_written_shared_site_sections(tmp_path: Path) -> None:
-    src = tmp_path / "results-x.jsonl"
-    src.write_text(json.dumps({"fault": "R3", "passed": True, "recover_s": 1.0}) + "\n")
+def test_report_keeps_the_shared_site_section(tmp_path: Path) -> None:
+    src = tmp_path / "results-1.jsonl"
+    src.write_text(json.dumps({"fault": "R2", "passed": True, "recover_s": 3.0}) + "\n")
     target = tmp_path / "reliability.md"
-    target.write_text("# old table\n\n## Shared site\n\n| attack | outcome |\n")
-    write_report([src], target)
+    target.write_text("# old table\n\n## Shared site: a neighbour attacks\n\n- attack 1\n")
     write_report([src], target)
     text = target.read_text()
-    assert "# old table" not in text and "| R3 |" in text
-    assert text.count("## Shared site") == 1 and text.endswith("| attack | outcome |\n")
+    assert "# old table" not in text and "| R2 |" in text
+    assert text.endswith("## Shared site: a neighbour attacks\n\n- attack 1\n")
