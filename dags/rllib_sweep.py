@@ -16,15 +16,17 @@ from airflow.sdk import DAG, Param, task
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
 from slurm_ray.pipeline import (
+    SWEEP_FIXED,
     TRAIN_POLL_INTERVAL,
     TRAIN_RETRIES,
     environment_tasks,
+    plan_sweep_runs,
     promote_model,
     register_trained_model,
     resolve_or_fail,
 )
 
-_OVERRIDABLE = sorted(set(param_specs()) - {"profile", "experiment_name", "register_model_name"})
+_OVERRIDABLE = sorted(set(param_specs()) - SWEEP_FIXED)
 
 with DAG(
     dag_id="rllib_sweep",
@@ -39,9 +41,12 @@ with DAG(
             type="array",
             minItems=1,
             maxItems=64,
+            # The trigger form / REST API refuse a bad override value too
+            # (plan_runs checks again, naming configs[i].field).
             items={
                 "type": "object",
-                "propertyNames": {"enum": _OVERRIDABLE},
+                "properties": {name: param_specs()[name]["schema"] for name in _OVERRIDABLE},
+                "additionalProperties": False,
             },
             description="Configurations to compare; each object overrides the base Params.",
         ),
@@ -61,27 +66,8 @@ with DAG(
 
     @task
     def plan_runs(params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """One operator-kwargs dict per configuration; each one validated, errors indexed."""
-        params = dict(params or {})
-        configs = params.pop("configs", [])
-        runs = []
-        for i, overrides in enumerate(configs):
-            try:
-                resolved = resolve_or_fail({**params, **overrides})
-            except Exception as exc:
-                raise type(exc)(f"configs[{i}]: {exc}") from exc
-            runs.append(
-                {
-                    "ssh_conn_id": resolved["ssh_conn_id"],
-                    "remote_base_dir": resolved["remote_base_dir"],
-                    "job_spec": resolved["job_spec"],
-                    "environment": resolved["environment"],
-                    "config": resolved["config"],
-                    "mlflow": resolved["mlflow"],
-                    "cluster_name": resolved["profile"],
-                }
-            )
-        return runs
+        """One operator-kwargs dict per configuration; every override checked, errors indexed."""
+        return plan_sweep_runs(params or {})
 
     # Any: XComArg indexing (multiple_outputs) is invisible to type checkers.
     resolved: Any = resolve()

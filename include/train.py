@@ -848,7 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         return _config_error(run_dir, f"config: cannot read {args.config}: {exc}")
     try:
-        cfg = tc.validate_config(raw)
+        # The operator checked the module against the profile; the allowlist
+        # travels in the job's environment so a config.json alone cannot widen it.
+        modules = [m for m in os.environ.get("SLURM_RAY_ENV_MODULES", "").split(",") if m]
+        cfg = tc.validate_config(raw, env_modules=modules)
         check_env_id(cfg.env_id)
     except tc.ConfigError as exc:
         return _config_error(run_dir, str(exc))

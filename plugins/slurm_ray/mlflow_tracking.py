@@ -162,7 +162,12 @@ class MlflowSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip():
             raise ValueError("mlflow.tracking_uri: must be a non-empty string")
-        self.tracking_uri = self.tracking_uri.strip().rstrip("/")
+        given = self.tracking_uri.strip().rstrip("/")
+        # Settings travel (XCom, trigger kwargs, logs): they keep the URI without
+        # its credentials; this process remembers them for its own clients.
+        self.tracking_uri = public_uri(given)
+        if given != self.tracking_uri:
+            _CREDENTIALS[self.tracking_uri] = given
         if not isinstance(self.experiment_name, str) or not self.experiment_name.strip():
             raise ValueError("mlflow.experiment_name: must be a non-empty string")
         if len(self.experiment_name) > 500:
@@ -217,10 +222,52 @@ class MlflowSettings:
         return asdict(self)
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+_USERINFO_ANYWHERE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*:[^/?#\s@]*@")
+#: public URI -> the same URI with credentials, for settings built in this process.
+_CREDENTIALS: dict[str, str] = {}
+#: Where the Airflow processes (worker, triggerer) get a tracking URI with credentials.
+URI_ENV_VARS = ("SLURM_RAY_MLFLOW_URI", "MLFLOW_TRACKING_URI")
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without ``user:password@``: the form that may be stored, logged or shown."""
+    return _USERINFO.sub(r"\1", uri.strip()).rstrip("/")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` replaced by ``***``."""
+    return _USERINFO_ANYWHERE.sub(lambda m: m.group(0).split(":")[0] + "://***@", text)
+
+
+def credentialed_uri(uri: str) -> str:
+    """The URI to connect with: credentials from this process, never from stored state.
+
+    A URI with credentials in :data:`URI_ENV_VARS` (set for the workers and the
+    triggerer alike) or given to :class:`MlflowSettings` in this process.
+    """
+    if uri in _CREDENTIALS:
+        return _CREDENTIALS[uri]
+    for name in URI_ENV_VARS:
+        value = os.environ.get(name, "").strip().rstrip("/")
+        if value and value != uri and public_uri(value) == uri:
+            return value
+    return uri
+
+
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = credentialed_uri(tracking_uri)
+    if uri != tracking_uri:
+        # MLflow prints "View run ... at: <the URI>" to stdout (the task log).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client_for(settings: MlflowSettings) -> MlflowClient:
+    """An :class:`mlflow.MlflowClient` for ``settings`` (credentials from this process)."""
+    return _client(settings.tracking_uri)
 
 
 def _is_http(uri: str) -> bool:
@@ -236,7 +283,7 @@ def _probe(tracking_uri: str, timeout: float) -> str | None:
 
     try:
         resp = http_request(
-            get_default_host_creds(tracking_uri),
+            get_default_host_creds(credentialed_uri(tracking_uri)),
             "/api/2.0/mlflow/experiments/search",
             "GET",
             params={"max_results": 1},
@@ -266,7 +313,8 @@ def _short_error(exc: BaseException) -> str:
     ):
         if marker in text:
             return marker
-    return f"{type(exc).__name__}: {text[:300]}"
+    # MLflow's errors quote the request URL, credentials included.
+    return f"{type(exc).__name__}: {scrub(text)[:300]}"
 
 
 def check_reachable(settings: MlflowSettings) -> None:
@@ -838,42 +886,67 @@ def _bundle_command(run_dir: str, names: Sequence[str], checkpoint: str | None) 
     """
     Shell: tar the existing ``names`` of ``run_dir`` and the checkpoint directory.
 
+    Only what lies inside the run directory is taken: the checkpoint path (from
+    ``result.json``, written by the job) is resolved with its symlinks and
+    refused unless it is inside; symlinks are never archived or followed.
     The tarball goes into a fresh hidden directory inside the run directory
     (scratch has room for a big checkpoint, a login node's /tmp may not).
-    Prints that directory's name, then ``bundle`` if there was anything to tar.
+    Prints that directory's name, then ``checkpoint REL`` (or
+    ``checkpoint-outside``), then ``bundle`` if there was anything to tar.
     """
     lines = [
         "set -e",
         f"cd -- {quote(run_dir)}",
+        "rd=$(pwd -P)",
         "tmp=$(mktemp -d .slurm-ray-export.XXXXXX)",
         'echo "$tmp"',
-        "set --",
+        ': > "$tmp/list"',
         f"for f in {' '.join(quote(n) for n in names)}; do "
-        'if [ -e "$f" ]; then set -- "$@" "$f"; fi; done',
+        'if [ -e "$f" ] && [ ! -L "$f" ]; then find "$f" ! -type l -print0 >> "$tmp/list"; fi; done',
     ]
     if checkpoint:
-        parent, base = posixpath.split(checkpoint.rstrip("/"))
-        lines.append(
-            f"if [ -d {quote(checkpoint)} ]; then "
-            f'set -- "$@" -C {quote(parent or "/")} {quote(base)}; fi'
-        )
-    # -f is opened before any -C takes effect, so the relative path is right.
-    lines.append('if [ "$#" -gt 0 ]; then tar -czf "$tmp/bundle.tgz" "$@"; echo bundle; fi')
+        lines += [
+            f"ck=$(realpath -e -- {quote(checkpoint)} 2>/dev/null) || ck=",
+            'case "$ck" in'
+            ' "$rd"/?*) rel=${ck#"$rd"/}; echo "checkpoint $rel";'
+            ' find "$rel" ! -type l -print0 >> "$tmp/list" ;;'
+            " *) echo checkpoint-outside ;;"
+            " esac",
+        ]
+    lines.append(
+        'if [ -s "$tmp/list" ]; then '
+        'tar --null --no-recursion -T "$tmp/list" -czf "$tmp/bundle.tgz"; echo bundle; fi'
+    )
     return "\n".join(lines)
 
 
 def _fetch_bundle(
     hook: RemoteFiles, run_dir: str, names: Sequence[str], checkpoint: str | None, dest: Path
-) -> None:
-    """Download the run-dir files and the checkpoint in one tarball (one SFTP transfer)."""
+) -> str | None:
+    """Download the run-dir files and the checkpoint in one tarball (one SFTP transfer).
+
+    :returns: the checkpoint's path relative to the run directory (and to
+        ``dest``), or None when there is none inside the run directory.
+    """
     # Generous timeout: compressing a large checkpoint takes a while.
     res = hook.run(_bundle_command(run_dir, names, checkpoint), timeout=3600, check=True)
-    out = (res.stdout or "").split()
+    out = (res.stdout or "").splitlines()
     if not out or not _EXPORT_DIR_RE.fullmatch(out[0]):
         raise MlflowError(f"unexpected output from the remote bundling step: {res.stdout!r}")
     tmp = posixpath.join(run_dir, out[0])
+    rel: str | None = None
     try:
-        if out[1:] == ["bundle"]:
+        for line in out[1:]:
+            if line.startswith("checkpoint "):
+                rel = line.removeprefix("checkpoint ")
+            elif line == "checkpoint-outside":
+                _log.warning(
+                    "checkpoint %r is not inside the run directory %s (symlinks resolved); "
+                    "not uploaded",
+                    checkpoint,
+                    run_dir,
+                )
+        if "bundle" in out[1:]:
             local = dest / "bundle.tgz"
             hook.download(f"{tmp}/bundle.tgz", str(local))
             with tarfile.open(local) as tar:
@@ -881,6 +954,9 @@ def _fetch_bundle(
             local.unlink()
     finally:
         hook.run(f"rm -rf -- {quote(tmp)}")
+    if rel is not None and (rel.startswith("/") or ".." in rel.split("/")):
+        rel = None  # cannot come from the case above; never trust it blindly
+    return rel
 
 
 def _elapsed_seconds(text: str | None) -> float | None:
@@ -1008,12 +1084,12 @@ def finalize_run(
     with tempfile.TemporaryDirectory(prefix="slurm-ray-mlflow-") as tmp_name:
         tmp = Path(tmp_name)
         started = time.monotonic()
-        _fetch_bundle(hook, run_dir, names, checkpoint, tmp)
+        ckpt_rel = _fetch_bundle(hook, run_dir, names, checkpoint, tmp)
         for name, folder in {**RUN_DIR_ARTIFACTS, slurm_log: "slurm"}.items():
             if (tmp / name).is_file():
                 client.log_artifact(run_id, str(tmp / name), folder or None)
         if checkpoint:
-            ckpt_local = tmp / posixpath.basename(checkpoint.rstrip("/"))
+            ckpt_local = tmp / ckpt_rel if ckpt_rel else tmp / ".no-checkpoint"
             if ckpt_local.is_dir():
                 client.log_artifacts(run_id, str(ckpt_local), f"checkpoint/{ckpt_local.name}")
             else:

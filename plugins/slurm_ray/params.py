@@ -28,8 +28,11 @@ KNOWN_ENVS = (
 )
 _DISCRETE_ONLY = {"DQN"}
 _CONTINUOUS_ENVS = {"MountainCarContinuous-v0", "Pendulum-v1"}
-_SAFE_TEXT = r"^[A-Za-z0-9._:@+-]*$"
-_TIME = r"^(UNLIMITED|[0-9]+(-[0-9]{1,2}(:[0-9]{2}){0,2}|(:[0-9]{2}){0,2}))$"
+# Python's `$` (jsonschema uses re.search) also matches before a trailing
+# newline; `(?!\n)` gives the `\Z` meaning in both Python and the UI's JavaScript.
+_END = r"$(?!\n)"
+_SAFE_TEXT = r"^[A-Za-z0-9._:@+-]*" + _END
+_TIME = r"^(UNLIMITED|[0-9]+(-[0-9]{1,2}(:[0-9]{2}){0,2}|(:[0-9]{2}){0,2}))" + _END
 
 
 class RunParamError(ValueError):
@@ -161,7 +164,7 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
                 "type": "string",
                 "minLength": 1,
                 "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9 ._/-]+$",
+                "pattern": r"^[A-Za-z0-9 ._/-]+" + _END,
             },
             "description": "MLflow experiment.",
         },
@@ -176,7 +179,7 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
                 "type": "string",
                 "minLength": 1,
                 "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9._-]+$",
+                "pattern": r"^[A-Za-z0-9._-]+" + _END,
             },
             "description": "MLflow registered model name.",
         },
@@ -191,6 +194,23 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
     }
 
 
+def check_params(params: Mapping[str, Any], *, prefix: str = "") -> None:
+    """Check each known Param value against its schema; the error names ``prefix + field``.
+
+    The trigger form and REST API check the same schemas, but values also
+    arrive from sweep overrides, ``dags test`` confs and defaults.
+    """
+    from jsonschema import Draft202012Validator
+
+    specs = param_specs()
+    for name, value in params.items():
+        if name not in specs:
+            continue
+        error = next(iter(Draft202012Validator(specs[name]["schema"]).iter_errors(value)), None)
+        if error is not None:
+            raise RunParamError(f"{prefix}{name}: {error.message[:200]}")
+
+
 def airflow_params(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The same specs as :class:`airflow.sdk.Param` objects."""
     from airflow.sdk import Param
@@ -201,7 +221,9 @@ def airflow_params(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def training_config_from(params: Mapping[str, Any]) -> dict[str, Any]:
+def training_config_from(
+    params: Mapping[str, Any], env_modules: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The driver's config (validated) from the flat Params."""
     stop = {
         key: params.get(f"stop_{key}")
@@ -231,7 +253,7 @@ def training_config_from(params: Mapping[str, Any]) -> dict[str, Any]:
         cfg["num_learners"] = 1
         cfg["num_gpus_per_learner"] = 1
     try:
-        return validate_config(cfg).to_dict()
+        return validate_config(cfg, env_modules=env_modules).to_dict()
     except ConfigError as exc:
         raise RunParamError(str(exc)) from exc
 
@@ -258,11 +280,12 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
     Returns operator kwargs: ``ssh_conn_id``, ``remote_base_dir``, ``environment``,
     ``job_spec``, ``config``, ``mlflow``, ``profile``, ``deferrable``.
     """
+    check_params(params)
     try:
         profile = get_profile(str(params.get("profile", "local")))
     except ValueError as exc:
         raise RunParamError(str(exc)) from exc
-    config = training_config_from(params)
+    config = training_config_from(params, profile.env_modules)
     nodes = int(params.get("nodes", 1))
     cpus = int(params.get("cpus_per_node") or profile.cores_per_node)
     if cpus > profile.cores_per_node:
@@ -298,8 +321,12 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         JobSpec.from_dict({**job_spec, "job_name": "validate"})
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
-    tracking_uri = os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get(
-        "MLFLOW_TRACKING_URI", ""
+    from slurm_ray.mlflow_tracking import public_uri
+
+    # Without credentials: this dict goes to XCom and the rendered fields; the
+    # worker and triggerer take them from their own environment again.
+    tracking_uri = public_uri(
+        os.environ.get("SLURM_RAY_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI", "")
     )
     return {
         "profile": profile.name,
@@ -308,6 +335,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         "environment": profile.environment.to_dict(),
         "env_stage_dir": profile.env_stage_dir,
         "env_build_vars": dict(profile.env_build_vars),
+        "env_modules": list(profile.env_modules),
         "sanity_partition": job_spec.get("partition"),
         "sanity_account": job_spec.get("account"),
         "job_spec": job_spec,

@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
-from slurm_ray.params import RunParamError, resolve_run
+from slurm_ray.params import RunParamError, check_params, param_specs, resolve_run
 
 #: Retries for the training task: a retry re-attaches to a running job or
 #: resumes from the newest checkpoint (see DESIGN: a rare scheduler race).
@@ -40,6 +40,53 @@ def resolve_or_fail(params: Mapping[str, Any]) -> dict[str, Any]:
             "mlflow.tracking_uri: set SLURM_RAY_MLFLOW_URI (or MLFLOW_TRACKING_URI) for the workers"
         )
     return resolved
+
+
+#: Params one sweep shares: a configuration may not override them.
+SWEEP_FIXED = frozenset({"profile", "experiment_name", "register_model_name"})
+
+
+def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One operator-kwargs dict per ``configs`` entry; every override value checked.
+
+    Each override passes the same schema as the base Params (errors name
+    ``configs[i].field``) before the merged Params are resolved.
+    """
+    base = dict(params)
+    configs = base.pop("configs", [])
+    overridable = set(param_specs()) - SWEEP_FIXED
+    runs = []
+    for i, overrides in enumerate(configs):
+        where = f"configs[{i}]"
+        try:
+            if not isinstance(overrides, Mapping):
+                raise RunParamError(f"{where}: expected an object, got {type(overrides).__name__}")
+            for key in overrides:
+                if key not in overridable:
+                    raise RunParamError(
+                        f"{where}.{key}: not a Param a configuration may override; "
+                        f"valid: {', '.join(sorted(overridable))}"
+                    )
+            check_params(overrides, prefix=f"{where}.")
+        except RunParamError as exc:
+            raise AirflowFailException(f"invalid Params: {exc}") from exc
+        try:
+            resolved = resolve_or_fail({**base, **overrides})
+        except AirflowFailException as exc:
+            raise AirflowFailException(f"{where}: {exc}") from exc
+        runs.append(
+            {
+                "ssh_conn_id": resolved["ssh_conn_id"],
+                "remote_base_dir": resolved["remote_base_dir"],
+                "job_spec": resolved["job_spec"],
+                "environment": resolved["environment"],
+                "config": resolved["config"],
+                "mlflow": resolved["mlflow"],
+                "cluster_name": resolved["profile"],
+                "env_modules": resolved["env_modules"],
+            }
+        )
+    return runs
 
 
 def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
@@ -126,6 +173,7 @@ def environment_tasks(resolved: Any) -> tuple[ClusterEnvOperator, GymSanityCheck
         partition=resolved["sanity_partition"],
         account=resolved["sanity_account"],
         quiet=True,
+        env_modules=resolved["env_modules"],
     )
     env >> sanity
     return env, sanity
@@ -151,6 +199,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         config=resolved["config"],
         mlflow=resolved["mlflow"],
         cluster_name=resolved["profile"],
+        env_modules=resolved["env_modules"],
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),
         execution_timeout=train_timeout,

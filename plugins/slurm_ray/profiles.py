@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +41,8 @@ class ClusterProfile:
     :param environment: how jobs activate the Python environment.
     :param job_url_template: link to a job page (Open OnDemand etc.); ``{job_id}``,
         ``{cluster}`` are filled in. Empty: the link shows the id and cluster only.
+    :param env_modules: modules a ``module:Name`` env id may make gymnasium import
+        on the cluster (none by default: an env id must not run arbitrary code).
     """
 
     name: str
@@ -56,6 +59,15 @@ class ClusterProfile:
     env_stage_dir: str | None = None
     env_build_vars: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    env_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        mods = self.env_modules
+        if isinstance(mods, str) or not all(
+            isinstance(m, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", m) for m in mods
+        ):
+            raise ProfileError(f"profile {self.name!r}: env_modules must be module names")
+        object.__setattr__(self, "env_modules", tuple(mods))
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> ClusterProfile:

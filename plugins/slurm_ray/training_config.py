@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "ConfigError",
     "StopCriteria",
     "TrainingConfig",
+    "check_env_module",
     "validate_config",
 ]
 
@@ -73,8 +74,9 @@ _PPO_ONLY = ("minibatch_size", "num_epochs")
 
 # gymnasium ids: optional importable module prefix ("ale_py:"), optional
 # namespace ("ALE/"), a name, an optional version ("-v5").
+# Matched with fullmatch: `$` would accept a trailing newline.
 _ENV_ID_RE = re.compile(
-    r"^(?:[A-Za-z_][\w.]*:)?(?:[A-Za-z0-9_][\w.-]*/)?[A-Za-z0-9_][\w.-]*?(?:-v\d+)?$"
+    r"(?:([A-Za-z_][\w.]*):)?(?:[A-Za-z0-9_][\w.-]*/)?[A-Za-z0-9_][\w.-]*?(?:-v\d+)?", re.ASCII
 )
 
 
@@ -180,8 +182,20 @@ def _algorithm(name: str, value: Any) -> str:
     return value.upper()
 
 
+def check_env_module(name: str, env_id: str, env_modules: Collection[str]) -> None:
+    """Refuse a ``module:Name`` id unless ``module`` is allowed (gymnasium imports it)."""
+    module, sep, _ = env_id.partition(":")
+    if sep and module not in env_modules:
+        allowed = ", ".join(sorted(env_modules)) or "none"
+        raise ConfigError(
+            name,
+            f"module {module!r} of {env_id!r} is not allowed: gymnasium would import it on the "
+            f"cluster; a profile's env_modules must list it (allowed: {allowed})",
+        )
+
+
 def _env_id(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ENV_ID_RE.match(value):
+    if not isinstance(value, str) or not _ENV_ID_RE.fullmatch(value):
         raise ConfigError(
             name,
             f"must be a gymnasium env id like 'CartPole-v1' or 'module:Name-v0', got {value!r}",
@@ -272,11 +286,13 @@ def _reject_unknown(d: Mapping[str, Any], valid: tuple[str, ...], prefix: str = 
         )
 
 
-def validate_config(d: Mapping[str, Any]) -> TrainingConfig:
+def validate_config(d: Mapping[str, Any], *, env_modules: Collection[str] = ()) -> TrainingConfig:
     """Check ``d`` field by field and return the :class:`TrainingConfig`.
 
     Missing keys take their defaults. Raises :class:`ConfigError` whose message
     starts with ``config.<field>:``.
+
+    :param env_modules: modules a ``module:Name`` env id may import (none by default).
     """
     if not isinstance(d, Mapping):
         raise ConfigError("", f"must be a mapping, got {type(d).__name__}")
@@ -288,6 +304,7 @@ def validate_config(d: Mapping[str, Any]) -> TrainingConfig:
         else:
             values[key] = _CHECKS[key](key, raw)
     cfg = TrainingConfig(**values)
+    check_env_module("env_id", cfg.env_id, env_modules)
 
     if cfg.algorithm != "PPO":
         for key in _PPO_ONLY:

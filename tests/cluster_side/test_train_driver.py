@@ -346,7 +346,9 @@ def test_training_error_exits_1_with_failed_result(cluster_python: Path, tmp_pat
         capture_output=True,
         text=True,
         timeout=240,
-        env=subprocess_env(HOME=str(tmp_path), PYTHONPATH=str(tmp_path)),
+        env=subprocess_env(
+            HOME=str(tmp_path), PYTHONPATH=str(tmp_path), SLURM_RAY_ENV_MODULES="crashenv"
+        ),
     )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = result(run_dir)

@@ -24,6 +24,7 @@ from slurm_ray.operators.cluster_env import (
     parse_build_output,
     parse_sanity_output,
     render_build_command,
+    render_build_stdin,
     render_preamble_check,
     render_sanity_command,
     render_sanity_script,
@@ -60,13 +61,16 @@ def _exe(path: Path, text: str) -> Path:
 
 
 def _bash(
-    command: str, tmp_path: Path, extra_path: Path | None = None
+    command: str, tmp_path: Path, extra_path: Path | None = None, stdin: bytes = b""
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if extra_path is not None:
         env["PATH"] = f"{extra_path}:{env['PATH']}"
-    return subprocess.run(
-        ["bash", "-c", command], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30
+    proc = subprocess.run(
+        ["bash", "-c", command], capture_output=True, input=stdin, env=env, cwd=tmp_path, timeout=30
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     )
 
 
@@ -87,7 +91,7 @@ def marker(tmp_path: Path) -> Path:
     "good", ["CartPole-v1", "ALE/Pong-v5", "my_pkg.envs:Grid-v0", "Pendulum-v1"]
 )
 def test_valid_env_ids(good: str) -> None:
-    assert validate_env_id(good) == good
+    assert validate_env_id(good, env_modules=("my_pkg.envs",)) == good
 
 
 @pytest.mark.parametrize(
@@ -142,13 +146,10 @@ def test_build_command_passes_values_verbatim(tmp_path: Path, marker: Path, temp
         module_lines=("module purge", f"export A={hostile!r}"),
         unset_ld_preload=True,
     )
-    cmd = render_build_command(
-        env,
-        stage_dir=str(stage),
-        spec_name="req.txt",
-        extra_env={"PIP_FIND_LINKS": "/opt/wheels", "X_EXTRA": hostile},
-    )
-    proc = _bash(cmd, tmp_path)
+    extra_env = {"PIP_FIND_LINKS": "/opt/wheels", "X_EXTRA": hostile}
+    cmd = render_build_command(env, stage_dir=str(stage), spec_name="req.txt")
+    assert hostile not in cmd and "/opt/wheels" not in cmd  # values never in argv
+    proc = _bash(cmd, tmp_path, stdin=render_build_stdin(env, extra_env))
     assert proc.returncode == 0, proc.stderr
     assert _dump(proc.stdout, "ARGV") == ["venv", "/scratch/u/env", "req.txt"]
     assert _dump(proc.stdout, "ENV") == {

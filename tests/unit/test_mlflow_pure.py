@@ -277,10 +277,10 @@ def test_bundle_with_hostile_paths(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     names = [*mt.RUN_DIR_ARTIFACTS, "slurm-9.out", mt.MODEL_DIRNAME]
-    mt._fetch_bundle(hook, str(run_dir), names, str(ckpt), dest)
+    assert mt._fetch_bundle(hook, str(run_dir), names, str(ckpt), dest) == "checkpoints/iter 2 'q'"
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert got == [
-        "iter 2 'q'/sub/state.pkl",
+        "checkpoints/iter 2 'q'/sub/state.pkl",
         "mlflow_model/MLmodel",
         "result.json",
         "slurm-9.out",

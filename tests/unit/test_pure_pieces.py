@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 
 import pytest
@@ -29,7 +30,10 @@ def test_run_identity_is_deterministic_and_safe() -> None:
     assert a == b and a != c and a[0] != m[0]
     name, suffix = a
     assert name.startswith("sr-") and name.endswith("-train-t1")
-    assert suffix == "dag/manual__2026-11-25T12_00_00_00_00/train/try_1"
+    # readable, plus a digest of the original (':' and '+' were replaced)
+    dag, run, task, tr = suffix.split("/")
+    assert (dag, task, tr) == ("dag", "train", "try_1")
+    assert re.fullmatch(r"manual__2026-11-25T12_00_00_00_00-[0-9a-f]{16}", run), run
     assert m[1].endswith("train__3/try_1")
 
 

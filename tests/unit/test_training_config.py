@@ -171,7 +171,8 @@ def test_negative_return_target_is_allowed() -> None:
      "my_pkg.envs:Grid-v0", "MountainCarContinuous-v0", "GymV26Environment-v0", "Custom"],
 )  # fmt: skip
 def test_env_id_patterns_accepted(env_id: str) -> None:
-    assert validate_config({"env_id": env_id}).env_id == env_id
+    allowed = ("ale_py", "my_pkg.envs")  # module: ids need the profile's allowance
+    assert validate_config({"env_id": env_id}, env_modules=allowed).env_id == env_id
 
 
 @pytest.mark.parametrize(

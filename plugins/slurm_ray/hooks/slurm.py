@@ -7,7 +7,6 @@ pure builders in :mod:`slurm_ray.utils.remote`; this module only transports.
 
 from __future__ import annotations
 
-import io
 import posixpath
 import stat
 import time
@@ -82,6 +81,40 @@ def _host_key_message(conn_id: str | None, exc: BaseException) -> str:
     )
 
 
+#: Connection extras with which the SSH provider skips or weakens host key
+#: verification, and why each is refused.
+_UNSAFE_EXTRAS = {
+    "no_host_key_check": "accepts any server key (auto-add)",
+    "ignore_hostkey_verification": "accepts any server key (old name of no_host_key_check)",
+    "allow_host_key_change": "accepts a server key that differs from the known one",
+}
+
+
+def check_host_key_extras(conn_id: str | None, extra: Mapping[str, Any]) -> None:
+    """Refuse connection extras that switch host key verification off.
+
+    The SSH provider honours them silently; a man in the middle (or a
+    neighbour on the login node's port) would then get our key and commands.
+
+    :raises HostKeyError: naming the extra and what it does.
+    """
+    bad = [
+        f"{name}={extra[name]!r} {why}"
+        for name, why in _UNSAFE_EXTRAS.items()
+        if name in extra and str(extra[name]).strip().lower() in ("true", "1", "yes")
+    ]
+    known = extra.get("known_hosts")
+    if isinstance(known, str) and known.strip().lower() in ("none", "/dev/null"):
+        bad.append(f"known_hosts={known!r} turns verification off")
+    if bad:
+        raise HostKeyError(
+            f"SSH connection {conn_id!r}: refusing extras that disable host key verification: "
+            + "; ".join(bad)
+            + ". Pin the server's key in the `host_key` extra instead (`ssh-keyscan`, "
+            "verified out of band)."
+        )
+
+
 class SlurmHook(BaseHook):
     """
     Talk to a Slurm cluster through its login node over SSH.
@@ -109,10 +142,15 @@ class SlurmHook(BaseHook):
         self.command_timeout = command_timeout
         self.conn_timeout = conn_timeout
 
+    def check_connection(self) -> None:
+        """Refuse a connection whose extras disable host key checks (no network used)."""
+        check_host_key_extras(self.ssh_conn_id, self.get_connection(self.ssh_conn_id).extra_dejson)
+
     @cached_property
     def ssh_hook(self) -> Any:
         from airflow.providers.ssh.hooks.ssh import SSHHook
 
+        self.check_connection()
         # One attempt: our callers decide about retries, and a host key
         # mismatch must not be retried at all.
         return SSHHook(
@@ -136,6 +174,8 @@ class SlurmHook(BaseHook):
 
     def close(self) -> None:
         """Close the SSH connection if one is open."""
+        if "ssh_hook" not in self.__dict__:
+            return  # never connected (or refused before connecting)
         client = self.ssh_hook.client
         if client is not None:
             client.close()
@@ -144,13 +184,20 @@ class SlurmHook(BaseHook):
     # -- commands ---------------------------------------------------------------
 
     def run(
-        self, command: str, *, timeout: float | None = None, check: bool = False
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        check: bool = False,
+        stdin: bytes | None = None,
     ) -> CommandResult:
         """
         Run ``command`` in the login node's shell.
 
         :param timeout: seconds before the command is abandoned (channel closed).
         :param check: raise :class:`RemoteCommandError` on a non-zero exit.
+        :param stdin: bytes for the command's stdin (secrets go here, not in
+            ``command``: every user's `ps` shows the command line).
         """
         limit = self.command_timeout if timeout is None else timeout
         transport = self.get_conn().get_transport()
@@ -160,6 +207,8 @@ class SlurmHook(BaseHook):
         try:
             chan.settimeout(limit)
             chan.exec_command(command)
+            if stdin:
+                chan.sendall(stdin)
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = time.monotonic() + limit
@@ -217,8 +266,12 @@ class SlurmHook(BaseHook):
                 # trigger) stage the same files at once and must not rename each
                 # other's temp file.
                 tmp = f"{remote_path}.part-{uuid.uuid4().hex[:12]}"
-                sftp.putfo(io.BytesIO(data), tmp)
-                sftp.chmod(tmp, mode)
+                # The mode is set while the file is still empty: a 0600 file
+                # must never hold its data under the login umask, even briefly.
+                with sftp.open(tmp, "wb") as fh:
+                    fh.chmod(mode)
+                    fh.set_pipelined(True)
+                    fh.write(data)
                 sftp.posix_rename(tmp, remote_path)
 
     def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
@@ -255,7 +308,12 @@ class SlurmHook(BaseHook):
     def makedirs(self, remote_path: str) -> None:
         """``mkdir -p`` and prove the directory is writable (one-line error if not)."""
         probe = posixpath.join(remote_path, ".slurm_ray_write_probe")
-        cmd = f"mkdir -p -- {quote(remote_path)} && : > {quote(probe)} && rm -f -- {quote(probe)}"
+        # umask 077: every directory this creates is owner-only (a shared site);
+        # the leaf is made 0700 even if it existed.
+        cmd = (
+            f"umask 077 && mkdir -p -- {quote(remote_path)} && chmod 700 -- {quote(remote_path)} "
+            f"&& : > {quote(probe)} && rm -f -- {quote(probe)}"
+        )
         res = self.run(cmd)
         if res.exit_code != 0:
             reason = (res.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -306,6 +364,10 @@ class AsyncSlurmClient:
 
         if self._conn is not None and not self._conn.is_closed():
             return
+        from airflow.providers.common.compat.connection import get_async_connection
+
+        conn = await get_async_connection(self.ssh_conn_id)
+        check_host_key_extras(self.ssh_conn_id, conn.extra_dejson)
         try:
             self._conn = await SSHHookAsync(ssh_conn_id=self.ssh_conn_id).get_conn()
         except asyncssh.HostKeyNotVerifiable as exc:

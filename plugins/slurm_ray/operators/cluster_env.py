@@ -43,6 +43,7 @@ __all__ = [
     "parse_build_output",
     "parse_sanity_output",
     "render_build_command",
+    "render_build_stdin",
     "render_preamble_check",
     "render_sanity_command",
     "render_sanity_script",
@@ -87,10 +88,11 @@ def include_dir() -> Path:
 # -- validation ------------------------------------------------------------------
 
 
-def validate_env_id(env_id: object) -> str:
+def validate_env_id(env_id: object, env_modules: Sequence[str] = ()) -> str:
     """
     Check a Gym environment id before it goes anywhere near a shell.
 
+    :param env_modules: modules a ``module:Name`` id may import (none by default).
     :raises AirflowException: naming the ``env_id`` field.
     """
     if not isinstance(env_id, str) or not _ENV_ID_RE.fullmatch(env_id):
@@ -98,6 +100,12 @@ def validate_env_id(env_id: object) -> str:
             f"env_id: {env_id!r} is not a Gym environment id such as 'CartPole-v1' "
             "(letters, digits and _ . : / - only, at most 200 characters)"
         )
+    from slurm_ray.training_config import ConfigError, check_env_module
+
+    try:
+        check_env_module("env_id", env_id, env_modules)
+    except ConfigError as exc:
+        raise AirflowException(str(exc).removeprefix("config.")) from exc
     return env_id
 
 
@@ -164,17 +172,25 @@ def build_env_vars(
     return out
 
 
-def render_build_command(
-    env: EnvironmentSpec,
-    *,
-    stage_dir: str,
-    spec_name: str,
-    extra_env: Mapping[str, str] | None = None,
-) -> str:
+def render_build_stdin(env: EnvironmentSpec, extra_env: Mapping[str, str] | None = None) -> bytes:
+    """The build's variables as NUL-terminated ``KEY=VALUE`` records for its stdin.
+
+    Values travel on stdin, never in the command line: `ps` shows every
+    user's argv on a shared login node for the whole build (tokens in
+    ``extra_env`` such as ``PIP_INDEX_URL`` with a password).
+    """
+    return b"".join(
+        f"{key}={value}".encode() + b"\0" for key, value in build_env_vars(env, extra_env).items()
+    )
+
+
+def render_build_command(env: EnvironmentSpec, *, stage_dir: str, spec_name: str) -> str:
     """
     The remote command that runs ``build_env.sh`` from a staging directory.
 
-    The staged script and spec are then moved up into the staging directory's
+    It reads the variables from stdin (:func:`render_build_stdin`) and exports
+    them; a record whose name is not a variable name stops the build. The
+    staged script and spec are then moved up into the staging directory's
     parent (an atomic rename: concurrent runs never see a half-written copy),
     where they stay for audit, and the staging directory is removed.
 
@@ -183,14 +199,16 @@ def render_build_command(
     """
     if "/" in spec_name or spec_name in ("", ".", "..", BUILD_SCRIPT):
         raise AirflowException(f"spec_path: {spec_name!r} must name a file")
-    assignments = " ".join(
-        f"{key}={quote(value)}" for key, value in build_env_vars(env, extra_env).items()
-    )
     parent = posixpath.dirname(stage_dir.rstrip("/"))
     argv = " ".join(quote(a) for a in ("bash", BUILD_SCRIPT, env.kind, env.prefix or "", spec_name))
     return (
         f"cd {quote(stage_dir)} || exit 2\n"
-        f"{assignments + ' ' if assignments else ''}{argv}\n"
+        "while IFS= read -r -d '' kv; do\n"
+        '  case "${kv%%=*}" in [A-Za-z_]*) ;; *) echo "bad variable record" >&2; exit 2 ;; esac\n'
+        '  case "${kv%%=*}" in *[!A-Za-z0-9_]*) echo "bad variable record" >&2; exit 2 ;; esac\n'
+        '  export "$kv"\n'
+        "done\n"
+        f"{argv} </dev/null\n"
         "rc=$?\n"
         f"mv -f -- {quote(BUILD_SCRIPT)} {quote(spec_name)} {quote(parent)}/ 2>/dev/null\n"
         f"cd / && rm -rf -- {quote(stage_dir)}\n"
@@ -353,7 +371,7 @@ class ClusterEnvOperator(BaseOperator):
     :param remote_dir: absolute directory on the cluster for the staged script and
         spec; default ``<prefix>.spec``.
     :param build_timeout: seconds the whole remote build may take.
-    :param extra_env: extra variables for the build (values quoted), e.g.
+    :param extra_env: extra variables for the build (sent on stdin, never in argv), e.g.
         ``{"PIP_FIND_LINKS": "/opt/wheels"}`` or ``{"CONDA": "mamba"}``.
     :return: ``{"kind", "prefix", "sha256", "action"}`` with action ``built``,
         ``up-to-date`` or ``nothing``.
@@ -448,11 +466,11 @@ class ClusterEnvOperator(BaseOperator):
             mode=0o755,
         )
         hook.upload_bytes(spec_bytes, posixpath.join(stage, spec_name))
-        cmd = render_build_command(env, stage_dir=stage, spec_name=spec_name, extra_env=extra_env)
+        cmd = render_build_command(env, stage_dir=stage, spec_name=spec_name)
         self.log.info(
             "Building kind=%s prefix=%s from %s (sha256 %s)", env.kind, env.prefix, spec_name, want
         )
-        res = hook.run(cmd, timeout=self.build_timeout)
+        res = hook.run(cmd, timeout=self.build_timeout, stdin=render_build_stdin(env, extra_env))
         self._log_output(res)
         if res.exit_code != 0:
             raise AirflowException(self._failure_message(env, res, extra_env))
@@ -509,6 +527,7 @@ class GymSanityCheckOperator(BaseOperator):
         the script in; relative paths are relative to the remote home directory.
     :param timeout: seconds the remote command may take (queue wait included).
     :param quiet: print only the summary, not a line per step.
+    :param env_modules: modules a ``module:Name`` env id may import (the profile's).
     :return: the ``SANITY_SUMMARY`` object (``ok``, ``env_id``, ``api``, ``steps``,
         ``returns``, ``versions``, ``host``, ...).
     """
@@ -523,6 +542,7 @@ class GymSanityCheckOperator(BaseOperator):
         "account",
         "time",
         "remote_dir",
+        "env_modules",
     )
     template_fields_renderers = {"environment": "json"}
     ui_color = "#f3ecd2"
@@ -542,9 +562,11 @@ class GymSanityCheckOperator(BaseOperator):
         remote_dir: str = ".slurm_ray/sanity",
         timeout: float = 600.0,
         quiet: bool = False,
+        env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.env_modules = env_modules  # templated: an XComArg from the profile
         self.ssh_conn_id = ssh_conn_id
         # Kept as given: a template or an XComArg resolves only at run time.
         self.environment = environment
@@ -561,7 +583,7 @@ class GymSanityCheckOperator(BaseOperator):
 
     def _validated(self) -> EnvironmentSpec:
         """Check every field before the cluster is touched; errors name the field."""
-        validate_env_id(self.env_id)
+        validate_env_id(self.env_id, list(self.env_modules))
         for name in ("episodes", "max_steps"):
             value = getattr(self, name)
             if isinstance(value, str) and value.isdigit():  # a rendered template

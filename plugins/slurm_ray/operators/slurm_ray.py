@@ -29,10 +29,15 @@ if TYPE_CHECKING:
 INCLUDE_DIR = Path(__file__).resolve().parents[3] / "include"
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py", "export_model.py")
+#: The job's env_vars, 0600, read by job.sbatch (never uploaded anywhere).
+JOB_ENV_FILE = "job.env"
 #: Exit code of the driver when it checkpointed on Slurm's pre-timeout signal.
 EXIT_CHECKPOINTED = 75
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# 64 bits: finding two run ids with one directory takes ~2**32 hashes.
+_DIGEST_LEN = 16
+_DIGESTED = re.compile(rf"-[0-9a-f]{{{_DIGEST_LEN}}}\Z")
 
 
 def include_dir() -> Path:
@@ -43,14 +48,19 @@ def include_dir() -> Path:
 
 
 def sanitize(component: str, max_len: int = 120) -> str:
-    """A path/job-name safe version of ``component`` (never ``.``/``..``)."""
+    """A path/job-name safe version of ``component`` (never ``.``/``..``), injective.
+
+    Readable: a component that is already safe is kept as it is. Any other one
+    (characters replaced, cut, or ending like a digest) gets ``-<digest>`` of
+    the original, so ``a:b``, ``a+b`` and ``a_b`` never share a run directory.
+    """
     text = _SAFE.sub("_", component).strip("_") or "x"
     if set(text) <= {"."}:
         text = text.replace(".", "_")
-    if len(text) > max_len:
-        digest = hashlib.sha256(component.encode()).hexdigest()[:10]
-        text = f"{text[: max_len - 11]}-{digest}"
-    return text
+    if text == component and len(text) <= max_len and not _DIGESTED.search(text):
+        return text
+    digest = hashlib.sha256(component.encode()).hexdigest()[:_DIGEST_LEN]
+    return f"{text[: max_len - _DIGEST_LEN - 1]}-{digest}"
 
 
 def run_identity(
@@ -107,6 +117,8 @@ class SlurmRayOperator(BaseOperator):
         that does not answer before failing the task (its rows stay on disk).
     :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
         at the end of a successful job, while it still holds the checkpoint in memory.
+    :param env_modules: modules a ``module:Name`` env id may import on the cluster
+        (the profile's ``env_modules``; none by default).
     """
 
     template_fields: Sequence[str] = (
@@ -120,6 +132,7 @@ class SlurmRayOperator(BaseOperator):
         "env_vars",
         "environment",
         "deferrable",
+        "env_modules",
     )
     template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
     operator_extra_links = (SlurmJobLink(), MlflowRunLink())
@@ -144,9 +157,11 @@ class SlurmRayOperator(BaseOperator):
         cluster_name: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
+        env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.env_modules = env_modules  # templated: an XComArg from the profile
         self.ssh_conn_id = ssh_conn_id
         self.remote_base_dir = remote_base_dir
         # Templated arguments are kept as given: XComArgs resolve at run time.
@@ -203,13 +218,21 @@ class SlurmRayOperator(BaseOperator):
             from slurm_ray.training_config import ConfigError, validate_config
 
             try:
-                config = validate_config(self.config).to_dict()
+                config = validate_config(self.config, env_modules=self._env_modules()).to_dict()
             except ConfigError as exc:
                 raise AirflowException(str(exc)) from exc
-        for key in self.env_vars:
+        for key, value in self.env_vars.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
+            if not isinstance(value, str) or "\0" in value:
+                raise AirflowException(f"env_vars[{key!r}]: expected a string without NUL bytes")
         return spec, env, config
+
+    def _env_modules(self) -> tuple[str, ...]:
+        mods = self.env_modules
+        if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
+            raise AirflowException(f"env_modules: expected a list of module names, got {mods!r}")
+        return tuple(mods)
 
     def _remote_user(self) -> str:
         return self.hook.run("id -un", check=True).stdout.strip()
@@ -239,9 +262,16 @@ class SlurmRayOperator(BaseOperator):
             "RAY_USAGE_STATS_ENABLED": "0",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
-            **self.env_vars,
         }
-        setup = [f"cd {quote(run_dir)}", *env.activation_lines()]
+        if self._env_modules():
+            env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(self._env_modules())
+        setup = [f"cd {quote(run_dir)}"]
+        if self.env_vars:
+            # env_vars may hold secrets: they live in the 0600 job.env (NUL-separated
+            # records, read as data, never sourced), not in this script, which is
+            # kept for audit and uploaded to MLflow.
+            setup.append(f"while IFS= read -r -d '' kv; do export \"$kv\"; done < {JOB_ENV_FILE}")
+        setup += env.activation_lines()
         return render_batch_script(
             spec,
             command=f"exec bash ray_launch.sh {command}",
@@ -274,6 +304,8 @@ class SlurmRayOperator(BaseOperator):
         needs_user = "{user}" in base or "{user}" in str(self.environment.get("prefix", ""))
         log_rel = "slurm-%j.out"
         spec, env, config = self._validated(job_name, log_rel)
+        # Before MLflow is touched: a refused connection must leave nothing behind.
+        self.hook.check_connection()
         if needs_user:
             user = self._remote_user()
             base = self._resolve_user(base, user)
@@ -381,14 +413,18 @@ class SlurmRayOperator(BaseOperator):
                 raise AirflowException(f"extra_files: {name!r} must be a plain file name")
             data = local.read_bytes()
             self._staged[name] = data
-            mode = 0o755 if name.endswith(".sh") else 0o644
+            # Owner only: on a shared site nobody else reads a run directory.
+            mode = 0o700 if name.endswith(".sh") else 0o600
             uploads[posixpath.join(run_dir, name)] = (data, mode)
         payload = config if config is not None else self.config
         uploads[posixpath.join(run_dir, "config.json")] = (
             json.dumps(payload, indent=2, sort_keys=True).encode(),
-            0o644,
+            0o600,
         )
-        uploads[posixpath.join(run_dir, "job.sbatch")] = (script.encode(), 0o644)
+        uploads[posixpath.join(run_dir, "job.sbatch")] = (script.encode(), 0o600)
+        if self.env_vars:
+            records = b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.env_vars.items())
+            uploads[posixpath.join(run_dir, JOB_ENV_FILE)] = (records, 0o600)
         self.hook.upload_many(uploads)
 
     def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
@@ -398,7 +434,9 @@ class SlurmRayOperator(BaseOperator):
         serialise on a lock file in the run directory, so only one submits.
         """
         cmd = (
-            f"cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
+            # umask 077: the lock, and every file the job creates (Slurm's log,
+            # metrics, checkpoints), is owner-only.
+            f"umask 077 && cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
             f'existing=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
             "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
             'if [ -n "$existing" ]; then echo "attach:$existing"; '
@@ -478,9 +516,9 @@ class SlurmRayOperator(BaseOperator):
         context["ti"].xcom_push(key="mlflow_run_id", value=self._mlflow_run_id)
         context["ti"].xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
         try:
-            from mlflow.tracking import MlflowClient
+            from slurm_ray.mlflow_tracking import client_for
 
-            run = MlflowClient(settings.tracking_uri).get_run(self._mlflow_run_id)
+            run = client_for(settings).get_run(self._mlflow_run_id)
             context["ti"].xcom_push(key="mlflow_experiment_id", value=run.info.experiment_id)
         except Exception as exc:
             self.log.warning("could not read the MLflow run's experiment: %s", exc)
