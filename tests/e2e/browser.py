@@ -175,5 +175,6 @@ class AirflowUI(Browser):
     def json_text(self, name: str) -> str:
         return str(self.find(f"#element_{name} .view-lines")[0].text)
 
-    def alerts(self) -> list[str]:
-        return [a.text for a in self.find("[role=alert]") if a.text.strip()]
+    def alerts(self) -> list[Any]:
+        """The error boxes on the page (the form shows the API's 400 answer in one)."""
+        return [a for a in self.find(".chakra-alert__root") if a.get_attribute("textContent")]

@@ -105,6 +105,8 @@ class SlurmRayOperator(BaseOperator):
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
     :param mlflow_wait_s: at completion, how long to wait for an MLflow server
         that does not answer before failing the task (its rows stay on disk).
+    :param job_url_template: the site's job web page for the *Slurm job* link
+        (``{job_id}``, ``{cluster}``); empty: the link opens the task's log.
     :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
         at the end of a successful job, while it still holds the checkpoint in memory.
     """
@@ -142,6 +144,7 @@ class SlurmRayOperator(BaseOperator):
         checkpoint_signal_s: int = 60,
         mlflow: Mapping[str, Any] | None = None,
         cluster_name: str = "",
+        job_url_template: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
         **kwargs: Any,
@@ -162,6 +165,7 @@ class SlurmRayOperator(BaseOperator):
         self.checkpoint_signal_s = checkpoint_signal_s
         self.mlflow = mlflow or None
         self.cluster_name = cluster_name or ssh_conn_id
+        self.job_url_template = job_url_template
         self.export_model = export_model
         self.mlflow_wait_s = mlflow_wait_s
         self._job_id: str | None = None
@@ -210,6 +214,12 @@ class SlurmRayOperator(BaseOperator):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
         return spec, env, config
+
+    def _push_job_link(self, ti: Any) -> None:
+        """What the *Slurm job* link needs: links are built on the API server, from XCom."""
+        ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        if self.job_url_template:
+            ti.xcom_push(key="slurm_job_url_template", value=self.job_url_template)
 
     def _remote_user(self) -> str:
         return self.hook.run("id -un", check=True).stdout.strip()
@@ -294,7 +304,7 @@ class SlurmRayOperator(BaseOperator):
             )
             ti.xcom_push(key="slurm_job_id", value=job.job_id)
             ti.xcom_push(key="run_dir", value=run_dir)
-            ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+            self._push_job_link(ti)
             return self._follow(context, job.job_id, run_dir)
         result = self._read_result(run_dir)
         if job is not None and is_terminal(job.state):
@@ -332,7 +342,7 @@ class SlurmRayOperator(BaseOperator):
         )
         ti.xcom_push(key="slurm_job_id", value=job_id)
         ti.xcom_push(key="run_dir", value=run_dir)
-        ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        self._push_job_link(ti)
         self._mlflow_record_job(context, job_id, run_dir)
         return self._follow(context, job_id, run_dir)
 
