@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.airflow_fixtures import Airflow
-from tests.conftest import ROOT, DevCluster
+from tests.conftest import ROOT
 from tests.e2e.browser import AirflowUI, missing_browser
 from tests.mlflow_fixtures import MlflowServer
 
@@ -226,10 +226,7 @@ def _alert_naming(ui: AirflowUI, field: str) -> str:
     return str(box.get_attribute("textContent"))
 
 
-def test_wrong_values_typed_in_the_form_are_refused(
-    ui: AirflowUI, airflow: Airflow, cluster: DevCluster
-) -> None:
-    jobs_before = cluster.ssh("squeue -h -t all -o %i").stdout.split()
+def test_wrong_values_typed_in_the_form_are_refused(ui: AirflowUI, airflow: Airflow) -> None:
     runs_before = len(_runs(airflow, "rllib_train"))
     dialog = ui.open_trigger_form("rllib_train")
     # The number widget takes its bounds from the schema: 0 nodes becomes the minimum, 1.
@@ -258,7 +255,7 @@ def test_wrong_values_typed_in_the_form_are_refused(
 
     assert len(_runs(airflow, "rllib_train")) == runs_before
     assert not [r for r in _runs(airflow, "rllib_sweep") if "nodez" in json.dumps(r["conf"])]
-    assert cluster.ssh("squeue -h -t all -o %i").stdout.split() == jobs_before
+    # (No run, hence no Slurm job: squeue is shared with other users' jobs, not compared.)
 
 
 def test_sweep_with_two_configurations_typed_in_the_form(ui: AirflowUI, airflow: Airflow) -> None:
