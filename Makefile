@@ -16,8 +16,10 @@ help:  ## list targets
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
 	@# docker-compose validates docker-compose.yaml offline in the tests (no engine needed)
-	@command -v docker-compose >/dev/null && command -v ssh-keygen >/dev/null && command -v curl >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl; }
+	@# chromium + chromedriver: the browser tests (tests/e2e/test_ui_browser.py), Debian's build, never a download
+	@command -v docker-compose >/dev/null && command -v ssh-keygen >/dev/null && command -v curl >/dev/null && \
+	  command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl chromium chromium-driver; }
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote as urlquote
+from urllib.parse import urlencode
 
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.execution_time.xcom import XCom
@@ -13,11 +14,13 @@ if TYPE_CHECKING:
 
 
 class SlurmJobLink(BaseOperatorLink):
-    """Link showing the Slurm job id and cluster of a training task.
+    """Link from a training task to its Slurm job.
 
     Sites with a job web page (Open OnDemand, ...) set ``job_url_template`` on the
-    operator (``{job_id}``, ``{cluster}``); otherwise the link is a
-    ``slurm://cluster/job_id`` identifier users can paste into ``scontrol``.
+    operator (``{job_id}``, ``{cluster}``). Otherwise the link opens this task
+    try's log in the Airflow UI, where the triggerer streams the job's Slurm log
+    (the UI shows only http(s) and same-site links, so a ``slurm://`` identifier
+    would never appear); ``slurm_job=<cluster>:<id>`` in the link names the job.
     """
 
     name = "Slurm job"
@@ -29,10 +32,28 @@ class SlurmJobLink(BaseOperatorLink):
         cluster = XCom.get_value(ti_key=ti_key, key="slurm_cluster") or getattr(
             operator, "cluster_name", ""
         )
-        template = getattr(operator, "job_url_template", "") or ""
+        template = XCom.get_value(ti_key=ti_key, key="slurm_job_url_template") or getattr(
+            operator, "job_url_template", ""
+        )
         if template:
-            return template.format(job_id=urlquote(str(job_id)), cluster=urlquote(str(cluster)))
-        return f"slurm://{urlquote(str(cluster))}/{urlquote(str(job_id))}"
+            return str(template).format(
+                job_id=urlquote(str(job_id)), cluster=urlquote(str(cluster))
+            )
+        return task_log_url(ti_key, slurm_job=f"{cluster}:{job_id}")
+
+
+def task_log_url(ti_key: TaskInstanceKey, **query: str) -> str:
+    """The Airflow UI page of one task try (its log), on the API server's base URL."""
+    from airflow.configuration import conf
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    path = "/".join(
+        urlquote(str(part), safe="")
+        for part in ("dags", ti_key.dag_id, "runs", ti_key.run_id, "tasks", ti_key.task_id)
+    )
+    if ti_key.map_index >= 0:
+        path += f"/mapped/{ti_key.map_index}"
+    return f"{base}/{path}?{urlencode({'try_number': ti_key.try_number, **query})}"
 
 
 class MlflowRunLink(BaseOperatorLink):

@@ -48,8 +48,8 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
         "nodes": 2,
         "cpus_per_node": 4,
         "gpus_per_node": 0,
-        "partition": "",
-        "account": "",
+        "partition": None,
+        "account": None,
         "time_limit": "00:30:00",
         "stop_return_mean": 450.0,
         "stop_env_steps": 400000,
@@ -100,12 +100,12 @@ def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str
         },
         "partition": {
             "default": d["partition"],
-            "schema": {"type": "string", "maxLength": 64, "pattern": _SAFE_TEXT},
+            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
             "description": "Slurm partition; empty for the profile's default.",
         },
         "account": {
             "default": d["account"],
-            "schema": {"type": "string", "maxLength": 64, "pattern": _SAFE_TEXT},
+            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
             "description": "Slurm account to charge; empty for the profile's default.",
         },
         "time_limit": {

@@ -183,3 +183,73 @@ def get_profile(name: str, **overrides: Any) -> ClusterProfile:
             f"profile: unknown cluster profile {name!r}; valid profiles are: {', '.join(sorted(profiles))}"
         )
     return replace(profiles[name], **overrides) if overrides else profiles[name]
+
+
+#: Where run directories go when neither the operator nor a profile names one:
+#: the remote user's home, resolved on the cluster at run time.
+DEFAULT_REMOTE_BASE_DIR = "{home}/slurm_ray/runs"
+
+#: Plain operator keyword -> JobSpec field (the common placement values).
+PLACEMENT_KWARGS = {
+    "nodes": "nodes",
+    "cpus_per_node": "cpus_per_task",
+    "time_limit": "time",
+    "partition": "partition",
+    "account": "account",
+}
+
+
+def operator_defaults(profile: str | None) -> dict[str, Any]:
+    """
+    What an operator's ``profile=`` supplies: connection, base dir, environment, placement.
+
+    Empty for ``None``. An unknown name raises :class:`ProfileError` naming ``profile``
+    (at DAG parse time, so the DAG shows an import error instead of a failed run).
+    """
+    if not profile:
+        return {}
+    p = get_profile(profile)
+    placement = {"partition": p.partition, "account": p.account, "qos": p.qos}
+    return {
+        "name": p.name,
+        "ssh_conn_id": p.ssh_conn_id,
+        "remote_base_dir": p.remote_base_dir,
+        "environment": p.environment.to_dict(),
+        "placement": {k: v for k, v in placement.items() if v is not None},
+        "job_url_template": p.job_url_template,
+        "env_stage_dir": p.env_stage_dir,
+        "env_build_vars": dict(p.env_build_vars),
+        "env_modules": tuple(p.env_modules),
+    }
+
+
+def merge_placement(
+    profile_placement: Mapping[str, Any],
+    job_spec: Mapping[str, Any],
+    plain: Mapping[str, Any],
+    *,
+    profile: str = "",
+) -> dict[str, Any]:
+    """
+    The job spec: the profile's placement, then ``job_spec``, then the plain keywords.
+
+    ``plain`` uses the operator's keyword names (:data:`PLACEMENT_KWARGS`); a value
+    given both as a keyword and in ``job_spec`` must agree. A profile's ``CHANGE_ME``
+    account must be replaced.
+    """
+    spec = {**profile_placement, **job_spec}
+    for kwarg, value in plain.items():
+        if value is None:
+            continue
+        key = PLACEMENT_KWARGS[kwarg]
+        if job_spec.get(key) is not None and job_spec[key] != value:
+            raise ProfileError(
+                f"{kwarg}: given as {kwarg}={value!r} and as job_spec[{key!r}]={job_spec[key]!r}; "
+                "give it once"
+            )
+        spec[key] = value
+    if spec.get("account") == "CHANGE_ME":
+        raise ProfileError(
+            f"account: the {profile or 'cluster'} profile needs your Slurm account (account=...)"
+        )
+    return spec

@@ -87,3 +87,36 @@ def test_deferrable_param_reaches_the_operator() -> None:
     ]
     with pytest.raises(AirflowException, match="deferrable: expected true or false"):
         _as_bool("maybe", "deferrable")
+
+
+def _form_required(schema: dict) -> bool:
+    """The Airflow trigger form's rule: a typed field is required unless "null" is a type."""
+    kind = schema.get("type")
+    return bool(kind) and not (isinstance(kind, list) and "null" in kind)
+
+
+@pytest.mark.parametrize("dag_id", ["rllib_train", "rllib_retrain", "rllib_sweep"])
+def test_trigger_form_accepts_the_defaults(dagbag, dag_id: str) -> None:
+    """Left as they are, the form's fields are valid: nothing blocks the Trigger button."""
+    import jsonschema
+
+    dag = dagbag.dags.get(dag_id)
+    for name in dag.params:
+        param = dag.params.get_param(name)
+        if _form_required(param.schema):
+            assert param.value not in (None, ""), f"{dag_id}.{name}: required with no default"
+        jsonschema.validate(param.value, param.schema)
+    dag.params.validate()  # Airflow's own check of the whole set
+
+
+@pytest.mark.parametrize("name", ["partition", "account"])
+def test_site_placement_is_optional_and_empty_means_the_profile(name: str) -> None:
+    from slurm_ray.params import param_specs, resolve_run
+
+    spec = param_specs()[name]
+    assert spec["default"] is None and "null" in spec["schema"]["type"]
+    defaults = {n: s["default"] for n, s in param_specs().items()}
+    assert resolve_run(defaults)["job_spec"]["partition"] == "debug"  # the local profile's
+    for empty in (None, ""):
+        assert resolve_run(defaults | {name: empty})["job_spec"].get("partition") == "debug"
+    assert resolve_run(defaults | {name: "mine"})["job_spec"][name] == "mine"

@@ -29,6 +29,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import CommandResult, SlurmHook
+from slurm_ray.profiles import operator_defaults
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
 
@@ -136,6 +137,19 @@ def _validate_extra_env(extra_env: Mapping[str, Any]) -> dict[str, str]:
             raise AirflowException(f"extra_env[{key!r}]: contains a NUL byte")
         out[key] = text
     return out
+
+
+def _connection_and_env(
+    ssh_conn_id: str | None, environment: Mapping[str, Any] | None, site: Mapping[str, Any]
+) -> tuple[str, Mapping[str, Any]]:
+    """``ssh_conn_id`` and ``environment``: the explicit ones, else the profile's."""
+    conn = ssh_conn_id if ssh_conn_id is not None else site.get("ssh_conn_id")
+    env = environment if environment is not None else site.get("environment")
+    if not conn:
+        raise ValueError("ssh_conn_id: give ssh_conn_id or profile")
+    if env is None:
+        raise ValueError("environment: give environment or profile")
+    return conn, env
 
 
 def _resolve_user(env: EnvironmentSpec, hook: SlurmHook) -> EnvironmentSpec:
@@ -363,6 +377,8 @@ class ClusterEnvOperator(BaseOperator):
     it up to date). Kinds ``modules`` and ``none`` build nothing; their module
     lines are run once so that a broken line fails here.
 
+    :param profile: cluster profile giving ``ssh_conn_id``, ``environment``, ``remote_dir``
+        and ``extra_env``; explicit arguments override it.
     :param ssh_conn_id: SSH connection of the cluster's login node.
     :param environment: :class:`~slurm_ray.utils.environment.EnvironmentSpec` fields;
         ``{user}`` in ``prefix`` is replaced by the remote user.
@@ -390,8 +406,9 @@ class ClusterEnvOperator(BaseOperator):
     def __init__(
         self,
         *,
-        ssh_conn_id: str,
-        environment: Mapping[str, Any],
+        ssh_conn_id: str | None = None,
+        environment: Mapping[str, Any] | None = None,
+        profile: str | None = None,
         spec_path: str | None = None,
         remote_dir: str | None = None,
         build_timeout: float = 3600.0,
@@ -399,13 +416,16 @@ class ClusterEnvOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.ssh_conn_id = ssh_conn_id
+        site = operator_defaults(profile)
+        self.ssh_conn_id, environment = _connection_and_env(ssh_conn_id, environment, site)
         # Kept as given: a template or an XComArg resolves only at run time.
         self.environment = environment
         self.spec_path = spec_path
-        self.remote_dir = remote_dir
+        self.remote_dir = remote_dir if remote_dir is not None else site.get("env_stage_dir")
         self.build_timeout = build_timeout
-        self.extra_env = extra_env if extra_env is not None else {}
+        if extra_env is None:
+            extra_env = site.get("env_build_vars", {})
+        self.extra_env = extra_env
 
     def _spec(self, env: EnvironmentSpec) -> tuple[str, bytes]:
         """(file name, content) of the local spec file."""
@@ -514,6 +534,8 @@ class GymSanityCheckOperator(BaseOperator):
     environment's activation lines, on the login node or as a one-task ``srun``
     step on a compute node, logs its output and returns its summary.
 
+    :param profile: cluster profile giving ``ssh_conn_id``, ``environment``, ``partition``
+        and ``account``; explicit arguments override it.
     :param ssh_conn_id: SSH connection of the cluster's login node.
     :param environment: :class:`~slurm_ray.utils.environment.EnvironmentSpec` fields.
     :param env_id: Gym environment id, e.g. ``CartPole-v1``.
@@ -550,8 +572,9 @@ class GymSanityCheckOperator(BaseOperator):
     def __init__(
         self,
         *,
-        ssh_conn_id: str,
-        environment: Mapping[str, Any],
+        ssh_conn_id: str | None = None,
+        environment: Mapping[str, Any] | None = None,
+        profile: str | None = None,
         env_id: str = "CartPole-v1",
         episodes: int = 1,
         max_steps: int = 500,
@@ -566,16 +589,20 @@ class GymSanityCheckOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.env_modules = env_modules  # templated: an XComArg from the profile
-        self.ssh_conn_id = ssh_conn_id
+        site = operator_defaults(profile)
+        # Templated (an XComArg in the DAGs); a profile's list when none is given.
+        self.env_modules = env_modules or site.get("env_modules", ())
+        self.ssh_conn_id, environment = _connection_and_env(ssh_conn_id, environment, site)
         # Kept as given: a template or an XComArg resolves only at run time.
         self.environment = environment
         self.env_id = env_id
         self.episodes = episodes
         self.max_steps = max_steps
         self.where = where
-        self.partition = partition
-        self.account = account
+        # "is None", not "or": an XComArg or a template is kept as given.
+        placement = site.get("placement", {})
+        self.partition = partition if partition is not None else placement.get("partition")
+        self.account = account if account is not None else placement.get("account")
         self.time = time
         self.remote_dir = remote_dir
         self.timeout = timeout
@@ -595,6 +622,11 @@ class GymSanityCheckOperator(BaseOperator):
             raise AirflowException(f"where: {self.where!r} must be 'login' or 'compute'")
         if self.where == "compute":
             from slurm_ray.utils.batch import JobSpec, JobSpecError
+
+            if self.account == "CHANGE_ME":
+                raise AirflowException(
+                    "account: the profile needs your Slurm account (account=...)"
+                )
 
             # JobSpec knows what Slurm accepts for these; reuse its checks.
             try:

@@ -17,6 +17,12 @@ from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
 from slurm_ray.links import MlflowRunLink, SlurmJobLink
+from slurm_ray.profiles import (
+    DEFAULT_REMOTE_BASE_DIR,
+    ProfileError,
+    merge_placement,
+    operator_defaults,
+)
 from slurm_ray.utils.batch import JobSpec, render_batch_script
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
@@ -90,11 +96,25 @@ class SlurmRayOperator(BaseOperator):
     """
     Run a Ray program across the nodes of one Slurm job, submitted over SSH.
 
+    Minimal example (the local dev cluster, both nodes)::
+
+        probe = SlurmRayOperator(
+            task_id="probe",
+            profile="local",
+            nodes=2,
+            entrypoint='python -c "import ray; ray.init(); print(ray.cluster_resources())"',
+        )
+
     The job starts a Ray head on its first node and a worker on every other
     node (``include/ray_launch.sh``), then runs ``entrypoint`` on the head node;
     by default the RLlib driver ``train.py`` with ``config``.
 
-    :param ssh_conn_id: SSH connection of the cluster's login node.
+    :param profile: cluster profile (:mod:`slurm_ray.profiles`) giving the connection,
+        ``remote_base_dir``, ``environment`` and placement (partition, account, qos,
+        job page); every explicit argument overrides it.
+    :param ssh_conn_id: SSH connection of the cluster's login node (or from ``profile``).
+    :param nodes: ``job_spec["nodes"]``; likewise ``cpus_per_node`` (``cpus_per_task``,
+        one task per node), ``time_limit`` (``time``), ``partition`` and ``account``.
     :param job_spec: Slurm job parameters (:class:`~slurm_ray.utils.batch.JobSpec`
         fields: nodes, ntasks_per_node, cpus_per_task, mem, gpus_per_node, partition,
         account, qos, time, constraint, exclusive, extra, ...). ``job_name`` is derived.
@@ -103,7 +123,8 @@ class SlurmRayOperator(BaseOperator):
     :param entrypoint: shell command run on the head node once Ray is up
         (default: the RLlib driver). ``RAY_ADDRESS`` and ``SLURM_RAY_RUN_DIR`` are set.
     :param config: training config (dict, templated), written to ``config.json``.
-    :param remote_base_dir: root of run directories (``{user}`` = remote user).
+    :param remote_base_dir: root of run directories (``{user}`` = remote user, ``{home}`` =
+        its home); default: the profile's, else ``{home}/slurm_ray/runs``.
     :param poll_interval: seconds between job state polls.
     :param deferrable: wait in the triggerer instead of a worker slot (templated:
         a Param or XCom may choose; "true"/"false" strings are understood).
@@ -115,6 +136,8 @@ class SlurmRayOperator(BaseOperator):
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
     :param mlflow_wait_s: at completion, how long to wait for an MLflow server
         that does not answer before failing the task (its rows stay on disk).
+    :param job_url_template: the site's job web page for the *Slurm job* link
+        (``{job_id}``, ``{cluster}``); empty: the link opens the task's log.
     :param export_model: the driver builds the MLflow model (``run_dir/mlflow_model``)
         at the end of a successful job, while it still holds the checkpoint in memory.
     :param env_modules: modules a ``module:Name`` env id may import on the cluster
@@ -141,8 +164,14 @@ class SlurmRayOperator(BaseOperator):
     def __init__(
         self,
         *,
-        ssh_conn_id: str,
-        remote_base_dir: str,
+        ssh_conn_id: str | None = None,
+        remote_base_dir: str | None = None,
+        profile: str | None = None,
+        nodes: int | None = None,
+        cpus_per_node: int | None = None,
+        time_limit: str | None = None,
+        partition: str | None = None,
+        account: str | None = None,
         job_spec: Mapping[str, Any] | None = None,
         environment: Mapping[str, Any] | None = None,
         entrypoint: str | None = None,
@@ -155,18 +184,38 @@ class SlurmRayOperator(BaseOperator):
         checkpoint_signal_s: int = 60,
         mlflow: Mapping[str, Any] | None = None,
         cluster_name: str = "",
+        job_url_template: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
         env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.env_modules = env_modules  # templated: an XComArg from the profile
-        self.ssh_conn_id = ssh_conn_id
+        site = operator_defaults(profile)
+        # Templated (an XComArg in the DAGs); a profile's list when none is given.
+        self.env_modules = env_modules or site.get("env_modules", ())
+        # "is None", not "or": an XComArg or a template is kept as given.
+        if ssh_conn_id is None and not site:
+            raise ValueError("ssh_conn_id: give ssh_conn_id or profile")
+        self.ssh_conn_id = ssh_conn_id if ssh_conn_id is not None else site["ssh_conn_id"]
+        if remote_base_dir is None:
+            remote_base_dir = site.get("remote_base_dir", DEFAULT_REMOTE_BASE_DIR)
         self.remote_base_dir = remote_base_dir
+        self.profile = profile
+        # Merged into job_spec at run time (job_spec may be an XComArg until then).
+        self.placement = {
+            "nodes": nodes,
+            "cpus_per_node": cpus_per_node,
+            "time_limit": time_limit,
+            "partition": partition,
+            "account": account,
+        }
+        self.profile_placement = site.get("placement", {})
         # Templated arguments are kept as given: XComArgs resolve at run time.
         self.job_spec = job_spec if job_spec is not None else {}
-        self.environment = environment if environment is not None else {}
+        if environment is None:
+            environment = site.get("environment", {})
+        self.environment = environment
         self.entrypoint = entrypoint
         self.config = config if config is not None else {}
         self.poll_interval = poll_interval
@@ -176,7 +225,8 @@ class SlurmRayOperator(BaseOperator):
         self.join_timeout = join_timeout
         self.checkpoint_signal_s = checkpoint_signal_s
         self.mlflow = mlflow or None
-        self.cluster_name = cluster_name or ssh_conn_id
+        self.cluster_name = cluster_name or site.get("name") or self.ssh_conn_id
+        self.job_url_template = job_url_template or site.get("job_url_template", "")
         self.export_model = export_model
         self.mlflow_wait_s = mlflow_wait_s
         self._job_id: str | None = None
@@ -193,7 +243,13 @@ class SlurmRayOperator(BaseOperator):
         self, job_name: str, log_path: str
     ) -> tuple[JobSpec, EnvironmentSpec, dict[str, Any] | None]:
         """Validate everything before the cluster is touched; errors name the field."""
-        spec_dict = {k: v for k, v in self.job_spec.items() if v is not None}
+        try:
+            merged = merge_placement(
+                self.profile_placement, self.job_spec, self.placement, profile=self.profile or ""
+            )
+        except ProfileError as exc:
+            raise AirflowException(str(exc)) from exc
+        spec_dict = {k: v for k, v in merged.items() if v is not None}
         if "job_name" in spec_dict:
             raise AirflowException("job_spec.job_name: derived from the task; do not set it")
         for key in ("output", "error", "chdir"):
@@ -234,11 +290,22 @@ class SlurmRayOperator(BaseOperator):
             raise AirflowException(f"env_modules: expected a list of module names, got {mods!r}")
         return tuple(mods)
 
-    def _remote_user(self) -> str:
-        return self.hook.run("id -un", check=True).stdout.strip()
+    def _push_job_link(self, ti: Any) -> None:
+        """What the *Slurm job* link needs: links are built on the API server, from XCom."""
+        ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        if self.job_url_template:
+            ti.xcom_push(key="slurm_job_url_template", value=self.job_url_template)
 
-    def _resolve_user(self, text: str, user: str | None) -> str:
-        return text.replace("{user}", user) if user and "{user}" in text else text
+    def _remote_identity(self) -> dict[str, str]:
+        """``{user}`` and ``{home}`` of the remote account (one SSH command)."""
+        out = self.hook.run('id -un && printf "%s\\n" "$HOME"', check=True).stdout.split("\n")
+        return {"{user}": out[0].strip(), "{home}": out[1].strip().rstrip("/")}
+
+    @staticmethod
+    def _resolve_user(text: str, identity: Mapping[str, str] | None) -> str:
+        for key, value in (identity or {}).items():
+            text = text.replace(key, value)
+        return text
 
     def _identity(self, context: Context) -> tuple[str, str]:
         ti = context["ti"]
@@ -301,13 +368,14 @@ class SlurmRayOperator(BaseOperator):
         job_name, suffix = self._identity(context)
         user = None
         base = self.remote_base_dir
-        needs_user = "{user}" in base or "{user}" in str(self.environment.get("prefix", ""))
+        prefix = str(self.environment.get("prefix", ""))
+        needs_user = any(k in base or k in prefix for k in ("{user}", "{home}"))
         log_rel = "slurm-%j.out"
         spec, env, config = self._validated(job_name, log_rel)
         # Before MLflow is touched: a refused connection must leave nothing behind.
         self.hook.check_connection()
         if needs_user:
-            user = self._remote_user()
+            user = self._remote_identity()
             base = self._resolve_user(base, user)
             if env.prefix:
                 env = EnvironmentSpec.from_dict(
@@ -326,7 +394,7 @@ class SlurmRayOperator(BaseOperator):
             )
             ti.xcom_push(key="slurm_job_id", value=job.job_id)
             ti.xcom_push(key="run_dir", value=run_dir)
-            ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+            self._push_job_link(ti)
             return self._follow(context, job.job_id, run_dir)
         result = self._read_result(run_dir)
         if job is not None and is_terminal(job.state):
@@ -364,7 +432,7 @@ class SlurmRayOperator(BaseOperator):
         )
         ti.xcom_push(key="slurm_job_id", value=job_id)
         ti.xcom_push(key="run_dir", value=run_dir)
-        ti.xcom_push(key="slurm_cluster", value=self.cluster_name)
+        self._push_job_link(ti)
         self._mlflow_record_job(context, job_id, run_dir)
         return self._follow(context, job_id, run_dir)
 
