@@ -20,7 +20,7 @@ from slurm_ray.links import MlflowRunLink, SlurmJobLink
 from slurm_ray.utils.batch import JobSpec, render_batch_script
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
-from slurm_ray.utils.states import JobInfo, SlurmState, is_active, is_terminal
+from slurm_ray.utils.states import SQUEUE_FORMAT, JobInfo, SlurmState, is_active, is_terminal
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -399,12 +399,22 @@ class SlurmRayOperator(BaseOperator):
         """
         cmd = (
             f"cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
-            f'existing=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
-            "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
+            f'q=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
+            f"-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o {quote(SQUEUE_FORMAT)} 2>&1) "
+            # A failed squeue is not "no job": a pipe into head would hide its status.
+            '|| { printf "squeue failed: %s\\n" "$q" >&2; exit 3; }; '
+            f'existing=$(printf "%s\\n" "$q" | awk -F"|" -v n={quote(job_name)} '
+            "'{ i = $1; for (k = 0; k < 6; k++) sub(/^[^|]*[|]/, \"\"); if ($0 == n && i ~ /^[0-9]/) { print i; exit } }'); "
             'if [ -n "$existing" ]; then echo "attach:$existing"; '
             "else sbatch --parsable job.sbatch; fi"
         )
-        out = self.hook.run(cmd, check=True).stdout.strip().splitlines()
+        res = self.hook.run(cmd)
+        if res.exit_code != 0:
+            raise SlurmSSHError(
+                f"could not check for a job of this try before submitting: "
+                f"{(res.stderr.strip() or res.stdout.strip())[-500:]}; nothing was submitted"
+            )
+        out = res.stdout.strip().splitlines()
         last = out[-1] if out else ""
         if last.startswith("attach:"):
             return last.split(":", 1)[1].strip(), True
