@@ -108,3 +108,55 @@ def test_one_not_found_answer_is_not_yet_the_end(monkeypatch) -> None:
 
 async def _no_drain(self, files, log_buf, metrics_buf, sink):
     return log_buf, metrics_buf
+
+
+class PurgedHook:
+    """A login node where job 12 ended (result.json, log) and Slurm forgot it."""
+
+    command_timeout = 120.0
+
+    def __init__(self, result: bytes | None, log: str) -> None:
+        self.result, self.log, self.polls = result, log, 0
+
+    def states(self, job_ids):
+        from slurm_ray.utils.states import JobInfo
+
+        self.polls += 1
+        return {"12": JobInfo("12", S.NOT_FOUND, reason="unknown to squeue and scontrol")}
+
+    def read_from_offset(self, path, offset, max_bytes=1 << 20):
+        return b""
+
+    def read_file(self, path):
+        return self.result if path.endswith("result.json") else None
+
+    def run(self, command, *, timeout=None, check=False):
+        from slurm_ray.hooks.slurm import CommandResult
+
+        out = self.log if command.startswith("tail ") else ""
+        return CommandResult(0, out, "", out.encode())
+
+
+@pytest.mark.parametrize(
+    ("result", "log", "ok"),
+    [(b'{"status": "succeeded"}', "ray_launch: exit 0\n", True), (None, "", False)],
+)
+def test_non_deferrable_wait_ends_on_a_confirmed_not_found(result, log, ok) -> None:
+    from airflow.sdk.exceptions import AirflowException
+    from slurm_ray import SlurmRayOperator
+
+    op = SlurmRayOperator(
+        task_id="t",
+        ssh_conn_id="unused",
+        remote_base_dir="/r",
+        entrypoint="true",
+        poll_interval=0,
+    )
+    op._hook = hook = PurgedHook(result, log)  # type: ignore[assignment]
+    if ok:
+        summary = op._poll_until_done("12", "/r/run", "/r/run/slurm-12.out")
+        assert summary["state"] == "COMPLETED" and summary["job_id"] == "12"
+    else:
+        with pytest.raises(AirflowException, match=r"ended NOT_FOUND.*neither result\.json"):
+            op._poll_until_done("12", "/r/run", "/r/run/slurm-12.out")
+    assert hook.polls == 2
