@@ -8,8 +8,9 @@
 #
 # The sha256 of SPEC is stamped inside the environment as the last step of a
 # build: an unchanged spec is a no-op, a changed one rebuilds.  Builders hold
-# an exclusive flock on PREFIX.lock; jobs take a shared lock before
-# activating, so nobody runs on a half-built environment.
+# an exclusive flock on PREFIX.lock; jobs hold a shared lock on it from
+# activation to their end, so nobody runs on a half-built environment and a
+# rebuild never changes packages under a running job (it waits for them).
 # Environment: PYTHON (interpreter for venv, default python3), CONDA (conda or
 # mamba executable, default conda), SLURM_RAY_MODULE_LINES (shell lines run
 # first, e.g. "module purge; module load conda"), SLURM_RAY_UNSET_LD_PRELOAD=1.
@@ -51,7 +52,7 @@ fi
 mkdir -p "$(dirname "$prefix")" || fail "cannot create $(dirname "$prefix")"
 exec 9>"$prefix.lock" || fail "cannot write lock file $prefix.lock"
 if ! flock -n 9; then
-  echo "build_env: another build of $prefix is running; waiting for it"
+  echo "build_env: $prefix is in use (a running job, or another build); waiting until it is free"
   flock 9
 fi
 # Someone else may have built it while we waited.

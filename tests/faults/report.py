@@ -20,6 +20,9 @@ DESCRIPTIONS = {
     "R8": "MLflow down 30 s during training → every metric row arrives",
     "R9": "double trigger / retry while running → never two jobs for one try",
     "R10": "run dir not writable, env missing, sanity failing → early one-line failure",
+    "R12.2": "worker SIGKILLed mid-job, Airflow retries → earlier job cancelled first, "
+    "never two jobs, steps continuous",
+    "R12.3": "job ended unwatched and purged (MinJobAge, no sacct) → collected from its run dir",
     "S": "secrets never in task log, batch script, XCom or MLflow params",
 }
 
@@ -36,6 +39,8 @@ CLOCKS = {
     "R8": "MLflow back -> every row of the outage is in MLflow",
     "R9": "both executions returned (one job)",
     "R10": "the early failure",
+    "R12.2": "worker killed -> the retried run finished",
+    "R12.3": "trigger restarted after the purge -> both jobs' outcomes decided",
     "S": "the run whose outputs are searched",
 }
 

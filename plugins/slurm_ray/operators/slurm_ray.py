@@ -26,7 +26,14 @@ from slurm_ray.profiles import (
 from slurm_ray.utils.batch import JobSpec, render_batch_script
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
-from slurm_ray.utils.states import JobInfo, SlurmState, is_active, is_terminal
+from slurm_ray.utils.states import (
+    NOT_FOUND_CONFIRMATIONS,
+    JobInfo,
+    SlurmState,
+    end_from_run_dir,
+    is_active,
+    is_terminal,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -69,13 +76,19 @@ def sanitize(component: str, max_len: int = 120) -> str:
     return f"{text[: max_len - _DIGEST_LEN - 1]}-{digest}"
 
 
+def task_key(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The job name prefix shared by every try of one task (the try number follows it)."""
+    task = task_id if map_index < 0 else f"{task_id}__{map_index}"
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}\0{task}".encode()).hexdigest()[:12]
+    return f"sr-{digest}-{sanitize(task, 40)}-t"
+
+
 def run_identity(
     dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int
 ) -> tuple[str, str]:
     """(job name, run-dir suffix) derived deterministically from the task try."""
     task = task_id if map_index < 0 else f"{task_id}__{map_index}"
-    digest = hashlib.sha256(f"{dag_id}\0{run_id}\0{task}".encode()).hexdigest()[:12]
-    job_name = f"sr-{digest}-{sanitize(task, 40)}-t{try_number}"
+    job_name = f"{task_key(dag_id, run_id, task_id, map_index)}{try_number}"
     suffix = posixpath.join(sanitize(dag_id), sanitize(run_id), sanitize(task), f"try_{try_number}")
     return job_name, suffix
 
@@ -384,18 +397,23 @@ class SlurmRayOperator(BaseOperator):
         run_dir = posixpath.join(base, suffix)
         ti = context["ti"]
         self._mlflow_start(context, config)
+        try:
+            self.hook.makedirs(run_dir)
+        except SlurmSSHError as exc:
+            raise AirflowException(f"{exc}; nothing was submitted") from exc
+        # Adopt this try's job, or cancel earlier tries' jobs and wait until they
+        # left the queue: a retry must not race the job of the try it replaces.
+        action, claimed = self._claim(run_dir, job_name, submit=False)
         if ti.try_number > 1:
             self._catch_up_earlier_tries(run_dir)
-
-        job = self._existing_job(job_name)
-        if job is not None and is_active(job.state):
-            self.log.info(
-                "Re-attaching to Slurm job %s (%s) named %s", job.job_id, job.state.value, job_name
-            )
-            ti.xcom_push(key="slurm_job_id", value=job.job_id)
+        job = self._existing_job(job_name) if action != "attach" else None
+        if action == "attach" or (job is not None and is_active(job.state)):
+            job_id = claimed if action == "attach" else job.job_id  # type: ignore[union-attr]
+            self.log.info("Re-attaching to Slurm job %s named %s", job_id, job_name)
+            ti.xcom_push(key="slurm_job_id", value=job_id)
             ti.xcom_push(key="run_dir", value=run_dir)
             self._push_job_link(ti)
-            return self._follow(context, job.job_id, run_dir)
+            return self._follow(context, job_id, run_dir)
         result = self._read_result(run_dir)
         if job is not None and is_terminal(job.state):
             self.log.info(
@@ -406,10 +424,6 @@ class SlurmRayOperator(BaseOperator):
             self.log.info("result.json already present in %s; collecting it", run_dir)
             return self._summary(result.get("slurm_job_id", ""), run_dir, None, result)
 
-        try:
-            self.hook.makedirs(run_dir)
-        except SlurmSSHError as exc:
-            raise AirflowException(f"{exc}; nothing was submitted") from exc
         self._check_environment(env)
         self._resume_from = self._find_previous_checkpoint(run_dir) if config is not None else None
         if self._resume_from:
@@ -496,27 +510,47 @@ class SlurmRayOperator(BaseOperator):
         self.hook.upload_many(uploads)
 
     def _submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
-        """Submit unless a job of this name is already queued; atomic on the cluster.
+        """Submit unless this try already has a job; returns (job id, re-attached).
 
-        Two executions of the same try (a double trigger, a scheduler race)
-        serialise on a lock file in the run directory, so only one submits.
+        Atomic on the cluster: every try of the task serialises on one lock
+        file, so a double execution of a try submits once, a late ``sbatch``
+        of an earlier try cannot slip in, and earlier tries' jobs are
+        cancelled (and gone) before this one is submitted.
         """
-        cmd = (
-            # umask 077: the lock, and every file the job creates (Slurm's log,
-            # metrics, checkpoints), is owner-only.
-            f"umask 077 && cd {quote(run_dir)} && exec 9>.submit.lock && flock -w 120 9 && "
-            f'existing=$(squeue -h -u "$(id -un)" --name={quote(job_name)} '
-            "-t PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED,REQUEUED -o %i | head -n 1) && "
-            'if [ -n "$existing" ]; then echo "attach:$existing"; '
-            "else sbatch --parsable job.sbatch; fi"
-        )
-        out = self.hook.run(cmd, check=True).stdout.strip().splitlines()
-        last = out[-1] if out else ""
-        if last.startswith("attach:"):
-            return last.split(":", 1)[1].strip(), True
-        from slurm_ray.hooks.slurm import parse_job_id
+        action, job_id = self._claim(run_dir, job_name, submit=True)
+        return job_id, action == "attach"
 
-        return parse_job_id(last), False
+    def _claim(self, run_dir: str, job_name: str, *, submit: bool) -> tuple[str, str]:
+        """Run :func:`~slurm_ray.utils.remote.build_claim_command`; ``(action, job id)``."""
+        from slurm_ray.utils import remote
+
+        key, try_number = re.fullmatch(r"(.*-t)([0-9]+)", job_name).groups()  # type: ignore[union-attr]
+        cmd = remote.build_claim_command(
+            posixpath.dirname(run_dir), run_dir, key, int(try_number), submit=submit
+        )
+        res = self.hook.run(cmd, timeout=self.hook.command_timeout + 150)
+        if res.exit_code != 0:
+            raise SlurmSSHError(
+                f"could not check for other jobs of this task before submitting "
+                f"(exit {res.exit_code}): {(res.stderr.strip() or res.stdout.strip())[-500:]}"
+                + ("; nothing was submitted" if "submitted:" not in res.stdout else "")
+            )
+        try:
+            action, job_id, cancelled = remote.parse_claim_output(res.stdout)
+        except ValueError as exc:
+            raise SlurmSSHError(str(exc)) from exc
+        if cancelled:
+            self.log.warning(
+                "Cancelled Slurm job(s) %s of earlier tries of this task; they have left the "
+                "queue, so this try resumes from their newest checkpoint alone",
+                ", ".join(cancelled),
+            )
+        if action == "superseded":
+            raise AirflowException(
+                f"a later try of this task already has Slurm job {job_id}; this try "
+                "(a stale execution) does not submit"
+            )
+        return action, job_id
 
     def _follow(self, context: Context, job_id: str, run_dir: str) -> Any:
         self._job_id = job_id
@@ -719,9 +753,11 @@ class SlurmRayOperator(BaseOperator):
         offset = 0
         buf = b""
         last_state = None
+        not_found = 0
         try:
             while True:
                 info = self.hook.states([job_id]).get(job_id)
+                not_found = not_found + 1 if info and info.state == SlurmState.NOT_FOUND else 0
                 chunk = self.hook.read_from_offset(log_path, offset)
                 if chunk:
                     offset += len(chunk)
@@ -732,7 +768,9 @@ class SlurmRayOperator(BaseOperator):
                 if info is not None and info.state != last_state:
                     self.log.info("Slurm job %s is %s", job_id, info.state.value)
                     last_state = info.state
-                if info is not None and is_terminal(info.state):
+                if info is not None and (
+                    is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS
+                ):
                     return self._finish(job_id, run_dir, info, self._read_result(run_dir))
                 time.sleep(self.poll_interval)
         except BaseException:
@@ -802,6 +840,16 @@ class SlurmRayOperator(BaseOperator):
         self, job_id: str, run_dir: str, info: JobInfo | None, result: dict[str, Any] | None
     ) -> Any:
         state = info.state if info else SlurmState.UNKNOWN
+        if state == SlurmState.NOT_FOUND:
+            info = end_from_run_dir(job_id, result, self._log_tail(run_dir, job_id))
+            state = info.state
+            self.log.warning(
+                "Slurm no longer knows job %s (purged after MinJobAge; no accounting): "
+                "its end is read from the run directory: %s (%s)",
+                job_id,
+                state.value,
+                info.reason,
+            )
         if state == SlurmState.COMPLETED:
             return self._summary(job_id, run_dir, info, result)
         try:
@@ -819,7 +867,8 @@ class SlurmRayOperator(BaseOperator):
             SlurmState.OUT_OF_MEMORY: "a step ran out of memory; raise job_spec.mem",
             SlurmState.CANCELLED: "the job was cancelled (scancel, or by an administrator)",
             SlurmState.PREEMPTED: "the job was preempted by a higher-priority job",
-            SlurmState.NOT_FOUND: "Slurm no longer knows the job and the site has no accounting",
+            SlurmState.NOT_FOUND: "Slurm no longer knows the job, the site has no accounting, and "
+            "neither result.json nor the Slurm log says how it ended",
         }.get(state, "")
         if state == SlurmState.NODE_FAIL:
             hint = self._node_fail_hint(info)

@@ -22,7 +22,13 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
 from slurm_ray.utils.poll import TailRequest, build_poll_command, parse_poll_output
-from slurm_ray.utils.states import PENDING_STATES, JobInfo, SlurmState, is_terminal
+from slurm_ray.utils.states import (
+    NOT_FOUND_CONFIRMATIONS,
+    PENDING_STATES,
+    JobInfo,
+    SlurmState,
+    is_terminal,
+)
 
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -257,6 +263,7 @@ class SlurmJobTrigger(BaseTrigger):
         last_ok = time.monotonic()
         failing_since: float | None = None
         last_state: SlurmState | None = None
+        not_found = 0  # polls in a row that found the job NOT_FOUND
         poller.subscribe(sub)
         self.log.info(
             "Watching Slurm job %s via %s every %.0fs",
@@ -338,7 +345,10 @@ class SlurmJobTrigger(BaseTrigger):
                         f" ({info.reason})" if info.reason and info.reason != "None" else "",
                     )
                     last_state = info.state
-                if is_terminal(info.state):
+                not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
+                # A confirmed NOT_FOUND ended unobserved and was purged (MinJobAge, no
+                # accounting): execute_complete decides its end from the run directory.
+                if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
                     # The poll that saw the end may have raced the last writes.
                     poller.unsubscribe(sub)
                     log_buf, metrics_buf = await self._drain(files, log_buf, metrics_buf, sink)

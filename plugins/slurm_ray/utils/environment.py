@@ -106,10 +106,15 @@ class EnvironmentSpec:
         if self.kind in ("venv", "conda"):
             assert self.prefix is not None
             p = quote(self.prefix)
-            # Wait for a concurrent ClusterEnvOperator build to finish (it holds
-            # the lock exclusively) so a job never starts on a half-built env.
+            # Hold PREFIX.lock shared for the life of this shell (a job: the whole
+            # job; fd 8 survives `exec`): a ClusterEnvOperator build takes it
+            # exclusively, so a job never starts on a half-built environment and a
+            # rebuild waits until no running job uses the environment.
             lock = quote(self.prefix + ".lock")
-            lines.append(f"if [ -e {lock} ]; then flock -s {lock} true || true; fi")
+            lines.append(
+                f"if [ -e {lock} ] || touch {lock} 2>/dev/null; "
+                f"then exec 8<{lock} && flock -s 8; fi"
+            )
         if self.kind == "venv":
             missing = quote(f"slurm_ray: venv {self.prefix} does not exist")
             lines.append(f"[ -f {p}/bin/activate ] || {{ echo {missing} >&2; exit 2; }}")

@@ -9,11 +9,13 @@ logic can be tested by running the text in a real shell.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Sequence
 
 from slurm_ray.utils.quoting import quote, quote_args
 from slurm_ray.utils.states import (
+    ACTIVE_STATES,
     SACCT_FORMAT,
     SQUEUE_FORMAT,
     JobInfo,
@@ -26,9 +28,11 @@ from slurm_ray.utils.states import (
 __all__ = [
     "MARKER",
     "build_cancel_command",
+    "build_claim_command",
     "build_find_jobs_by_name_command",
     "build_read_from_offset_command",
     "build_states_command",
+    "parse_claim_output",
     "parse_find_jobs_by_name",
     "parse_states_output",
     "validate_job_id",
@@ -321,3 +325,112 @@ def build_read_from_offset_command(path: str, offset: int, max_bytes: int) -> st
         f"elif [ -f {p} ] && [ -r {p} ]; then tail -c +{offset + 1} -- {p} | head -c {max_bytes}; "
         f"else echo {quote('cannot read ' + path)} >&2; false; fi"
     )
+
+
+#: What :func:`build_claim_command` found or did, parsed by :func:`parse_claim_output`.
+ClaimOutcome = tuple[str, str, list[str]]  # (action, job id, cancelled ids)
+
+
+def build_claim_command(
+    task_dir: str,
+    try_dir: str,
+    task_key: str,
+    try_number: int,
+    *,
+    submit: bool,
+    wait_s: int = 120,
+) -> str:
+    """
+    Make the try ``try_number`` the only one of its task with a job in Slurm.
+
+    Every try's job is named ``task_key + str(try_number)``; the task key does
+    not depend on the try. Under the task's lock (``task_dir/.submit.lock``,
+    shared by all tries, so a late ``sbatch`` of an earlier try and this one
+    are serialised) it lists the user's active jobs of the task and prints::
+
+        superseded:ID     a later try has a job: this one must not submit
+        cancelled:ID ...  earlier tries' jobs were cancelled and have left the
+                          queue (waited up to ``wait_s``), then one of:
+        attach:ID         this try's job is queued or running: adopt it
+        submitted:ID      (``submit``) ``sbatch --parsable job.sbatch`` in ``try_dir``
+        clear             (not ``submit``) no other job of the task is active
+
+    A failing squeue or scancel, a lock not taken in 120 s, or earlier jobs
+    still queued after ``wait_s`` exit non-zero with the reason on stderr:
+    a failed query is never read as "no job".
+
+    :raises ValueError: for a bad key, try number or wait.
+    """
+    if not isinstance(task_key, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", task_key):
+        raise ValueError(f"invalid task key {task_key!r}")
+    for label, value in (("try_number", try_number), ("wait_s", wait_s)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    active = "|".join(sorted(state.value for state in ACTIVE_STATES))
+    # id|state|...|name (SQUEUE_FORMAT): the name is everything after the 6th "|".
+    classify = (
+        '{ i = $1; n = $0; for (k = 0; k < 6; k++) sub(/^[^|]*[|]/, "", n);'
+        f" if (i !~ /^[0-9]+(_[0-9]+)?$/ || $2 !~ /^({active})$/ || index(n, key) != 1) next;"
+        " t = substr(n, length(key) + 1); if (t !~ /^[0-9]+$/) next;"
+        ' c = (t + 0 == try) ? "own" : ((t + 0 > try) ? "newer" : "older");'
+        ' if (c == want) { printf "%s%s", (m++ ? " " : ""), i } }'
+        ' END { if (m) print "" }'
+    )
+    squeue = quote_args(["squeue", "-h", "-a", "-t", "all", "-o", SQUEUE_FORMAT])
+    lock = quote(posixpath.join(task_dir, ".submit.lock"))
+    parts = [
+        # umask 077: the lock and every file the job creates (Slurm's log,
+        # metrics, checkpoints) are owner-only on a shared site.
+        "umask 077",
+        f"mkdir -p -- {quote(task_dir)} && exec 9>>{lock} && flock -w 120 9"
+        f" || {{ echo {quote('slurm_ray: could not take the task lock ' + task_dir)} >&2; exit 3; }}",
+        f"key={quote(task_key)}; try={int(try_number)}",
+        # $1: own | newer | older; exits 3 (in its subshell) when squeue fails
+        "task_jobs() { q=$(" + squeue + ' -u "$(id -un)" 2>&1)'
+        ' || { printf "slurm_ray: squeue failed: %s\\n" "$q" >&2; exit 3; };'
+        ' printf "%s\\n" "$q" | awk -F"|" -v key="$key" -v try="$try" -v want="$1" '
+        + quote(classify)
+        + "; }",
+        "newer=$(task_jobs newer) || exit 3",
+        'if [ -n "$newer" ]; then echo "superseded:${newer%% *}"; exit 0; fi',
+        "older=$(task_jobs older) || exit 3",
+        'if [ -n "$older" ]; then'
+        ' scancel $older || { echo "slurm_ray: scancel $older failed" >&2; exit 3; };'
+        " n=0; left=$older;"
+        ' while [ -n "$left" ]; do'
+        f' if [ "$n" -ge {int(wait_s)} ]; then'
+        f' echo "slurm_ray: jobs $left of earlier tries still queued after {int(wait_s)}s" >&2; exit 4; fi;'
+        " sleep 1; n=$((n + 1)); left=$(task_jobs older) || exit 3;"
+        " done;"
+        ' echo "cancelled:$older";'
+        " fi",
+        "own=$(task_jobs own) || exit 3",
+        'if [ -n "$own" ]; then echo "attach:${own%% *}"; exit 0; fi',
+    ]
+    if submit:
+        parts.append(
+            f'cd {quote(try_dir)} && j=$(sbatch --parsable job.sbatch) && echo "submitted:$j"'
+        )
+    else:
+        parts.append("echo clear")
+    return "; ".join(parts)
+
+
+def parse_claim_output(text: str) -> ClaimOutcome:
+    """``(action, job_id, cancelled_ids)`` from :func:`build_claim_command`'s output.
+
+    ``action`` is ``attach``, ``superseded``, ``submitted`` or ``clear``.
+
+    :raises ValueError: when the output ends without one of them.
+    """
+    cancelled: list[str] = []
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(":")
+        if word == "cancelled":
+            cancelled = rest.split()
+        elif word in ("attach", "superseded", "submitted"):
+            job_id = rest.strip().split(";", 1)[0]
+            return word, validate_job_id(job_id), cancelled
+        elif line.strip() == "clear":
+            return "clear", "", cancelled
+    raise ValueError(f"the submit command did not say what it did: {text[-500:]!r}")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 __all__ = [
     "ACTIVE_STATES",
     "FAILED_STATES",
+    "NOT_FOUND_CONFIRMATIONS",
     "PENDING_STATES",
     "RUNNING_STATES",
     "SACCT_FIELDS",
@@ -30,6 +31,7 @@ __all__ = [
     "JobInfo",
     "JobSource",
     "SlurmState",
+    "end_from_run_dir",
     "is_active",
     "is_success",
     "is_terminal",
@@ -118,6 +120,9 @@ TERMINAL_STATES: frozenset[SlurmState] = frozenset(
         SlurmState.REVOKED,  # federation: a sibling cluster runs it, not this one
     }
 )
+#: Polls in a row that must find a job NOT_FOUND before its end is decided from
+#: the run directory (:func:`end_from_run_dir`): one answer could be a glitch.
+NOT_FOUND_CONFIRMATIONS = 2
 #: Terminal and not COMPLETED.
 FAILED_STATES: frozenset[SlurmState] = TERMINAL_STATES - {SlurmState.COMPLETED}
 
@@ -189,7 +194,7 @@ def is_active(state: SlurmState | str) -> bool:
     return _as_state(state) in ACTIVE_STATES
 
 
-JobSource = Literal["squeue", "scontrol", "sacct", "trigger", "none"]
+JobSource = Literal["squeue", "scontrol", "sacct", "trigger", "run_dir", "none"]
 
 
 @dataclass(frozen=True)
@@ -390,3 +395,43 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
         if raw_id != job_id and _JOB_ID_RE.fullmatch(raw_id):
             jobs.setdefault(raw_id, info)
     return jobs
+
+
+# The launcher's last log line (include/ray_launch.sh, on_exit): its exit status is the job's.
+_LAUNCH_EXIT_RE = re.compile(r"^ray_launch: exit (?P<rc>[0-9]+)[ \t]*$", re.M)
+
+
+def end_from_run_dir(job_id: str, result: dict[str, Any] | None, log_tail: str) -> JobInfo:
+    """
+    How a job ended that Slurm has forgotten (``NOT_FOUND``: purged after
+    ``MinJobAge`` on a site without accounting), from its run directory.
+
+    The launcher's ``ray_launch: exit N`` line in the Slurm log is the batch
+    script's own exit status: 0 is COMPLETED, anything else FAILED. Without
+    it (killed before its exit trap ran) ``result.json`` decides: status
+    ``succeeded`` is COMPLETED, any other status FAILED. With neither the
+    outcome is not known and the state stays NOT_FOUND (never a success).
+    """
+    matches = list(_LAUNCH_EXIT_RE.finditer(log_tail or ""))
+    status = str((result or {}).get("status", "")) if isinstance(result, dict) else ""
+    if matches:
+        rc = int(matches[-1]["rc"])
+        state = SlurmState.COMPLETED if rc == 0 else SlurmState.FAILED
+        why = f"Slurm log: ray_launch exited {rc}"
+        if status:
+            why += f"; result.json status {status!r}"
+        return JobInfo(job_id, state, reason=why, exit_code=f"{rc}:0", source="run_dir")
+    if status == "succeeded":
+        return JobInfo(
+            job_id, SlurmState.COMPLETED, reason="result.json status 'succeeded'", source="run_dir"
+        )
+    if status:
+        return JobInfo(
+            job_id, SlurmState.FAILED, reason=f"result.json status {status!r}", source="run_dir"
+        )
+    return JobInfo(
+        job_id,
+        SlurmState.NOT_FOUND,
+        reason="no result.json and no exit line in the Slurm log",
+        source="run_dir",
+    )
