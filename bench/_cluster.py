@@ -505,15 +505,17 @@ def poll_command_cpu(job_id: str, run_dir: str, repeat: int = 20) -> dict[str, f
     with bash's ``times`` over ``repeat`` runs (sshd's own session cost is not
     included).
     """
-    from slurm_ray.utils.poll import TailRequest, build_poll_command
+    from slurm_ray.utils.poll import TailRequest, build_poll
 
     log, metrics = f"{run_dir}/slurm-{job_id}.out", f"{run_dir}/metrics.jsonl"
     sizes = ssh(f"stat -c %s -- {shlex.quote(log)} {shlex.quote(metrics)}").split()
-    cmd = build_poll_command(
+    poll = build_poll(
         [job_id], [TailRequest(log, int(sizes[0])), TailRequest(metrics, int(sizes[1]))]
     )
+    data = shlex.quote(poll.stdin.decode())
     script = (
-        f"t0=$(date +%s.%N); for i in $(seq {int(repeat)}); do ( {cmd} ) >/dev/null 2>&1; done; "
+        f"t0=$(date +%s.%N); for i in $(seq {int(repeat)}); do "
+        f"printf '%s' {data} | sh -c {shlex.quote(poll.command)} >/dev/null 2>&1; done; "
         "t1=$(date +%s.%N); times; echo WALL $t0 $t1"
     )
     out = ssh(f"bash -c {shlex.quote(script)}")

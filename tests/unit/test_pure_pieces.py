@@ -17,7 +17,16 @@ from slurm_ray.profiles import (
 )
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
-from slurm_ray.utils.poll import TAIL_MARKER, TailRequest, build_poll_command, parse_poll_output
+from slurm_ray.utils.poll import (
+    MAX_CHUNK,
+    MIN_CHUNK,
+    POLL_BUDGET,
+    TAIL_MARKER,
+    TailChunk,
+    TailRequest,
+    build_poll,
+    parse_poll_output,
+)
 
 HOSTILE = ["a 0", 'a"=0"', "a'; echo foo", "$(touch /tmp/PWNED_sr)", "`touch /tmp/PWNED_sr`", "x;y"]
 
@@ -85,19 +94,51 @@ def test_profiles() -> None:
 def test_poll_command_frames_states_and_tails(tmp_path) -> None:
     f = tmp_path / "log with space's.txt"
     f.write_bytes(b"hello\nwor\xffld\n")
-    cmd = build_poll_command(
-        [], [TailRequest(str(f), 6), TailRequest(str(tmp_path / "missing"), 0)]
+    poll = build_poll(
+        [],
+        [
+            TailRequest(str(f), 6),
+            TailRequest(str(tmp_path / "missing"), 0),
+            TailRequest(str(f), 100),  # beyond the end: the file shrank, read again from 0
+            TailRequest(str(f), 13),  # nothing new
+        ],
     )
-    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", poll.command], input=poll.stdin, capture_output=True, check=True
+    ).stdout.decode()
     assert TAIL_MARKER in out
-    _, chunks = parse_poll_output(out, [], 2)
-    assert chunks == [b"wor\xffld\n", b""]
+    _, chunks = parse_poll_output(out, [], 4)
+    assert chunks == [
+        TailChunk(6, 13, b"wor\xffld\n"),
+        TailChunk(0, -1, b""),
+        TailChunk(0, 13, b"hello\nwor\xffld\n"),
+        TailChunk(13, 13, b""),
+    ]
+
+
+def test_poll_command_text_does_not_grow_with_jobs() -> None:
+    small = build_poll(["1"], [TailRequest("/r/slurm-1.out", 0)])
+    big = build_poll(
+        [str(i) for i in range(1, 5001)],
+        [TailRequest(f"/r/slurm-{i}.out", 10 * i) for i in range(1, 5001)],
+    )
+    assert small.command == big.command and len(big.command) < 8192
+    assert b"T 4999 50000 " in big.stdin
+    # the per-tail share of the byte budget shrinks with the number of tails
+    share = max(MIN_CHUNK, POLL_BUDGET // 5000)
+    assert share < MAX_CHUNK and f"T 0 10 {share} /r/slurm-1.out".encode() in big.stdin
+    assert f"T 0 0 {MAX_CHUNK} /r/slurm-1.out".encode() in small.stdin
+    with pytest.raises(ValueError, match="tail path"):
+        build_poll([], [TailRequest("/r/a\nT 0 0 1 /etc/shadow", 0)])
+    with pytest.raises(ValueError, match="invalid Slurm job id"):
+        build_poll(["123_[1-3]"], [])
 
 
 def test_poll_output_parser_ignores_garbage() -> None:
-    text = f"\n{TAIL_MARKER} 0\n{base64.b64encode(b'ok').decode()}\n{TAIL_MARKER} 9\nAAAA\n{TAIL_MARKER} 1\n!!notb64"
-    _, chunks = parse_poll_output(text, [], 2)
-    assert chunks == [b"ok", b""]
+    ok = base64.b64encode(b"ok").decode()
+    text = f"{TAIL_MARKER} 0 3 5\n{ok}\n{TAIL_MARKER} 9 0 1\nAAAA\n{TAIL_MARKER} 1 0 4\n!!notb64"
+    _, chunks = parse_poll_output(text, [], 3)
+    assert chunks == [TailChunk(3, 5, b"ok"), TailChunk(0, 4, b""), TailChunk()]
 
 
 def test_trigger_serialize_round_trip() -> None:

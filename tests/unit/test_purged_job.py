@@ -74,7 +74,6 @@ def test_trigger_ends_on_a_confirmed_not_found(monkeypatch) -> None:
     (state NOT_FOUND) after two polls in a row, not polling until the deadline."""
     client = FakeClient([squeue_line("7", "RUNNING"), not_found("7"), not_found("7")])
     install(monkeypatch, client)
-    monkeypatch.setattr(SlurmJobTrigger, "_drain", _no_drain)
     trig = SlurmJobTrigger(
         job_id="7", ssh_conn_id="c", log_path="/x/slurm-7.out", poll_interval=0.01
     )
@@ -94,7 +93,6 @@ def test_one_not_found_answer_is_not_yet_the_end(monkeypatch) -> None:
         [not_found("7"), squeue_line("7", "RUNNING"), not_found("7"), squeue_line("7", "COMPLETED")]
     )
     install(monkeypatch, client)
-    monkeypatch.setattr(SlurmJobTrigger, "_drain", _no_drain)
     trig = SlurmJobTrigger(
         job_id="7", ssh_conn_id="c", log_path="/x/slurm-7.out", poll_interval=0.01
     )
@@ -104,10 +102,6 @@ def test_one_not_found_answer_is_not_yet_the_end(monkeypatch) -> None:
 
     events = asyncio.run(asyncio.wait_for(collect(), 10))
     assert [e.payload["state"] for e in events] == ["COMPLETED"]
-
-
-async def _no_drain(self, files, log_buf, metrics_buf, sink):
-    return log_buf, metrics_buf
 
 
 class PurgedHook:

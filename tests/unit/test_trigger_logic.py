@@ -20,8 +20,10 @@ class FakeClient:
         self.commands: list[str] = []
         self._conn = None
 
-    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
-        self.commands.append(command)
+    async def run(
+        self, command: str, *, timeout: float | None = None, input: bytes | None = None
+    ) -> CommandResult:
+        self.commands.append(command + "\n" + (input or b"").decode())
         step = self.plan.pop(0) if len(self.plan) > 1 else self.plan[0]
         if isinstance(step, BaseException):
             raise step
@@ -33,6 +35,10 @@ class FakeClient:
     async def cancel(self, job_id: str) -> CommandResult:
         self.commands.append(f"scancel {job_id}")
         return CommandResult(0, "", "")
+
+    async def states(self, job_ids: list[str]) -> dict[str, states.JobInfo]:
+        state = "CANCELLED" if any(c.startswith("scancel") for c in self.commands) else "RUNNING"
+        return {j: states.JobInfo(j, states.SlurmState(state)) for j in job_ids}
 
 
 def squeue_output(*jobs: tuple[str, str]) -> str:

@@ -380,12 +380,15 @@ class AsyncSlurmClient:
             await self._conn.wait_closed()
             self._conn = None
 
-    async def run(self, command: str, *, timeout: float | None = None) -> CommandResult:
-        """Run ``command``; connection failures raise ``OSError``/asyncssh errors."""
+    async def run(
+        self, command: str, *, timeout: float | None = None, input: bytes | None = None
+    ) -> CommandResult:
+        """Run ``command``, ``input`` on its stdin; connection failures raise ``OSError``."""
         await self.connect()
         assert self._conn is not None
         res = await self._conn.run(
             command,
+            input=input,
             check=False,
             encoding=None,
             timeout=self.command_timeout if timeout is None else timeout,

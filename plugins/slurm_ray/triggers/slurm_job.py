@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,15 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
-from slurm_ray.utils.poll import TailRequest, build_poll_command, parse_poll_output
+from slurm_ray.utils import remote
+from slurm_ray.utils.poll import (
+    MAX_CHUNK,
+    TailChunk,
+    TailRequest,
+    build_poll,
+    parse_poll_output,
+    validate_tail,
+)
 from slurm_ray.utils.states import (
     NOT_FOUND_CONFIRMATIONS,
     PENDING_STATES,
@@ -30,8 +39,30 @@ from slurm_ray.utils.states import (
     is_terminal,
 )
 
+log = logging.getLogger(__name__)
+
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+#: Longest log line shown whole; the rest of a longer one (a ``\r`` progress
+#: bar never ends a line) is cut, and the log says how much was.
+LOG_LINE_MAX = 64 * 1024
+#: Longest ``metrics.jsonl`` row kept; a longer one is dropped with a warning.
+METRICS_LINE_MAX = 1024 * 1024
+#: A Slurm log this far behind is skipped to near its end (the file keeps it all).
+LOG_BACKLOG_MAX = 64 * 1024 * 1024
+#: Polls a finished job's files are read for before its event goes out anyway.
+DRAIN_POLLS = 10
+
+
+def _quiet_asyncssh() -> None:
+    """asyncssh logs every command whole at INFO: a poll is up to megabytes of text.
+
+    Left alone when someone set the level explicitly.
+    """
+    logger = logging.getLogger("asyncssh")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -39,7 +70,7 @@ class PollResult:
     """What one poll brought a subscriber."""
 
     info: JobInfo | None = None
-    chunks: dict[str, bytes] = field(default_factory=dict)
+    chunks: dict[str, TailChunk] = field(default_factory=dict)
     error: str | None = None
     fatal: bool = False
 
@@ -49,7 +80,16 @@ class _Subscription:
     job_id: str
     interval: float
     files: dict[str, list[Any]]  # name -> [path, offset]
-    queue: asyncio.Queue[PollResult] = field(default_factory=asyncio.Queue)
+    # One slot: a subscriber still busy with its last result (a slow MLflow
+    # relay) is left out of the next polls instead of piling results up.
+    queue: asyncio.Queue[PollResult] = field(default_factory=lambda: asyncio.Queue(maxsize=1))
+
+    def deliver(self, result: PollResult, *, replace: bool = False) -> None:
+        if self.queue.full():
+            if not replace:
+                return
+            self.queue.get_nowait()
+        self.queue.put_nowait(result)
 
 
 class _HostPoller:
@@ -62,6 +102,7 @@ class _HostPoller:
     registry: dict[tuple[int, str], _HostPoller] = {}
 
     def __init__(self, ssh_conn_id: str, key: tuple[int, str] | None = None) -> None:
+        _quiet_asyncssh()
         self.ssh_conn_id = ssh_conn_id
         self.key = key
         self.client = AsyncSlurmClient(ssh_conn_id)
@@ -69,6 +110,9 @@ class _HostPoller:
         self.task: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()
         self.commands_run = 0
+        #: Largest command text and standard input sent so far (bytes).
+        self.max_command = 0
+        self.max_stdin = 0
 
     @classmethod
     def get(cls, ssh_conn_id: str) -> _HostPoller:
@@ -84,7 +128,11 @@ class _HostPoller:
             self.registry.setdefault(self.key, self)
         self.subs[id(sub)] = sub
         self.wake.set()
-        if self.task is None or self.task.done():
+        self.ensure_running()
+
+    def ensure_running(self) -> None:
+        """Start the poll loop unless it runs (a loop that is closing restarts itself)."""
+        if self.subs and (self.task is None or self.task.done()):
             self.task = asyncio.get_running_loop().create_task(self._loop())
 
     def unsubscribe(self, sub: _Subscription) -> None:
@@ -92,56 +140,122 @@ class _HostPoller:
         self.wake.set()
 
     async def _loop(self) -> None:
-        failures = 0
         try:
-            while self.subs:
-                subs = list(self.subs.values())
-                job_ids = sorted({s.job_id for s in subs})
-                tails: list[TailRequest] = []
-                owners: list[tuple[_Subscription, str]] = []
-                for s in subs:
-                    for name, (path, offset) in s.files.items():
-                        tails.append(TailRequest(path, int(offset)))
-                        owners.append((s, name))
+            while True:
                 try:
-                    command = build_poll_command(job_ids, tails)
-                except ValueError as exc:
-                    # A malformed job id or offset is a bug, not a network blip.
-                    for s in subs:
-                        s.queue.put_nowait(PollResult(error=str(exc), fatal=True))
-                    return
-                try:
-                    res = await self.client.run(command)
-                    self.commands_run += 1
-                    states, chunks = parse_poll_output(res.stdout, job_ids, len(tails))
-                    failures = 0
-                    per_sub: dict[int, PollResult] = {
-                        id(s): PollResult(info=states.get(s.job_id)) for s in subs
-                    }
-                    for (s, name), chunk in zip(owners, chunks, strict=True):
-                        per_sub[id(s)].chunks[name] = chunk
-                    for s in subs:
-                        s.queue.put_nowait(per_sub[id(s)])
-                except HostKeyError as exc:
-                    for s in subs:
-                        s.queue.put_nowait(PollResult(error=str(exc), fatal=True))
-                    return
-                except (TimeoutError, OSError, Exception) as exc:
-                    # Connection-level trouble: drop the connection, tell the
-                    # subscribers, back off with jitter and reconnect.
-                    failures += 1
-                    await self._reset()
-                    msg = f"{type(exc).__name__}: {exc}".strip()
-                    for s in subs:
-                        s.queue.put_nowait(PollResult(error=msg))
-                    delay = min(30.0, 1.0 * 2 ** min(failures - 1, 5)) * random.uniform(0.5, 1.0)
-                    await self._sleep(delay)
-                    continue
-                await self._sleep(min(s.interval for s in subs))
+                    await self._poll_while_watched()
+                except Exception:
+                    # A bug here must not leave every trigger of the host waiting.
+                    log.exception("poll loop of %s failed; restarting it", self.ssh_conn_id)
+                    await asyncio.sleep(1.0)
+                await self._reset()
+                # A trigger may have subscribed while the connection closed:
+                # it would otherwise wait for a loop that has ended.
+                if not self.subs:
+                    break
         finally:
-            await self._reset()
             if not self.subs and self.key is not None and self.registry.get(self.key) is self:
                 del self.registry[self.key]
+
+    def _requests(
+        self, subs: list[_Subscription]
+    ) -> tuple[list[_Subscription], list[TailRequest], list[tuple[_Subscription, str]]]:
+        """The subscriptions that can be polled and their tails; the others get a fatal error.
+
+        One malformed subscription must not fail the poll of every job on the host.
+        """
+        ok: list[_Subscription] = []
+        tails: list[TailRequest] = []
+        owners: list[tuple[_Subscription, str]] = []
+        for s in subs:
+            try:
+                remote.validate_job_id(s.job_id)
+                mine = [
+                    (validate_tail(TailRequest(path, int(offset), MAX_CHUNK)), name)
+                    for name, (path, offset) in s.files.items()
+                ]
+            except (TypeError, ValueError) as exc:
+                s.deliver(PollResult(error=str(exc), fatal=True), replace=True)
+                self.unsubscribe(s)
+                continue
+            ok.append(s)
+            for req, name in mine:
+                tails.append(req)
+                owners.append((s, name))
+        return ok, tails, owners
+
+    async def _poll_while_watched(self) -> None:
+        failures = 0
+        while self.subs:
+            interval = min(s.interval for s in self.subs.values())
+            ready = [s for s in self.subs.values() if not s.queue.full()]
+            subs, tails, owners = self._requests(ready)
+            if not subs:
+                await self._sleep(interval)
+                continue
+            job_ids = sorted({s.job_id for s in subs})
+            poll = build_poll(job_ids, tails)
+            t0 = time.monotonic()
+            try:
+                res = await self.client.run(poll.command, input=poll.stdin)
+            except HostKeyError as exc:
+                for s in subs:
+                    s.deliver(PollResult(error=str(exc), fatal=True), replace=True)
+                await self._sleep(interval)
+                continue
+            except Exception as exc:
+                # Connection-level trouble: drop the connection, tell the
+                # subscribers, back off with jitter and reconnect.
+                failures += 1
+                await self._reset()
+                msg = f"{type(exc).__name__}: {exc}".strip()
+                log.warning("poll %s failed (%s); reconnecting", self.ssh_conn_id, msg[:300])
+                for s in subs:
+                    s.deliver(PollResult(error=msg))
+                delay = min(30.0, 1.0 * 2 ** min(failures - 1, 5)) * random.uniform(0.5, 1.0)
+                await self._sleep(delay)
+                continue
+            failures = 0
+            self.commands_run += 1
+            self.max_command = max(self.max_command, len(poll.command.encode()))
+            self.max_stdin = max(self.max_stdin, len(poll.stdin))
+            log.info(
+                "poll %s: %d jobs, %d files, sent %d B, got %d B, exit %s, %.2fs%s",
+                self.ssh_conn_id,
+                len(job_ids),
+                len(tails),
+                len(poll.command) + len(poll.stdin),
+                len(res.stdout_bytes),
+                res.exit_code,
+                time.monotonic() - t0,
+                f" ({res.stderr.strip()[:200]})" if res.exit_code else "",
+            )
+            self._hand_out(res.stdout, subs, job_ids, owners)
+            await self._sleep(interval)
+
+    def _hand_out(
+        self,
+        stdout: str,
+        subs: list[_Subscription],
+        job_ids: list[str],
+        owners: list[tuple[_Subscription, str]],
+    ) -> None:
+        try:
+            states, chunks = parse_poll_output(stdout, job_ids, len(owners))
+        except Exception as exc:
+            # A parser bug is not connection trouble: every job is UNKNOWN for
+            # this round, and nobody's job gets cancelled for it.
+            log.exception("could not parse the poll output of %s", self.ssh_conn_id)
+            why = f"poll output not understood: {type(exc).__name__}: {exc}"
+            states = {j: JobInfo(j, SlurmState.UNKNOWN, reason=why[:300]) for j in job_ids}
+            chunks = [TailChunk()] * len(owners)
+        per_sub: dict[int, PollResult] = {
+            id(s): PollResult(info=states.get(s.job_id)) for s in subs
+        }
+        for (s, name), chunk in zip(owners, chunks, strict=True):
+            per_sub[id(s)].chunks[name] = chunk
+        for s in subs:
+            s.deliver(per_sub[id(s)])
 
     async def _sleep(self, seconds: float) -> None:
         """Wait out the interval; end early only when nobody is watching any more.
@@ -164,6 +278,17 @@ class _HostPoller:
             await self.client.close()
         except Exception:
             self.client._conn = None
+
+
+@dataclass
+class _Stream:
+    """A watched file as the trigger has consumed it."""
+
+    name: str
+    offset: int
+    buf: bytearray = field(default_factory=bytearray)
+    #: Bytes dropped of the current overlong line (0: not cutting).
+    cutting: int = 0
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -252,18 +377,29 @@ class SlurmJobTrigger(BaseTrigger):
         return TriggerEvent(payload)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            remote.validate_job_id(self.job_id)
+            for path in (self.log_path, self.metrics_path):
+                if path is not None:
+                    validate_tail(TailRequest(path, 0))
+        except (TypeError, ValueError) as exc:
+            # Only this trigger fails; the other jobs of the host are polled on.
+            yield self._event("error", None, str(exc))
+            return
         poller = _HostPoller.get(self.ssh_conn_id)
+        streams = {"log": _Stream("log", self.log_offset)}
         files: dict[str, list[Any]] = {"log": [self.log_path, self.log_offset]}
         if self.metrics_path:
+            streams["metrics"] = _Stream("metrics", self.metrics_offset)
             files["metrics"] = [self.metrics_path, self.metrics_offset]
         sub = _Subscription(job_id=self.job_id, interval=self.poll_interval, files=files)
         sink = self._make_sink()
-        log_buf = b""
-        metrics_buf = b""
         last_ok = time.monotonic()
         failing_since: float | None = None
         last_state: SlurmState | None = None
         not_found = 0  # polls in a row that found the job NOT_FOUND
+        ended: JobInfo | None = None
+        polls_after_end = 0
         poller.subscribe(sub)
         self.log.info(
             "Watching Slurm job %s via %s every %.0fs",
@@ -273,33 +409,36 @@ class SlurmJobTrigger(BaseTrigger):
         )
         try:
             while True:
-                result = await sub.queue.get()
+                result = await self._next_result(sub, poller)
                 if self.deadline is not None and time.time() > self.deadline:
-                    await self._cancel()
+                    poller.unsubscribe(sub)
+                    confirmed, how = await self._cancel()
                     yield self._event(
                         "timeout",
-                        result.info,
-                        f"execution_timeout passed; cancelled job {self.job_id}",
+                        result.info if result else None,
+                        f"execution_timeout passed; cancel of job {self.job_id} {how}",
+                        cancel_confirmed=confirmed,
                     )
                     return
-                if result.error is not None:
-                    if result.fatal:
-                        yield self._event("error", None, result.error)
+                if result is None or result.error is not None:
+                    if result is not None and result.fatal:
+                        yield self._event("error", None, result.error or "")
                         return
+                    error = result.error if result else "no poll result in time"
                     now = time.monotonic()
                     if failing_since is None:
                         failing_since = now
                         self.log.warning(
                             "Lost the SSH connection to %s (%s); reconnecting with backoff",
                             self.ssh_conn_id,
-                            result.error,
+                            error,
                         )
                     if now - last_ok > self.max_disconnect_s:
                         yield self._event(
                             "error",
                             None,
                             f"no answer from {self.ssh_conn_id} for {now - last_ok:.0f}s "
-                            f"(last error: {result.error}); job {self.job_id} may still run",
+                            f"(last error: {error}); job {self.job_id} may still run",
                         )
                         return
                     continue
@@ -312,66 +451,155 @@ class SlurmJobTrigger(BaseTrigger):
                     failing_since = None
                 last_ok = time.monotonic()
 
-                chunk = result.chunks.get("log", b"")
-                if chunk:
-                    self.log_offset += len(chunk)
-                    files["log"][1] = self.log_offset
-                    log_buf = self._emit_log(log_buf + chunk)
-                mchunk = result.chunks.get("metrics", b"")
-                if mchunk:
-                    self.metrics_offset += len(mchunk)
-                    files["metrics"][1] = self.metrics_offset
-                    metrics_buf = await self._relay(metrics_buf + mchunk, sink)
+                # Offsets move before anything is awaited, so the next poll
+                # (built while the relay below may still run) reads on from here.
+                new = {n: self._take(streams[n], c) for n, c in result.chunks.items()}
+                for name, stream in streams.items():
+                    files[name][1] = stream.offset
+                self.log_offset = streams["log"].offset
+                if "metrics" in streams:
+                    self.metrics_offset = streams["metrics"].offset
+                if new.get("log"):
+                    self._emit_log(streams["log"], new["log"])
+                if new.get("metrics"):
+                    await self._relay(streams["metrics"], new["metrics"], sink)
 
                 info = result.info
-                if info is None:
-                    continue
-                if info.state != last_state and (
-                    last_state in (SlurmState.RUNNING, SlurmState.COMPLETING)
-                    and info.state in PENDING_STATES
-                ):
-                    self.log.warning(
-                        "Slurm job %s was requeued by Slurm (%s) after it had started "
-                        "(a node failure or preemption; the site requeues jobs): still watching, "
-                        "it runs again when nodes are free",
-                        self.job_id,
-                        info.reason or info.state.value,
-                    )
-                if info.state != last_state:
-                    self.log.info(
-                        "Slurm job %s is %s%s",
-                        self.job_id,
-                        info.state.value,
-                        f" ({info.reason})" if info.reason and info.reason != "None" else "",
-                    )
+                if ended is not None:
+                    polls_after_end += 1
+                elif info is not None:
+                    self._note_state(info, last_state)
                     last_state = info.state
-                not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
-                # A confirmed NOT_FOUND ended unobserved and was purged (MinJobAge, no
-                # accounting): execute_complete decides its end from the run directory.
-                if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
-                    # The poll that saw the end may have raced the last writes.
+                    not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
+                    # A confirmed NOT_FOUND ended unobserved and was purged (MinJobAge, no
+                    # accounting): execute_complete decides its end from the run directory.
+                    if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
+                        ended = info
+                if ended is not None and (
+                    polls_after_end >= DRAIN_POLLS or self._caught_up(streams, result)
+                ):
                     poller.unsubscribe(sub)
-                    log_buf, metrics_buf = await self._drain(files, log_buf, metrics_buf, sink)
-                    if log_buf:
-                        self.log.info("%s", log_buf.decode("utf-8", "replace"))
+                    self._flush(streams)
                     yield self._event(
-                        "terminal", info, f"job {self.job_id} ended {info.state.value}"
+                        "terminal", ended, f"job {self.job_id} ended {ended.state.value}"
                     )
                     return
         finally:
             poller.unsubscribe(sub)
 
-    def _emit_log(self, data: bytes) -> bytes:
-        """Log complete lines; return the unfinished tail."""
-        *lines, rest = data.split(b"\n")
-        for line in lines:
-            self.log.info("[slurm %s] %s", self.job_id, line.decode("utf-8", "replace"))
-        return rest
+    async def _next_result(self, sub: _Subscription, poller: _HostPoller) -> PollResult | None:
+        """The next poll result; None when none came in time (or the deadline passed)."""
+        # Results come every interval; waiting longer means the poller is stuck
+        # or gone, and the deadline must not wait for a result to be checked.
+        wait = max(60.0, 4 * self.poll_interval)
+        if self.deadline is not None:
+            wait = min(wait, max(0.0, self.deadline - time.time()) + 0.01)
+        try:
+            return await asyncio.wait_for(sub.queue.get(), timeout=wait)
+        except TimeoutError:
+            poller.ensure_running()
+            return None
 
-    async def _relay(self, data: bytes, sink: MetricsSink | None) -> bytes:
-        *lines, rest = data.split(b"\n")
+    def _note_state(self, info: JobInfo, last_state: SlurmState | None) -> None:
+        if info.state == last_state:
+            return
+        if last_state in (SlurmState.RUNNING, SlurmState.COMPLETING) and (
+            info.state in PENDING_STATES
+        ):
+            self.log.warning(
+                "Slurm job %s was requeued by Slurm (%s) after it had started "
+                "(a node failure or preemption; the site requeues jobs): still watching, "
+                "it runs again when nodes are free",
+                self.job_id,
+                info.reason or info.state.value,
+            )
+        self.log.info(
+            "Slurm job %s is %s%s",
+            self.job_id,
+            info.state.value,
+            f" ({info.reason})" if info.reason and info.reason != "None" else "",
+        )
+
+    @staticmethod
+    def _caught_up(streams: dict[str, _Stream], result: PollResult) -> bool:
+        """Every file read to the size the poll saw (taken after the job had ended)."""
+        return all(result.chunks.get(n, TailChunk()).size <= s.offset for n, s in streams.items())
+
+    def _take(self, stream: _Stream, chunk: TailChunk) -> bytes:
+        """The bytes of ``chunk`` that are new to ``stream``; advances its offset.
+
+        A chunk read from an older offset (a poll built before the last one
+        was consumed) is trimmed, one from beyond the offset is dropped (read
+        again next time): every byte is consumed once, in order.
+        """
+        if 0 <= chunk.size < stream.offset:
+            self.log.warning(
+                "Slurm job %s: %s shrank from %d to %d bytes (the job was requeued, or the "
+                "file rewritten): reading it again from the start",
+                self.job_id,
+                self.log_path if stream.name == "log" else self.metrics_path,
+                stream.offset,
+                chunk.size,
+            )
+            if stream.name == "log":
+                self.log.info("[slurm %s] ----- log restarted -----", self.job_id)
+            stream.offset = 0
+            stream.buf.clear()
+            stream.cutting = 0
+        if stream.name == "log" and chunk.size - stream.offset > LOG_BACKLOG_MAX:
+            skip_to = chunk.size - MAX_CHUNK
+            self.log.warning(
+                "Slurm job %s: the log is %d bytes behind; skipping %d bytes "
+                "(the whole log stays in %s)",
+                self.job_id,
+                chunk.size - stream.offset,
+                skip_to - stream.offset,
+                self.log_path,
+            )
+            stream.offset = skip_to
+            stream.buf.clear()
+            stream.cutting = 1  # resume at the next whole line
+            return b""
+        data = chunk.data
+        if chunk.start > stream.offset or chunk.start + len(data) <= stream.offset:
+            return b""
+        data = data[stream.offset - chunk.start :]
+        stream.offset += len(data)
+        return data
+
+    def _lines(self, stream: _Stream, data: bytes, limit: int) -> list[bytes]:
+        """Complete lines of ``stream``; an unfinished one is kept up to ``limit`` bytes."""
+        if stream.cutting:
+            nl = data.find(b"\n")
+            if nl < 0:
+                stream.cutting += len(data)
+                return []
+            self.log.warning(
+                "Slurm job %s: cut %d bytes of an overlong line of %s (more than %d bytes)",
+                self.job_id,
+                stream.cutting + nl,
+                stream.name,
+                limit,
+            )
+            stream.cutting = 0
+            data = data[nl + 1 :]
+        stream.buf += data
+        *lines, rest = bytes(stream.buf).split(b"\n")
+        stream.buf = bytearray(rest)
+        if len(stream.buf) > limit:
+            if stream.name == "log":
+                lines.append(bytes(stream.buf[:limit]) + b" [...]")
+            stream.cutting = len(stream.buf) - (limit if stream.name == "log" else 0)
+            stream.buf.clear()
+        return lines
+
+    def _emit_log(self, stream: _Stream, data: bytes) -> None:
+        for line in self._lines(stream, data, LOG_LINE_MAX):
+            self.log.info("[slurm %s] %s", self.job_id, line.decode("utf-8", "replace"))
+
+    async def _relay(self, stream: _Stream, data: bytes, sink: MetricsSink | None) -> None:
         rows = []
-        for line in lines:
+        for line in self._lines(stream, data, METRICS_LINE_MAX):
             if not line.strip():
                 continue
             try:
@@ -380,60 +608,79 @@ class SlurmJobTrigger(BaseTrigger):
                 self.log.warning("skipping malformed metrics line: %r", line[:200])
         if rows and sink is not None:
             await sink(rows)
-        return rest
 
-    async def _drain(
-        self,
-        files: dict[str, list[Any]],
-        log_buf: bytes,
-        metrics_buf: bytes,
-        sink: MetricsSink | None,
-    ) -> tuple[bytes, bytes]:
-        # Its own connection: the shared poller may close its one as soon as
-        # this trigger unsubscribed and it has nothing else to watch.
-        client = AsyncSlurmClient(self.ssh_conn_id)
-        try:
-            return await self._drain_with(client, files, log_buf, metrics_buf, sink)
-        finally:
-            await client.close()
-
-    async def _drain_with(
-        self,
-        client: AsyncSlurmClient,
-        files: dict[str, list[Any]],
-        log_buf: bytes,
-        metrics_buf: bytes,
-        sink: MetricsSink | None,
-    ) -> tuple[bytes, bytes]:
-        names = list(files)
-        for _ in range(20):
-            tails = [TailRequest(files[n][0], int(files[n][1])) for n in names]
-            try:
-                res = await client.run(build_poll_command([], tails))
-            except Exception as exc:
-                self.log.warning("could not read the rest of the job's files: %s", exc)
-                break
-            _, chunks = parse_poll_output(res.stdout, [], len(tails))
-            if not any(chunks):
-                break
-            for name, chunk in zip(names, chunks, strict=True):
-                files[name][1] = int(files[name][1]) + len(chunk)
-                if name == "log":
-                    self.log_offset += len(chunk)
-                    log_buf = self._emit_log(log_buf + chunk)
-                else:
-                    self.metrics_offset += len(chunk)
-                    metrics_buf = await self._relay(metrics_buf + chunk, sink)
-        return log_buf, metrics_buf
+    def _flush(self, streams: dict[str, _Stream]) -> None:
+        """The job is over: its log's last unfinished line is shown as it is."""
+        log_stream = streams["log"]
+        if log_stream.buf:
+            self.log.info("[slurm %s] %s", self.job_id, log_stream.buf.decode("utf-8", "replace"))
+            log_stream.buf.clear()
 
     async def on_kill(self) -> None:
         """The user cleared/failed the deferred task: cancel the Slurm job."""
         await self._cancel()
 
-    async def _cancel(self) -> None:
+    #: scancel attempts, their backoff multiplier (s) and the time they may take in all.
+    CANCEL_ATTEMPTS = 5
+    CANCEL_BACKOFF = 1.0
+    CANCEL_MAX_WAIT = 120.0
+
+    async def _cancel(self) -> tuple[bool, str]:
+        """``scancel`` with retries; confirmed once Slurm shows the job ended or ending.
+
+        Never raises: the caller still has an event to send.
+        """
+        from tenacity import (
+            AsyncRetrying,
+            RetryError,
+            stop_after_attempt,
+            stop_after_delay,
+            wait_exponential,
+        )
+
         client = AsyncSlurmClient(self.ssh_conn_id)
+        last = "not tried"
+
+        async def attempt() -> None:
+            nonlocal last
+            try:
+                res = await asyncio.wait_for(client.cancel(self.job_id), timeout=30)
+                if res.exit_code != 0:
+                    last = f"scancel exit {res.exit_code}: {res.stderr.strip()[:200]}"
+                    raise RuntimeError(last)
+                info = (await asyncio.wait_for(client.states([self.job_id]), 30)).get(self.job_id)
+            except Exception as exc:
+                last = last if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+                await client.close()
+                raise
+            state = info.state if info else SlurmState.UNKNOWN
+            if not (is_terminal(state) or state in (SlurmState.COMPLETING, SlurmState.NOT_FOUND)):
+                last = f"still {state.value} after scancel"
+                raise RuntimeError(last)
+            last = f"confirmed ({state.value})"
+
         try:
-            res = await asyncio.wait_for(client.cancel(self.job_id), timeout=30)
-            self.log.info("Cancelled Slurm job %s (scancel exit %s)", self.job_id, res.exit_code)
+            async for trial in AsyncRetrying(
+                stop=stop_after_attempt(self.CANCEL_ATTEMPTS)
+                | stop_after_delay(self.CANCEL_MAX_WAIT),
+                wait=wait_exponential(
+                    multiplier=self.CANCEL_BACKOFF, min=self.CANCEL_BACKOFF, max=15
+                ),
+                reraise=False,
+            ):
+                with trial:
+                    await attempt()
+            self.log.info("Cancelled Slurm job %s: %s", self.job_id, last)
+            return True, last
+        except RetryError:
+            self.log.error(
+                "Could not confirm the cancel of Slurm job %s after retries (%s): "
+                "it may still run; cancel it by hand (scancel %s)",
+                self.job_id,
+                last,
+                self.job_id,
+            )
+            return False, f"NOT confirmed ({last})"
         finally:
-            await client.close()
+            with contextlib.suppress(Exception):
+                await client.close()
