@@ -6,7 +6,6 @@ the run completes and the model is registered.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -33,8 +32,7 @@ CONF = {
 def test_r8_mlflow_down_during_training(
     airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer, faults, trial: int
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("reading the node namespaces' processes needs root")
+    faults.require_root("R8")
     airflow.wait_dag(DAG)
 
     def body() -> float:
