@@ -8,6 +8,7 @@ unmarked tests source the launcher and check its pure helpers locally.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -430,8 +431,26 @@ def test_port_block():
     assert out == f"{20000 + 34 * 100} {20000 + 34 * 100 + 10} {20000 + 34 * 100 + 99}"
     out = bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="1", SLURM_RAY_PORT_BASE="31000")
     assert out == "31000"
-    # every job's block stays outside Ray's default worker range 10002-19999
-    assert int(bash_fn("set_ports; echo $GCS_PORT", SLURM_JOB_ID="399")) + 99 <= 59999
+    # every job's block (every port of it, for every job id modulo the block
+    # count) stays outside Ray's default worker range 10002-19999 and below 60000
+    names = [
+        "GCS_PORT", "NODE_MANAGER_PORT", "OBJECT_MANAGER_PORT", "RUNTIME_ENV_AGENT_PORT",
+        "METRICS_EXPORT_PORT", "DASHBOARD_AGENT_GRPC_PORT", "DASHBOARD_AGENT_LISTEN_PORT",
+        "DASHBOARD_PORT", "MIN_WORKER_PORT", "MAX_WORKER_PORT",
+    ]  # fmt: skip
+    loop = (
+        "for SLURM_JOB_ID in $(seq 0 999); do set_ports; echo "
+        + " ".join(f"${n}" for n in names)
+        + "; done"
+    )
+    blocks = [[int(p) for p in line.split()] for line in bash_fn(loop).splitlines()]
+    assert len(blocks) == 1000 and all(len(b) == len(names) for b in blocks)
+    ports = [p for b in blocks for p in b]
+    assert not [p for p in ports if 10002 <= p <= 19999], "a port inside 10002-19999"
+    assert min(ports) > 1024 and max(ports) <= 59999, (min(ports), max(ports))
+    # neighbouring job ids (submitted together) get disjoint blocks
+    for a, b in itertools.pairwise(blocks):
+        assert max(a) < min(b) or max(b) < min(a), (a, b)
 
 
 def test_launcher_refuses_outside_slurm():
