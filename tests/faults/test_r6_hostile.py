@@ -20,6 +20,7 @@ import pytest
 
 from tests.cluster.test_operator import FakeTI, make_op, run_deferred
 from tests.conftest import DevCluster
+from tests.faults.helpers import jobs_ever
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -110,7 +111,7 @@ def _expect_refused(cluster: DevCluster, field: str, **kwargs: Any) -> None:
     assert field in str(err.value), (field, str(err.value)[:300])
     print("refused:", field or kwargs, str(err.value).splitlines()[0][:200])
     assert "slurm_job_id" not in ti.xcom, (field, ti.xcom)
-    assert not cluster.ssh(f"squeue -h --name={job_name} -o %i").stdout.strip()
+    assert jobs_ever(cluster, name=job_name) == set()
 
 
 def _refused_by_slurm_or_inert(cluster: DevCluster, field: str, spec: dict[str, Any]) -> None:
