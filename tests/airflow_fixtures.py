@@ -157,12 +157,17 @@ def airflow(
         SLURM_RAY_AIRFLOW_PORT=str(port),
         SLURM_RAY_MLFLOW_URI=mlflow_server.url,
     )
-    env["AIRFLOW_CONN_SLURM_DEV"], secrets = secret_connection(cluster)
+    env["AIRFLOW_CONN_SLURM_DEV_OVERRIDE"], secrets = secret_connection(cluster)
     af = Airflow(home, port, env)
     af.secrets = secrets
     started = af.script("start")
     if started.returncode != 0:
         pytest.fail(f"airflow did not start:\n{started.stderr[-3000:]}")
+    # The secret search means something only if Airflow runs with that connection.
+    pid = (home / "standalone.pid").read_text().strip()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    conn_var = next(v for v in environ if v.startswith(b"AIRFLOW_CONN_SLURM_DEV="))
+    assert b"private_key" in conn_var, "Airflow does not use the secret-laden connection"
     try:
         yield af
     finally:
