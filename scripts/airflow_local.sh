@@ -50,8 +50,11 @@ export_env() {
   export RAY_USAGE_STATS_ENABLED=0
   export PATH=$VENV/bin:$PATH
   if [[ -f $STATE/cluster.env ]]; then
+    # A connection given by the caller wins (the tests pass one with its secrets inline).
+    local conn=${AIRFLOW_CONN_SLURM_DEV_OVERRIDE:-}
     # shellcheck disable=SC1091
     source "$STATE/cluster.env"
+    if [[ -n $conn ]]; then export AIRFLOW_CONN_SLURM_DEV=$conn; fi
   fi
 }
 

@@ -89,6 +89,57 @@ class Airflow:
     def ti(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
         return self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")[1]
 
+    #: Secrets the slurm_dev connection of this Airflow carries (see secret_connection).
+    secrets: tuple[str, ...] = ()
+
+    def leaked_secrets(self, dag_id: str, run_id: str) -> tuple[list[str], int, int]:
+        """Where a secret shows in Airflow's own task-log files or the run's REST XCom.
+
+        Returns (leaks, log files read, XCom entries read); the counts let a
+        caller check that there was something to search.
+        """
+        leaks: list[str] = []
+        files = [p for p in (self.home / "logs").rglob("*") if p.is_file()]
+        for path in files:
+            text = path.read_text(errors="replace")
+            leaks += [f"{path}: {s[:8]}…" for s in self.secrets if s in text]
+        entries = 0
+        _, tis = self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        for ti in tis["task_instances"]:
+            base = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}"
+            _, listing = self.call("GET", f"{base}/xcomEntries?map_index={ti['map_index']}")
+            for entry in listing.get("xcom_entries", []):
+                status, body = self.call(
+                    "GET", f"{base}/xcomEntries/{entry['key']}?map_index={ti['map_index']}"
+                )
+                assert status == 200, body
+                entries += 1
+                text = json.dumps(body)
+                leaks += [
+                    f"xcom {ti['task_id']}/{entry['key']}: {s[:8]}…"
+                    for s in self.secrets
+                    if s in text
+                ]
+        return leaks, len(files), entries
+
+
+def secret_connection(cluster: DevCluster) -> tuple[str, tuple[str, ...]]:
+    """The dev cluster's connection with its secrets inline, as a real site would have it.
+
+    The private key in the extras (not a key file), a password and token-like
+    extras: every end-to-end run then shows whether any of them leaks.
+    """
+    key_text = (cluster.state / "ssh" / "id_ed25519").read_text()
+    key_lines = [ln.strip() for ln in key_text.splitlines() if ln.strip() and "-----" not in ln]
+    conn = json.loads(cluster.env["AIRFLOW_CONN_SLURM_DEV"])
+    extra = dict(conn["extra"])
+    extra.pop("key_file", None)
+    extra.update(private_key=key_text, mlflow_token="s3cr3t-e2e-token")
+    extra["api_password"] = "s3cr3t-e2e-api-password"
+    conn.update(extra=extra, password="s3cr3t-e2e-passphrase")
+    secrets = ("s3cr3t-e2e-token", "s3cr3t-e2e-api-password", "s3cr3t-e2e-passphrase", *key_lines)
+    return json.dumps(conn), secrets
+
 
 @pytest.fixture(scope="session")
 def airflow(
@@ -106,10 +157,17 @@ def airflow(
         SLURM_RAY_AIRFLOW_PORT=str(port),
         SLURM_RAY_MLFLOW_URI=mlflow_server.url,
     )
+    env["AIRFLOW_CONN_SLURM_DEV_OVERRIDE"], secrets = secret_connection(cluster)
     af = Airflow(home, port, env)
+    af.secrets = secrets
     started = af.script("start")
     if started.returncode != 0:
         pytest.fail(f"airflow did not start:\n{started.stderr[-3000:]}")
+    # The secret search means something only if Airflow runs with that connection.
+    pid = (home / "standalone.pid").read_text().strip()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    conn_var = next(v for v in environ if v.startswith(b"AIRFLOW_CONN_SLURM_DEV="))
+    assert b"private_key" in conn_var, "Airflow does not use the secret-laden connection"
     try:
         yield af
     finally:

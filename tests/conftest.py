@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.mlflow_fixtures import mlflow_server  # noqa: F401  (session fixture)
+from tests.require_cluster import (  # noqa: F401  (hooks: a skip in a real tier fails)
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = ROOT / "scripts" / "devcluster.sh"

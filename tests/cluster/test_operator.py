@@ -217,7 +217,9 @@ def test_operator_on_kill_cancels_in_non_deferrable_mode(cluster: DevCluster) ->
     active = wait_job_gone(cluster, job_id)
     assert not active
     thread.join(30)
-    assert errors, "execute should fail once its job is cancelled"
+    assert not thread.is_alive(), "execute did not return after its job was cancelled"
+    # Failing for its own reason while the job is cancelled by on_kill is not enough.
+    assert len(errors) == 1 and "CANCELLED" in str(errors[0]), errors
 
 
 def test_wrong_host_key_is_refused_before_any_command(cluster: DevCluster, monkeypatch) -> None:
@@ -240,15 +242,24 @@ def test_wrong_host_key_is_refused_before_any_command(cluster: DevCluster, monke
 
 
 def test_two_jobs_share_the_nodes_without_collisions(cluster: DevCluster) -> None:
+    """Two Ray clusters on the same two nodes at once: a rendezvous proves the overlap."""
     from airflow.sdk.exceptions import TaskDeferred
 
+    rdv = cluster.new_dir("rdv")
+    # Each job, once its Ray cluster answered, leaves a marker and waits for the
+    # other's: both print RENDEZVOUS_OK only if both clusters were up together.
+    rendezvous = (
+        f"{ALIVE} && touch {rdv}/ready-$SLURM_JOB_ID && "
+        f"for i in $(seq 450); do [ $(ls {rdv} | wc -l) -ge 2 ] && "
+        "{ echo RENDEZVOUS_OK; exit 0; }; sleep 0.2; done; echo no rendezvous; exit 1"
+    )
     ops = []
     for i in range(2):
         ti = FakeTI(task_id=f"pair{i}")
         op = make_op(
             cluster,
             f"pair{i}",
-            entrypoint=ALIVE,
+            entrypoint=rendezvous,
             job_spec={"nodes": 2, "cpus_per_task": 1, "time": "10"},
         )
         with pytest.raises(TaskDeferred) as deferred:
@@ -268,3 +279,4 @@ def test_two_jobs_share_the_nodes_without_collisions(cluster: DevCluster) -> Non
         assert summary["state"] == "COMPLETED"
         log = cluster.ssh(f"cat {ti.xcom['run_dir']}/slurm-{ti.xcom['slurm_job_id']}.out").stdout
         assert "ALIVE_NODES 2" in log
+        assert "RENDEZVOUS_OK" in log, log

@@ -13,14 +13,14 @@ import shlex
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT as REPO
+from tests.conftest import STATE, DevCluster
+
 INCLUDE = REPO / "include"
-SSH_CONFIG = REPO / ".dev" / "ssh_config"
-STATE = Path("/var/lib/slurm-ray-dev")
+SSH_CONFIG = STATE / "ssh_config"
 SCRATCH = STATE / "scratch" / "tests"
 VENV = STATE / "venv"
 TERMINAL = {
@@ -51,20 +51,6 @@ def ssh(cmd: str, *, check: bool = True, timeout: float = 60, stdin: str | None 
     if check and r.returncode != 0:
         raise AssertionError(f"ssh {cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
     return r
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not SSH_CONFIG.exists():
-        pytest.skip("dev cluster not configured (scripts/devcluster.sh up)")
-    try:
-        r = ssh("sinfo -h -o %D", check=False, timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.skip("dev cluster ssh timed out")
-    if r.returncode != 0:
-        pytest.skip(f"dev cluster not reachable: {r.stderr.strip()}")
-    if ssh(f"test -f {VENV}/.slurm_ray_spec_sha256", check=False).returncode != 0:
-        pytest.skip("cluster venv not built yet")
 
 
 class Job:
@@ -122,7 +108,9 @@ class Job:
 
 
 @pytest.fixture
-def job(cluster):
+def job(cluster: DevCluster):
+    # The shared fixture brought the cluster up (and built its venv) or failed.
+    assert (cluster.venv / ".slurm_ray_spec_sha256").is_file(), "cluster venv not built"
     created: list[Job] = []
 
     def make(tag: str) -> Job:

@@ -44,9 +44,22 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cluster_python() -> Path:
-    """The cluster venv's interpreter (ray[rllib], torch, gymnasium)."""
-    if not SPEC_STAMP.is_file():
-        pytest.skip(f"cluster venv not built ({SPEC_STAMP} missing)")
+    """The cluster venv's interpreter (ray[rllib], torch, gymnasium), built if missing.
+
+    The same build_env.sh that `devcluster.sh up` runs: a no-op when the spec is
+    unchanged, locked against concurrent builds; no cluster daemon is needed.
+    """
+    proc = subprocess.run(
+        ["bash", str(INCLUDE / "build_env.sh"), "venv", str(STATE / "venv"),
+         str(INCLUDE / "requirements-cluster.txt")],
+        capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "PYTHON": LEGACY_PYTHON},
+    )  # fmt: skip
+    if proc.returncode != 0 or not SPEC_STAMP.is_file():
+        pytest.fail(f"building the cluster venv failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    if "up-to-date" not in proc.stdout:
+        # The job user runs this venv on the nodes too (devcluster.sh does the same).
+        subprocess.run(["chmod", "-R", "a+rX", str(STATE / "venv")], check=True, timeout=300)
     return CLUSTER_PYTHON
 
 

@@ -114,6 +114,12 @@ def test_train_dag_end_to_end(
     assert str(summary["job_id"]) in flat
     assert mlrun.info.run_id in flat and mlflow_server.url in flat
 
+    # The connection carries its secrets inline (tests/airflow_fixtures.py): none
+    # is in Airflow's own task-log files or in any XCom the REST API serves.
+    leaks, log_files, xcoms = airflow.leaked_secrets("rllib_train", run_id)
+    assert log_files >= 6 and xcoms >= 6, (log_files, xcoms)  # there was something to read
+    assert not leaks, leaks
+
 
 def test_sweep_with_two_configs_via_dag_test(
     cluster: DevCluster, mlflow_server: MlflowServer

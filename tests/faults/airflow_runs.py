@@ -54,6 +54,20 @@ def job_processes(job_id: str) -> list[str]:
     return left
 
 
+def task_log_files(af: Airflow, run_id: str, task_id: str = "train") -> list[Path]:
+    """Airflow's own log files of a task (worker attempts and triggerer logs)."""
+    root = af.home / "logs"
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and f"run_id={run_id}" in p.parts and f"task_id={task_id}" in str(p)
+    )
+
+
+def task_log_text(af: Airflow, run_id: str, task_id: str = "train") -> str:
+    return "\n".join(p.read_text(errors="replace") for p in task_log_files(af, run_id, task_id))
+
+
 def job_state(cluster: DevCluster, job_id: str) -> str:
     return cluster.ssh(f"squeue -h -j {job_id} -o %T", check=False).stdout.strip()
 

@@ -30,7 +30,15 @@ class FaultRecorder:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def record(self, fault: str, *, passed: bool, recover_s: float | None, note: str = "") -> None:
+    def record(
+        self,
+        fault: str,
+        *,
+        passed: bool,
+        recover_s: float | None,
+        note: str = "",
+        skipped: bool = False,
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {
             "fault": fault,
@@ -39,8 +47,17 @@ class FaultRecorder:
             "note": note,
             "t": time.time(),
         }
+        if skipped:
+            row["skipped"] = True
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+    def require_root(self, fault: str) -> None:
+        """Skip a fault that needs root, but keep it in the report as skipped (not absent)."""
+        if os.geteuid() != 0:
+            reason = "reading the node namespaces' processes needs root"
+            self.record(fault, passed=False, recover_s=None, note=reason, skipped=True)
+            pytest.skip(reason)
 
     def trial(self, fault: str) -> Callable[[Callable[[], float | None]], None]:
         """Run `body` (returns seconds to recover); record pass/fail; re-raise failures."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -68,6 +69,41 @@ def squeue_jobs(cluster: DevCluster, name: str) -> list[str]:
     """Active job ids with exactly this name (any state squeue still shows)."""
     out = cluster.ssh(f"squeue -h --name={name} -o '%i %T'").stdout.split("\n")
     return [line.split()[0] for line in out if line.strip()]
+
+
+def jobs_ever(
+    cluster: DevCluster, *, name: str | None = None, workdir: str | None = None
+) -> set[str]:
+    """Every job of this name (or run from under this directory) that Slurm can still show.
+
+    ``squeue`` alone hides ended jobs and ``sacct`` is off on the dev cluster, so
+    this asks ``squeue -t all`` (ended jobs stay for MinJobAge), the
+    job-completion log, and ``sacct`` where accounting runs.
+    """
+    assert (name is None) != (workdir is None)
+    jobcomp = shlex.quote(str(cluster.state / "log" / "jobcomp.txt"))
+    if name is not None:
+        needle = shlex.quote(f" Name={name} JobState=")
+        sacct = f"sacct -n -X -P --name={shlex.quote(name)} -o JobID 2>/dev/null"
+    else:
+        needle = shlex.quote(f" WorkDir={workdir.rstrip('/')}")
+        sacct = "true"
+    out = cluster.ssh(
+        "squeue -h -t all -o '%i|%j|%Z'; echo @@jobcomp; "
+        f"grep -F -- {needle} {jobcomp} | sed -n 's/^JobId=\\([0-9]*\\) .*/\\1/p'; "
+        f"echo @@sacct; {sacct}; true"
+    ).stdout
+    queue, _, rest = out.partition("@@jobcomp\n")
+    comp, _, acct = rest.partition("@@sacct\n")
+    found = set(comp.split()) | {j.split(".")[0] for j in acct.split()}
+    for line in queue.splitlines():
+        job_id, _, rest_ = line.partition("|")
+        job_name, _, wd = rest_.partition("|")
+        if (name is not None and job_name == name) or (
+            workdir is not None and (wd + "/").startswith(workdir.rstrip("/") + "/")
+        ):
+            found.add(job_id)
+    return found
 
 
 def all_job_names(cluster: DevCluster) -> set[str]:

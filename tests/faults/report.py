@@ -63,18 +63,29 @@ def write_report(sources: list[Path], target: Path) -> None:
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} when written. "
         "Written by the fault suite (`make test-faults`; `make test` runs each fault once).",
         "",
-        "| fault | what | trials | passed | time to recover (median / max) |",
-        "|---|---|---|---|---|",
+        "| fault | what | trials | passed | skipped | time to recover (median / max) |",
+        "|---|---|---|---|---|---|",
     ]
+    # A fault that was skipped (or never ran) stays in the table: an absent row
+    # would read as "nothing to report" rather than "not tested".
+    for fault in DESCRIPTIONS:
+        if not any(f.split()[0] == fault for f in rows):
+            rows[fault] = []
     # "R1 deferred clear": a variant of R1, shown as its own row.
     for fault in sorted(rows, key=lambda f: (len(f.split()[0]), f)):
-        trial_rows = rows[fault]
-        passed = sum(1 for r in trial_rows if r["passed"])
-        times = [r["recover_s"] for r in trial_rows if r["passed"] and r["recover_s"] is not None]
+        ran = [r for r in rows[fault] if not r.get("skipped")]
+        skipped = len(rows[fault]) - len(ran)
+        passed = sum(1 for r in ran if r["passed"])
+        times = [r["recover_s"] for r in ran if r["passed"] and r["recover_s"] is not None]
         rec = f"{statistics.median(times):.1f} s / {max(times):.1f} s" if times else "-"
+        if not rows[fault]:
+            rec = "not run"
+        elif not ran:
+            reasons = sorted({r.get("note", "") for r in rows[fault]} - {""})
+            rec = "skipped: " + "; ".join(reasons) if reasons else "skipped"
         lines.append(
-            f"| {fault} | {DESCRIPTIONS.get(fault.split()[0], '')} | {len(trial_rows)} "
-            f"| {passed} | {rec} |"
+            f"| {fault} | {DESCRIPTIONS.get(fault.split()[0], '')} | {len(ran)} "
+            f"| {passed} | {skipped} | {rec} |"
         )
     lines += ["", "Time to recover, per fault:", ""]
     lines += [f"- {fault}: {CLOCKS[fault]}" for fault in sorted(CLOCKS, key=lambda f: (len(f), f))]

@@ -5,22 +5,39 @@ Each fails early with a one-line reason and nothing is submitted.
 
 from __future__ import annotations
 
+import shlex
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from tests.cluster.test_operator import FakeTI, make_op
 from tests.conftest import DevCluster
-from tests.faults.helpers import squeue_jobs
+from tests.faults.helpers import jobs_ever, squeue_jobs
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
 
 def never_submitted(cluster: DevCluster, job_name: str) -> None:
-    assert squeue_jobs(cluster, job_name) == []
-    hist = cluster.ssh(f"sacct -n -X -P --name={job_name} -o JobID", check=False).stdout
-    assert not hist.strip(), hist
+    assert jobs_ever(cluster, name=job_name) == set()
+
+
+def test_finished_jobs_are_seen_by_the_nothing_submitted_check(cluster: DevCluster) -> None:
+    """Positive control: a job that ran and ended is found (plain squeue no longer shows it)."""
+    workdir = cluster.new_dir("r10-control")
+    name = f"sr-r10-control-{uuid.uuid4().hex[:8]}"
+    job_id = cluster.ssh(
+        f"cd {shlex.quote(workdir)} && sbatch --parsable --job-name={name} --time=1 --wrap=true"
+    ).stdout.strip()
+    assert job_id.isdigit(), job_id
+    deadline = time.monotonic() + 120
+    while squeue_jobs(cluster, name):  # active: wait for it to end
+        assert time.monotonic() < deadline, f"job {job_id} still active"
+        time.sleep(0.5)
+    assert jobs_ever(cluster, name=name) == {job_id}
+    assert jobs_ever(cluster, workdir=workdir) == {job_id}
+    assert jobs_ever(cluster, name=name + "-other") == set()
 
 
 def fail_early(cluster: DevCluster, task_id: str, needle: str, **kwargs: Any) -> float:
@@ -63,13 +80,15 @@ def test_r10_sanity_check_fails(cluster: DevCluster, faults) -> None:
     from slurm_ray.operators.cluster_env import GymSanityCheckOperator
 
     def body() -> float:
-        before = set(cluster.ssh("squeue -h -o %i").stdout.split())
+        # its own directory: a job run from there would be this check's (other
+        # developers' jobs share the queue)
+        remote_dir = cluster.new_dir("r10-sanity")
         op = GymSanityCheckOperator(
             task_id="r10_sanity",
             ssh_conn_id="slurm_dev",
             environment={"kind": "venv", "prefix": str(cluster.venv)},
             env_id="NoSuchEnv-v0",
-            remote_dir=f"{cluster.scratch}/tests/sanity",
+            remote_dir=remote_dir,
         )
         started = time.monotonic()
         with pytest.raises(AirflowException) as err:
@@ -78,8 +97,7 @@ def test_r10_sanity_check_fails(cluster: DevCluster, faults) -> None:
         msg = str(err.value)
         assert "\n" not in msg.strip(), msg
         assert "NoSuchEnv-v0" in msg, msg
-        after = set(cluster.ssh("squeue -h -o %i").stdout.split())
-        assert not {j for j in after - before if j}, after - before
+        assert jobs_ever(cluster, workdir=remote_dir) == set()
         return took
 
     faults.trial("R10")(body)

@@ -8,7 +8,6 @@ of the job may be left in either node's namespace.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -53,8 +52,7 @@ def act(airflow: Airflow, run_id: str, action: str) -> None:
 def test_r1_train_failed_or_cleared_cancels_job(
     airflow: Airflow, cluster: DevCluster, faults, mode: str, action: str, trial: int
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("reading the node namespaces' processes needs root")
+    faults.require_root(f"R1 {mode} {action}")
     airflow.wait_dag(DAG)
 
     def body() -> float:

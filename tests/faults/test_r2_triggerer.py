@@ -80,8 +80,7 @@ def kill_triggerer(home: Path) -> list[int]:
 def test_r2_triggerer_killed_and_restarted(
     airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer, faults, trial: int
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("reading the node namespaces' processes needs root")
+    faults.require_root("R2")
     airflow.wait_dag(DAG)
 
     def body() -> float:

@@ -14,12 +14,15 @@ import json
 import shlex
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster.test_operator import FakeTI, make_op, run_deferred
 from tests.conftest import DevCluster
+from tests.faults.helpers import jobs_ever
+from tests.mlflow_fixtures import MlflowServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -53,8 +56,22 @@ def no_marker(cluster: DevCluster) -> None:
     assert not found, found
 
 
-def test_r6_params_refused_naming_the_field_or_inert(cluster: DevCluster, faults) -> None:
+#: Small-run overrides: an accepted hostile value is run for real, one short iteration.
+SMALL_RUN = {"nodes": 1, "cpus_per_node": 2, "num_env_runners": 1, "envs_per_runner": 2,
+             "train_batch_size": 500, "stop_iterations": 1}  # fmt: skip
+
+
+def no_marker_anywhere(cluster: DevCluster, mlflow_dir: Path) -> None:
+    no_marker(cluster)
+    found = [str(p) for p in mlflow_dir.rglob(f"*{MARK}*")]
+    assert not found, found
+
+
+def test_r6_params_refused_naming_the_field_or_inert(
+    cluster: DevCluster, mlflow_server: MlflowServer, faults
+) -> None:
     from airflow.sdk import Param
+    from slurm_ray.operators.slurm_ray import SlurmRayOperator
     from slurm_ray.params import RunParamError, param_specs, resolve_run
 
     specs = param_specs()
@@ -65,6 +82,7 @@ def test_r6_params_refused_naming_the_field_or_inert(cluster: DevCluster, faults
     def body() -> float:
         started = time.monotonic()
         outcomes: dict[str, str] = {}
+        accepted: list[tuple[str, str]] = []
         for name in string_params:
             spec = specs[name]
             for label, value in HOSTILE.items():
@@ -84,9 +102,49 @@ def test_r6_params_refused_naming_the_field_or_inert(cluster: DevCluster, faults
                 blob = json.dumps(resolved)
                 assert json.dumps(value)[1:-1] in blob, (key, resolved)
                 assert value not in resolved["job_spec"].values(), (key, resolved["job_spec"])
-                outcomes[key] = "inert"
+                outcomes[key] = "accepted"
+                accepted.append((name, label))
         print(json.dumps(outcomes, indent=0))
-        no_marker(cluster)
+        # Every accepted value, run for real: through the operator, a Slurm job
+        # with the driver and MLflow. Values of different params share a run.
+        rounds: list[dict[str, str]] = []
+        for name, label in accepted:
+            target = next((r for r in rounds if name not in r), None)
+            if target is None:
+                rounds.append(target := {})
+            target[name] = label
+        for i, round_ in enumerate(rounds):
+            values = {name: HOSTILE[label] for name, label in round_.items()}
+            resolved = resolve_run({**defaults, **SMALL_RUN, **values})
+            resolved["mlflow"]["tracking_uri"] = mlflow_server.url
+            ti = FakeTI(task_id=f"r6_params_{i}")
+            op = SlurmRayOperator(
+                task_id=ti.task_id,
+                ssh_conn_id=resolved["ssh_conn_id"],
+                remote_base_dir=resolved["remote_base_dir"],
+                job_spec=resolved["job_spec"],
+                environment=resolved["environment"],
+                config=resolved["config"],
+                mlflow=resolved["mlflow"],
+                cluster_name=resolved["profile"],
+                deferrable=True,
+                poll_interval=1.0,
+            )
+            try:
+                summary = run_deferred(op, {"ti": ti}, timeout=300)
+            finally:
+                if ti.xcom.get("slurm_job_id"):
+                    cluster.ssh(f"scancel {ti.xcom['slurm_job_id']}", check=False)
+            assert summary["state"] == "COMPLETED", (round_, summary)
+            if "experiment_name" in values:  # carried as data: the experiment has that name
+                from mlflow import MlflowClient
+
+                run = MlflowClient(mlflow_server.url).get_run(ti.xcom["mlflow_run_id"])
+                exp = MlflowClient(mlflow_server.url).get_experiment(run.info.experiment_id)
+                assert exp.name == values["experiment_name"], exp.name
+            print("inert after a real run:", round_)
+            outcomes.update({f"{n}/{lb}": "inert (ran)" for n, lb in round_.items()})
+        no_marker_anywhere(cluster, mlflow_server.data_dir)
         return time.monotonic() - started
 
     faults.trial("R6")(body)
@@ -110,20 +168,26 @@ def _expect_refused(cluster: DevCluster, field: str, **kwargs: Any) -> None:
     assert field in str(err.value), (field, str(err.value)[:300])
     print("refused:", field or kwargs, str(err.value).splitlines()[0][:200])
     assert "slurm_job_id" not in ti.xcom, (field, ti.xcom)
-    assert not cluster.ssh(f"squeue -h --name={job_name} -o %i").stdout.strip()
+    assert jobs_ever(cluster, name=job_name) == set()
 
 
 def _refused_by_slurm_or_inert(cluster: DevCluster, field: str, spec: dict[str, Any]) -> None:
     """sbatch refuses the value (nothing queued), or the job runs with it as plain data."""
     from airflow.sdk.exceptions import AirflowException
+    from slurm_ray.operators.slurm_ray import run_identity
 
     ti = FakeTI(task_id=f"r6_spec_{field}")
+    job_name, _ = run_identity(ti.dag_id, ti.run_id, ti.task_id, -1, 1)
     op = make_op(cluster, ti.task_id, entrypoint="true", job_spec=spec)
     try:
         summary = run_deferred(op, {"ti": ti}, timeout=120)
     except AirflowException as exc:
+        # Slurm's own refusal: sbatch's "sbatch: error: ..." text, nothing queued.
+        # Any other failure (a crash before sbatch, a failed job) is not a refusal.
+        assert "sbatch: error:" in str(exc), (field, str(exc)[-500:])
         print("refused by Slurm:", field, str(exc).splitlines()[-1][:200])
         assert "slurm_job_id" not in ti.xcom, (field, ti.xcom)
+        assert jobs_ever(cluster, name=job_name) == set(), field
         return
     finally:
         if ti.xcom.get("slurm_job_id"):
@@ -158,16 +222,20 @@ def test_r6_operator_fields_refused_or_inert(cluster: DevCluster, faults) -> Non
                 accepted.append(("environment", field, label))
         # the values the specs accept, through the operator on the real cluster
         # (one execute per field with the value that combines every trick)
-        fields = sorted({(kind, f) for kind, f, _ in accepted})
-        for kind, field in fields:
+        # (the combined value where the spec accepted it, else one it accepted)
+        labels: dict[tuple[str, str], list[str]] = {}
+        for kind, f, label in accepted:
+            labels.setdefault((kind, f), []).append(label)
+        for (kind, field), ok in sorted(labels.items()):
+            value = COMBINED if "combined" in ok else HOSTILE[ok[0]]
             if kind == "job_spec":
-                spec = {"nodes": 1, "time": "2", field: COMBINED}
+                spec = {"nodes": 1, "time": "2", field: value}
                 if field in ("output", "error", "chdir"):
                     _expect_refused(cluster, f"job_spec.{field}", job_spec=spec)
                     continue
                 _refused_by_slurm_or_inert(cluster, field, spec)
             else:
-                env = {"kind": "venv", "prefix": str(cluster.venv), field: COMBINED}
+                env = {"kind": "venv", "prefix": str(cluster.venv), field: value}
                 ti = FakeTI(task_id=f"r6_env_{field}")
                 op = make_op(
                     cluster, ti.task_id, entrypoint="true", environment=env,

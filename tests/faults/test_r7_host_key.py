@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,22 +106,57 @@ def second_sshd(cluster: DevCluster) -> Iterator[SecondSshd]:
         server.stop()
 
 
-def no_session_since(log: Path, offset: int) -> str:
-    text = log.read_text(errors="replace")[offset:]
+CONNECTED = re.compile(r"Connection from \S+ port (\d+) on ")
+ENDED = r"(Connection closed by|Connection reset by|Disconnected from|Received disconnect from) .*port {port}\b"
+
+
+def close_refused_transports() -> None:
+    """Close paramiko transports left open by a refused connect.
+
+    paramiko raises on a bad host key without closing its transport thread, so
+    the server would only log the end of the attempt after LoginGraceTime.
+    """
+    import paramiko
+
+    for thread in threading.enumerate():
+        if isinstance(thread, paramiko.Transport) and not thread.is_authenticated():
+            thread.close()
+
+
+def no_session_since(log: Path, offset: int, timeout: float = 30) -> str:
+    """The attempts since ``offset`` reached this (private) sshd and ended without a login.
+
+    Waits for each attempt's own end line instead of a fixed sleep: a session,
+    if one were opened, is logged before its connection ends.
+    """
+    close_refused_transports()
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")[offset:]
+        ports = CONNECTED.findall(text)
+        ended = [p for p in ports if re.search(ENDED.format(port=p), text)]
+        if ports and len(ended) == len(ports):
+            break
+        assert time.monotonic() < deadline, f"no ended connection attempt in the sshd log:\n{text}"
+        time.sleep(0.1)
     assert "Accepted publickey" not in text, text
     assert "Starting session" not in text, text
     return text
 
 
 def test_r7_wrong_host_key_refused_before_any_command(
-    cluster: DevCluster, faults, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    cluster: DevCluster,
+    faults,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    second_sshd: SecondSshd,
 ) -> None:
     from slurm_ray.hooks.slurm import HostKeyError, SlurmHook
 
     _, other = new_host_key(tmp_path, "not_the_server")
-    monkeypatch.setenv("AIRFLOW_CONN_R7_WRONG", conn_json(cluster, host_key=other))
+    monkeypatch.setenv("AIRFLOW_CONN_R7_WRONG", conn_json(cluster, port=PORT2, host_key=other))
     marker = f"/tmp/R7_RAN_{os.getpid()}"
-    sshd_log = cluster.state / "log" / "sshd.log"
+    sshd_log = second_sshd.log
 
     def body() -> float:
         offset = len(sshd_log.read_text(errors="replace"))
@@ -130,7 +167,6 @@ def test_r7_wrong_host_key_refused_before_any_command(
         took = time.monotonic() - started
         msg = str(err.value)
         assert "host key" in msg.lower() and "r7_wrong" in msg and "Refusing" in msg
-        time.sleep(0.5)
         no_session_since(sshd_log, offset)
         assert not Path(marker).exists()
         assert cluster.ssh(f"test -e {marker}", check=False).returncode != 0
@@ -140,13 +176,19 @@ def test_r7_wrong_host_key_refused_before_any_command(
 
 
 def test_r7_wrong_host_key_async_trigger(
-    cluster: DevCluster, faults, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    cluster: DevCluster,
+    faults,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    second_sshd: SecondSshd,
 ) -> None:
     from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 
     _, other = new_host_key(tmp_path, "not_the_server")
-    monkeypatch.setenv("AIRFLOW_CONN_R7_WRONG_ASYNC", conn_json(cluster, host_key=other))
-    sshd_log = cluster.state / "log" / "sshd.log"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_R7_WRONG_ASYNC", conn_json(cluster, port=PORT2, host_key=other)
+    )
+    sshd_log = second_sshd.log
 
     def body() -> float:
         offset = len(sshd_log.read_text(errors="replace"))
@@ -161,7 +203,6 @@ def test_r7_wrong_host_key_async_trigger(
         took = time.monotonic() - started
         assert event.payload["status"] == "error", event.payload
         assert "host key" in event.payload["message"].lower(), event.payload
-        time.sleep(0.5)
         no_session_since(sshd_log, offset)
         return took
 
@@ -195,7 +236,6 @@ def test_r7_server_key_changed_after_first_run(
         )
         event = asyncio.run(first_event(trigger, 60))
         assert event.payload["status"] == "error" and "host key" in event.payload["message"].lower()
-        time.sleep(0.5)
         no_session_since(second_sshd.log, offset)
         return took
 

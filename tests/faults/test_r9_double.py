@@ -11,7 +11,7 @@ import pytest
 from tests.cluster.test_operator import FakeTI, make_op
 from tests.conftest import DevCluster
 from tests.faults.conftest import trials
-from tests.faults.helpers import squeue_jobs
+from tests.faults.helpers import jobs_ever, squeue_jobs
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
@@ -60,9 +60,8 @@ def test_r9_double_execute_one_job(cluster: DevCluster, faults, trial: int) -> N
             assert deferred.value.trigger.job_id == ids[0]
             assert again.xcom["slurm_job_id"] == ids[0]
             assert squeue_jobs(cluster, job_name) == [ids[0]]
-            hist = cluster.ssh(f"sacct -n -X -P --name={job_name} -o JobID", check=False)
-            if hist.returncode == 0 and hist.stdout.strip():
-                assert hist.stdout.split() == [ids[0]], hist.stdout
+            # ...and no second job of this name ever ran, even one that already ended
+            assert jobs_ever(cluster, name=job_name) == {ids[0]}
         finally:
             for job in {i for i in ids if i}:
                 cluster.ssh(f"scancel {job}", check=False)

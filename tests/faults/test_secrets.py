@@ -1,5 +1,11 @@
 """Secrets (private key, passwords in the connection) never reach the task log,
-the rendered batch script, XCom or the MLflow run's params/tags."""
+the rendered batch script, XCom or the MLflow run's params/tags.
+
+This test drives the operator in-process; the real Airflow's task-log files and
+REST XCom are searched after every end-to-end run instead (the e2e and R8
+tests: tests/airflow_fixtures.py gives that Airflow a connection with its
+secrets inline, and Airflow.leaked_secrets searches).
+"""
 
 from __future__ import annotations
 

@@ -315,7 +315,10 @@ def test_invalid_time_formats(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["0", "4000", "4000M", "4G", "1t", "512K"])
 def test_valid_mem(value: str) -> None:
-    JobSpec(job_name="x", mem=value)
+    spec = JobSpec(job_name="x", mem=value)
+    # accepted, kept as given, and what sbatch reads back from the script
+    assert spec.mem == value
+    assert directive_map(render_batch_script(spec, command="true"))["mem"] == value
 
 
 @pytest.mark.parametrize("value", ["4 G", "4GB", "-1", "G", "4.5G", "$(id)"])
@@ -326,7 +329,9 @@ def test_invalid_mem(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["B:USR1@60", "USR1", "R:TERM@30", "10", "SIGUSR2@90"])
 def test_valid_signal(value: str) -> None:
-    JobSpec(job_name="x", signal=value)
+    spec = JobSpec(job_name="x", signal=value)
+    assert spec.signal == value
+    assert directive_map(render_batch_script(spec, command="true"))["signal"] == value
 
 
 @pytest.mark.parametrize("value", ["B:USR1@", "X:USR1", "usr1", "USR1;id", "@60"])

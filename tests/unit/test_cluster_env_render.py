@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import uuid
@@ -123,9 +124,16 @@ def test_unsafe_prefixes_are_refused(prefix: str) -> None:
 
 
 def test_plain_prefixes_and_user_placeholder_pass() -> None:
-    EnvironmentSpec(kind="conda", prefix="/scratch/{user}/conda-envs/slurm-ray")
-    EnvironmentSpec(kind="venv", prefix="/var/lib/x_y.z+1@host:2/env-3")
-    EnvironmentSpec(kind="modules")
+    for kind, prefix in (
+        ("conda", "/scratch/{user}/conda-envs/slurm-ray"),
+        ("venv", "/var/lib/x_y.z+1@host:2/env-3"),
+    ):
+        env = EnvironmentSpec(kind=kind, prefix=prefix)
+        assert env.prefix == prefix  # kept as given, not normalised or stripped
+        # ...and reaches build_env.sh as one word
+        cmd = render_build_command(env, stage_dir="/s/.stage-1", spec_name="spec.txt")
+        assert f"bash build_env.sh {kind} {shlex.quote(prefix)} spec.txt" in cmd, cmd
+    assert EnvironmentSpec(kind="modules").prefix is None
 
 
 # -- build command ------------------------------------------------------------------

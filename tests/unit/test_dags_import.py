@@ -66,11 +66,19 @@ def test_retrain_is_scheduled_and_publishes_asset(dagbag) -> None:
 
 
 def test_sweep_maps_training(dagbag) -> None:
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+
     dag = dagbag.dags.get("rllib_sweep")
     assert {"train", "compare", "register_best", "promote"} <= set(dag.task_ids)
+    train = dag.get_task("train")
+    # one mapped SlurmRayOperator, expanded over the planned runs at run time
+    assert isinstance(train, MappedOperator) and train.operator_class is SlurmRayOperator
+    assert train.expand_input.value.operator.task_id == "plan_runs"
+    assert train.partial_kwargs["deferrable"] is True
 
 
-def test_deferrable_param_reaches_the_operator() -> None:
+def test_deferrable_param_reaches_the_operator(dagbag) -> None:
     from airflow.sdk.exceptions import AirflowException
     from slurm_ray.operators.slurm_ray import _as_bool
     from slurm_ray.params import param_specs, resolve_run
@@ -87,6 +95,11 @@ def test_deferrable_param_reaches_the_operator() -> None:
     ]
     with pytest.raises(AirflowException, match="deferrable: expected true or false"):
         _as_bool("maybe", "deferrable")
+    # ...and the train task takes it from `resolve`, rendered at run time
+    train = dagbag.dags.get("rllib_train").get_task("train")
+    assert train.deferrable.operator.task_id == "resolve"
+    assert train.deferrable.key == "deferrable"
+    assert "deferrable" in train.template_fields
 
 
 def _form_required(schema: dict) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.faults.report import write_report
 
 
@@ -25,11 +27,38 @@ def test_report_rows_variants_and_failures(tmp_path: Path) -> None:
         "R1 deferred clear",
         "R1 worker failed",
         "R2",
-        "R10",
+        *[f"R{n}" for n in range(3, 11)],
+        "R12.2",
+        "R12.3",
     ]
-    assert "| 2 | 2 | 5.0 s / 6.0 s |" in table[0]
+    assert "| 2 | 2 | 0 | 5.0 s / 6.0 s |" in table[0]
     assert table[0].split("|")[2].strip().startswith("task marked failed / cleared")
-    assert table[1].endswith("| 1 | 0 | - |")
+    assert table[1].endswith("| 1 | 0 | 0 | - |")
+    # faults with no row at all are listed as not run, never left out
+    assert table[3].startswith("| R3 |") and table[3].endswith("| 0 | 0 | 0 | not run |")
+    assert table[-3].startswith("| R10 |") and "| 1 | 1 | 0 | 0.5 s / 0.5 s |" in table[-3]
+
+
+def test_a_skipped_fault_stays_in_the_report(tmp_path: Path, monkeypatch) -> None:
+    """R1/R2/R8 skip without root: the skip is recorded and shown, not dropped."""
+    from tests.faults import conftest as faults_conftest
+
+    recorder = faults_conftest.FaultRecorder(tmp_path / "results-2.jsonl")
+    monkeypatch.setattr(faults_conftest.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        recorder.require_root("R8")
+    recorder.record("R2", passed=True, recover_s=3.0)
+    target = tmp_path / "reliability.md"
+    write_report([recorder.path], target)
+    text = target.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| R8 |"))
+    assert row.endswith(
+        "| 0 | 0 | 1 | skipped: reading the node namespaces' processes needs root |"
+    )
+    assert "| R2 |" in text and "| 1 | 1 | 0 | 3.0 s / 3.0 s |" in text
+    monkeypatch.setattr(faults_conftest.os, "geteuid", lambda: 0)
+    recorder.require_root("R1")  # as root: no skip, nothing recorded
+    assert "R1" not in recorder.path.read_text()
 
 
 def test_report_keeps_the_shared_site_section(tmp_path: Path) -> None:

@@ -493,9 +493,7 @@ def test_states_on_the_real_cluster_in_one_ssh_command(cluster, jobs: Jobs) -> N
     missing = [str(i) for i in range(999990, 1000000)]  # never submitted here
     ids = [done, running, missing[0], failed, pending, *missing[1:]]
 
-    started = time.monotonic()
     proc = cluster.ssh(build_states_command(ids))  # the one ssh command
-    elapsed = time.monotonic() - started
     result = parse_states_output(proc.stdout, ids)
 
     assert states(result) == {
@@ -507,8 +505,9 @@ def test_states_on_the_real_cluster_in_one_ssh_command(cluster, jobs: Jobs) -> N
     }
     assert result[running].name == "sr running" and result[running].nodelist in ("n1", "n2")
     assert result[pending].reason == "JobHeldUser"
+    # one squeue for all ids, one scontrol per id squeue did not know (counted, not timed)
+    assert proc.stdout.count("@@slurm_ray:squeue") == 1, proc.stdout
     assert proc.stdout.count("@@slurm_ray:scontrol") == len(missing)
-    assert elapsed < 10, proc.stdout
 
     # single-id queries take squeue's "Invalid job id" path and still work
     for job_id, state in [(done, S.COMPLETED), (missing[0], S.NOT_FOUND)]:

@@ -271,7 +271,8 @@ class _HostPoller:
                 return
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await self.wake.wait()
 
     async def _reset(self) -> None:
         try:
@@ -494,8 +495,11 @@ class SlurmJobTrigger(BaseTrigger):
         wait = max(60.0, 4 * self.poll_interval)
         if self.deadline is not None:
             wait = min(wait, max(0.0, self.deadline - time.time()) + 0.01)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as the result does, and the trigger never ends.
         try:
-            return await asyncio.wait_for(sub.queue.get(), timeout=wait)
+            async with asyncio.timeout(wait):
+                return await sub.queue.get()
         except TimeoutError:
             poller.ensure_running()
             return None
