@@ -15,7 +15,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
+from slurm_ray.hooks.slurm import HostKeyError, SlurmHook, SlurmSSHError
 from slurm_ray.links import MlflowRunLink, SlurmJobLink
 from slurm_ray.profiles import (
     DEFAULT_REMOTE_BASE_DIR,
@@ -399,6 +399,8 @@ class SlurmRayOperator(BaseOperator):
         self._mlflow_start(context, config)
         try:
             self.hook.makedirs(run_dir)
+        except HostKeyError:
+            raise  # its own message says what to do; nothing ran on the host
         except SlurmSSHError as exc:
             raise AirflowException(f"{exc}; nothing was submitted") from exc
         # Adopt this try's job, or cancel earlier tries' jobs and wait until they
