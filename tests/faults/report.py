@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "R8": "MLflow down 30 s during training → every metric row arrives",
     "R9": "double trigger / retry while running → never two jobs for one try",
     "R10": "run dir not writable, env missing, sanity failing → early one-line failure",
+    "R12.1": "every MLflow request delayed 3 s during training → each row relayed live "
+    "exactly once, in order",
     "R12.2": "worker SIGKILLed mid-job, Airflow retries → earlier job cancelled first, "
     "never two jobs, steps continuous",
     "R12.3": "job ended unwatched and purged (MinJobAge, no sacct) → collected from its run dir",
@@ -39,6 +41,7 @@ CLOCKS = {
     "R8": "MLflow back -> every row of the outage is in MLflow",
     "R9": "both executions returned (one job)",
     "R10": "the early failure",
+    "R12.1": "trigger started -> the job's last row relayed (through the slow proxy)",
     "R12.2": "worker killed -> the retried run finished",
     "R12.3": "trigger restarted after the purge -> both jobs' outcomes decided",
     "S": "the run whose outputs are searched",
