@@ -28,6 +28,7 @@ def test_report_rows_variants_and_failures(tmp_path: Path) -> None:
         "R1 worker failed",
         "R2",
         *[f"R{n}" for n in range(3, 11)],
+        "R12.1",
         "R12.2",
         "R12.3",
     ]
@@ -36,7 +37,7 @@ def test_report_rows_variants_and_failures(tmp_path: Path) -> None:
     assert table[1].endswith("| 1 | 0 | 0 | - |")
     # faults with no row at all are listed as not run, never left out
     assert table[3].startswith("| R3 |") and table[3].endswith("| 0 | 0 | 0 | not run |")
-    assert table[-3].startswith("| R10 |") and "| 1 | 1 | 0 | 0.5 s / 0.5 s |" in table[-3]
+    assert table[-4].startswith("| R10 |") and "| 1 | 1 | 0 | 0.5 s / 0.5 s |" in table[-4]
 
 
 def test_a_skipped_fault_stays_in_the_report(tmp_path: Path, monkeypatch) -> None:
