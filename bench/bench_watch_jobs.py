@@ -28,7 +28,12 @@ scancel's return. The login-node CPU of one poll (user+sys of the poll
 script and its children, bash ``times``) is measured separately for the
 same jobs and tails.
 
-    .venv/bin/python bench/bench_watch_jobs.py [--jobs 100] [--window 60] [--no-naive]
+    .venv/bin/python bench/bench_watch_jobs.py [--jobs 100,1000] [--window 60] [--no-naive]
+        [--conns 4]
+
+A fourth scenario spreads the smallest job count over ``--conns`` Airflow SSH
+connection ids that all point at the same login node (goal: one connection
+per connection id). The triggerer's resident memory is sampled every 0.5 s.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import resource
 import shlex
@@ -47,7 +53,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import _cluster as cl
-from _report import OUT, fmt, machine, machine_line, quick, table
+from _report import OUT, machine, machine_line, quick, table
 
 NAME = "watch_jobs"
 SSHD_LOG = cl.STATE / "log" / "sshd.log"
@@ -166,6 +172,25 @@ async def _run_for(
     return t_all, tasks
 
 
+def rss_mb() -> float:
+    """This process's resident memory (the triggerer's, here), in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def conn_ids(count: int) -> list[str]:
+    """``count`` Airflow SSH connections to the same login node (copies of the dev one)."""
+    ids = [cl.CONN_ID]
+    for i in range(1, count):
+        conn_id = f"{cl.CONN_ID}_copy{i}"
+        os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = os.environ["AIRFLOW_CONN_SLURM_DEV"]
+        ids.append(conn_id)
+    return ids
+
+
 def product_window(
     job_ids: list[str],
     out_dir: str,
@@ -173,8 +198,12 @@ def product_window(
     interval: float,
     stagger: float,
     finish: str | None = None,
+    connections: list[str] | None = None,
 ) -> dict[str, Any]:
     """N SlurmJobTriggers in one event loop for ``window`` seconds.
+
+    With ``connections``, job i is watched through connection id i mod len: the
+    goal is one SSH connection per connection id, however many jobs each has.
 
     Each trigger's own log is tapped: the moment it first reports its job's
     real state is checked against its start. With ``finish`` (a job-name), the
@@ -200,11 +229,21 @@ def product_window(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
+    conns = connections or [cl.CONN_ID]
+    rss = {"before": rss_mb(), "peak": 0.0}
+
+    async def sample_rss() -> None:
+        while True:
+            rss["peak"] = max(rss["peak"], rss_mb())
+            await asyncio.sleep(0.5)
+
     async def main() -> None:
-        def starter(job_id: str) -> Callable[[], Awaitable[None]]:
+        sampler = asyncio.create_task(sample_rss())
+
+        def starter(job_id: str, conn_id: str) -> Callable[[], Awaitable[None]]:
             trig = SlurmJobTrigger(
                 job_id=job_id,
-                ssh_conn_id=cl.CONN_ID,
+                ssh_conn_id=conn_id,
                 log_path=f"{out_dir}/slurm-{job_id}.out",
                 poll_interval=interval,
             )
@@ -219,8 +258,7 @@ def product_window(
             return consume
 
         loop = asyncio.get_running_loop()
-        key = (id(loop), cl.CONN_ID)
-        starters = [starter(j) for j in job_ids]
+        starters = [starter(j, conns[i % len(conns)]) for i, j in enumerate(job_ids)]
         if finish is None:
             t_all, _ = await _run_for(window, starters, stagger)
         else:
@@ -235,11 +273,16 @@ def product_window(
             for t in pending:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        poller = _HostPoller.registry.get(key)
-        if poller is not None:
-            extra["poller_commands"] = poller.commands_run
-            extra["max_command_bytes"] = poller.max_command
-            extra["max_stdin_bytes"] = poller.max_stdin
+        sampler.cancel()
+        extra["poller_commands"] = extra["max_command_bytes"] = extra["max_stdin_bytes"] = 0
+        for conn_id in conns:
+            key = (id(loop), conn_id)
+            poller = _HostPoller.registry.get(key)
+            if poller is None:
+                continue
+            extra["poller_commands"] += poller.commands_run
+            extra["max_command_bytes"] = max(extra["max_command_bytes"], poller.max_command)
+            extra["max_stdin_bytes"] = max(extra["max_stdin_bytes"], poller.max_stdin)
             if poller.task is not None:
                 await asyncio.wait_for(asyncio.shield(poller.task), 30)
             _HostPoller.registry.pop(key, None)
@@ -251,6 +294,9 @@ def product_window(
     res = win.stop()
     res.update({k: v for k, v in extra.items() if k != "scancel_done"})
     res["events"] = len(events)
+    res["connection_ids"] = len(conns)
+    res["rss_mb_before"] = round(rss["before"], 1)
+    res["rss_mb_peak"] = round(max(rss["peak"], rss["before"]), 1)
     res["poll_intervals"] = round(res["window_s"] / interval, 2)
     res["commands_per_interval"] = round(res["commands"] / res["poll_intervals"], 2)
     # correctness: the real state within two intervals of the trigger's start
@@ -343,26 +389,26 @@ def naive_window(
     return res
 
 
-def body(start: dict[str, Any], a: argparse.Namespace) -> int:
-    """Submit, watch (naive, staggered, product then scancel), report."""
-    cl.setup_airflow_env()
-    cl.ensure_cluster()
-    if not SSHD_LOG.exists():
-        raise RuntimeError(f"{SSHD_LOG} not found (the dev cluster's sshd log)")
-    _record_ports()
+def watch_size(n: int, a: argparse.Namespace, naive: bool) -> dict[str, Any]:
+    """Submit ``n`` held jobs, watch them in every scenario, cancel them; the figures."""
     tag = uuid.uuid4().hex[:8]
     name = f"bench-watch-{tag}"
     out_dir = f"{cl.SCRATCH}/watch-{tag}"
     scenarios: dict[str, dict[str, Any]] = {}
     try:
         t = time.monotonic()
-        job_ids = submit_held(a.jobs, tag, out_dir)
+        job_ids = submit_held(n, tag, out_dir)
         print(f"submitted {len(job_ids)} held jobs in {time.monotonic() - t:.1f}s", file=sys.stderr)
         cpu = login_cpu_per_poll(job_ids, out_dir)
         print(f"login-node CPU per poll: {cpu}", file=sys.stderr)
-        if a.naive:
+        if naive:
             scenarios["naive"] = naive_window(job_ids, a.naive_window, a.interval, a.concurrency)
             print(f"naive: {scenarios['naive']}", file=sys.stderr)
+        if a.conns > 1 and n <= a.conns_max_jobs:
+            scenarios["conns"] = product_window(
+                job_ids, out_dir, a.window, a.interval, 0.0, connections=conn_ids(a.conns)
+            )
+            print(f"{a.conns} connection ids: {scenarios['conns']}", file=sys.stderr)
         scenarios["staggered"] = product_window(
             job_ids, out_dir, a.window, a.interval, a.window / 2
         )
@@ -374,100 +420,114 @@ def body(start: dict[str, Any], a: argparse.Namespace) -> int:
     finally:
         cl.ssh(f"scancel --name={name}; rm -rf {out_dir}", check=False)
     left = cl.ssh(f"squeue -h --name={name} -t PD,R,CG -o %i", check=False).split()
-
     p, s = scenarios["product"], scenarios["staggered"]
-    n = scenarios.get("naive")
-    end = machine()
     checks = {
         "one connection": p["connections"] <= 1 + p["sshd_restarts"]
         and s["connections"] <= 1 + s["sshd_restarts"],
         # one command per interval, +1 for the first poll at the window's start
         "<= 1 command per interval": p["commands"] <= p["poll_intervals"] + 1
         and s["commands"] <= s["poll_intervals"] + 1,
-        "every trigger saw PENDING within 2 intervals": p["state_within_two_intervals"] == a.jobs
-        and p["saw_pending_held"] == a.jobs,
-        "every trigger got its final event": p["final_events"] == a.jobs
+        "every trigger saw PENDING within 2 intervals": p["state_within_two_intervals"] == n
+        and p["saw_pending_held"] == n,
+        "every trigger got its final event": p["final_events"] == n
         and p["final_states"] == ["CANCELLED"],
     }
+    c = scenarios.get("conns")
+    if c:
+        checks[f"one connection per connection id ({a.conns})"] = (
+            c["connections"] <= a.conns + c["sshd_restarts"]
+        )
+    return {
+        "jobs": n,
+        "scenarios": scenarios,
+        "login_cpu_per_poll": cpu,
+        "checks": checks,
+        "left_after_scancel": len(left),
+    }
 
-    def scen_row(label: str, r: dict[str, Any]) -> list[str]:
-        return [
-            label,
-            fmt(r["window_s"], ".0f"),
-            str(r["connections"]),
-            str(r["commands"]),
-            fmt(r["commands_per_interval"], ".2f"),
-            fmt(r["client_cpu_s_per_min"], ".2f"),
-            str(r["sshd_restarts"]),
-        ]
 
-    rows = [
-        scen_row(f"{a.jobs} triggers started together, then scancel", p),
-        scen_row(f"{a.jobs} triggers arriving 1/s over {a.window / 2:.0f} s", s),
+def _size_row(r: dict[str, Any], interval: float) -> list[str]:
+    p, s, cpu = r["scenarios"]["product"], r["scenarios"]["staggered"], r["login_cpu_per_poll"]
+    lat = p["end_to_event_s"]
+    return [
+        f"{r['jobs']:,}",
+        f"{p['connections']} / {s['connections']}",
+        f"{p['commands_per_interval']:.2f} / {s['commands_per_interval']:.2f}",
+        f"{p['state_within_two_intervals']:,} of {r['jobs']:,} ({p['state_lag_max_s']} s)",
+        f"{p['final_events']:,} of {r['jobs']:,}, {', '.join(p['final_states'])}",
+        f"{lat['median']} / {lat['max']}",
+        f"{cpu['cpu_s_per_poll'] * 60 / interval:.2f}",
+        f"{p['client_cpu_s_per_min']:.2f}",
+        f"{p['rss_mb_before']:.0f} / {p['rss_mb_peak']:.0f}",
+        str(r["left_after_scancel"]),
     ]
-    if n:
-        rows.append(scen_row(f"naive: run_command per job per interval (cap {a.concurrency})", n))
+
+
+def body(start: dict[str, Any], a: argparse.Namespace) -> int:
+    """Every job count in one run (side by side on the same machine state), then report."""
+    cl.setup_airflow_env()
+    cl.ensure_cluster()
+    if not SSHD_LOG.exists():
+        raise RuntimeError(f"{SSHD_LOG} not found (the dev cluster's sshd log)")
+    _record_ports()
+    sizes = sorted(int(x) for x in str(a.jobs).split(","))
+    runs = [watch_size(n, a, naive=a.naive and n == sizes[0]) for n in sizes]
+    end = machine()
+    headers = [
+        "jobs",
+        "SSH connections (together / arriving)",
+        "commands per interval (together / arriving)",
+        "saw PENDING within 2 intervals (slowest)",
+        "final events after scancel",
+        "scancel -> event s (median / max)",
+        "login-node CPU s per minute of polls",
+        "triggerer CPU s/min",
+        "triggerer RSS MiB (before / peak)",
+        "jobs left",
+    ]
     lines = [
-        f"### {a.jobs} held jobs ({time.strftime('%Y-%m-%d')})",
+        f"### Watching {', '.join(f'{n:,}' for n in sizes)} held jobs "
+        f"({time.strftime('%Y-%m-%d')}, poll interval {a.interval:.0f} s, "
+        f"window {a.window:.0f} s)",
         "",
         machine_line(start, end),
         "",
-        table(
-            [
-                "scenario",
-                "window s",
-                "SSH connections",
-                "exec commands",
-                "commands per interval",
-                "client CPU s/min",
-                "sshd restarts",
-            ],
-            rows,
-        ),
+        table(headers, [_size_row(r, a.interval) for r in runs]),
         "",
-        table(
-            ["figure", "value"],
-            [
-                [
-                    "triggers that saw PENDING (JobHeldUser) within 2 intervals",
-                    f"{p['state_within_two_intervals']} of {a.jobs} (slowest {p['state_lag_max_s']} s)",
-                ],
-                [
-                    "final events after scancel",
-                    f"{p['final_events']} of {a.jobs}, states {', '.join(p['final_states'])}",
-                ],
-                [
-                    "scancel -> event s (median / max)",
-                    f"{p['end_to_event_s']['median']} / {p['end_to_event_s']['max']}",
-                ],
-                [
-                    "largest command sent (text / stdin data)",
-                    f"{p.get('max_command_bytes')} B / {p.get('max_stdin_bytes')} B",
-                ],
-                [
-                    "login-node CPU per poll (user+sys) / wall",
-                    f"{cpu['cpu_s_per_poll']:.3f} s / {cpu['wall_s_per_poll']:.3f} s",
-                ],
-                ["jobs left after scancel", str(len(left))],
-            ],
-        ),
+    ]
+    for r in runs:
+        c = r["scenarios"].get("conns")
+        if c:
+            lines.append(
+                f"{r['jobs']} jobs spread over {c['connection_ids']} Airflow SSH connection ids "
+                f"to the same login node: {c['connections']} SSH connections, "
+                f"{c['commands_per_interval']:.2f} commands per interval, triggerer RSS "
+                f"{c['rss_mb_before']:.0f} / {c['rss_mb_peak']:.0f} MiB."
+            )
+        n = r["scenarios"].get("naive")
+        if n:
+            lines.append(
+                f"Naive baseline at {r['jobs']} jobs (one `run_command` per job per interval, "
+                f"at most {a.concurrency} handshakes at once): {n['connections']} connections "
+                f"and {n['commands']} commands in {n['window_s']:.0f} s "
+                f"({n['commands_per_interval']:.0f} per interval)."
+            )
+    checks = {f"{r['jobs']}: {k}": v for r in runs for k, v in r["checks"].items()}
+    lines += [
         "",
         "Checks: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()) + ".",
     ]
     result = {
         "machine": start,
         "machine_end": end,
-        "jobs": a.jobs,
         "interval_s": a.interval,
-        "scenarios": scenarios,
-        "login_cpu_per_poll": cpu,
+        "runs": runs,
         "checks": checks,
-        "left_after_scancel": len(left),
         "section_md": "\n".join(lines),
     }
     # results.md is edited by hand (a dated section); the raw figures go here.
     OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / f"{NAME}_{a.jobs}.json"
+    out = OUT / f"{NAME}_{'_'.join(str(n) for n in sizes)}.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(result["section_md"])
     print(f"wrote {out}")
@@ -476,7 +536,9 @@ def body(start: dict[str, Any], a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=100)
+    p.add_argument("--jobs", default="100", help="job counts, comma-separated: 100,1000")
+    p.add_argument("--conns", type=int, default=4, help="connection ids for the spread scenario")
+    p.add_argument("--conns-max-jobs", type=int, default=100, help="spread only up to this count")
     p.add_argument("--interval", type=float, default=5.0)
     p.add_argument("--window", type=float, default=30.0 if quick() else 60.0)
     p.add_argument("--naive-window", type=float, default=10.0 if quick() else 20.0)
