@@ -1,11 +1,13 @@
-"""The training config: schema, defaults and validation (pure stdlib).
+"""The training config: its JSON Schema, defaults and validation.
 
 This one module is shared by both sides of the project. The Airflow side
-imports it as ``slurm_ray.training_config`` to reject bad Params before
-anything touches the cluster; the same file is uploaded next to
-``include/train.py`` into each job's run directory, where the driver imports
-it as the top-level module ``training_config``. Hence: no imports beyond the
-standard library, no relative imports, Python >= 3.10.
+imports it as ``slurm_ray.training_config`` to reject bad Params (which are
+generated from :data:`SCHEMA`) before anything touches the cluster; the same
+file is uploaded next to ``include/train.py`` into each job's run directory,
+where the driver imports it as the top-level module ``training_config`` and
+checks ``config.json`` against the same schema. Hence: the standard library
+plus ``jsonschema`` (Airflow ships it; the cluster venv has it through Ray),
+imported only to validate; no relative imports; Python >= 3.10.
 
 Defaults (chosen for PPO on CartPole-v1; measured on a 2-core machine, 2 env
 runners x 8 envs: ~5,000 env steps/s, return 450 after ~76k steps / ~15 s):
@@ -45,7 +47,6 @@ counts, ``minutes`` is training time summed over all attempts of the run.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -53,6 +54,8 @@ from typing import Any
 __all__ = [
     "ALGORITHMS",
     "ALGORITHM_DEFAULTS",
+    "ENV_ID_PATTERN",
+    "SCHEMA",
     "ConfigError",
     "StopCriteria",
     "TrainingConfig",
@@ -72,12 +75,148 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, int]] = {
 #: rather than being silently ignored.
 _PPO_ONLY = ("minibatch_size", "num_epochs")
 
-# gymnasium ids: optional importable module prefix ("ale_py:"), optional
-# namespace ("ALE/"), a name, an optional version ("-v5").
-# Matched with fullmatch: `$` would accept a trailing newline.
-_ENV_ID_RE = re.compile(
-    r"(?:([A-Za-z_][\w.]*):)?(?:[A-Za-z0-9_][\w.-]*/)?[A-Za-z0-9_][\w.-]*?(?:-v\d+)?", re.ASCII
+#: gymnasium ids: optional importable module prefix ("ale_py:"), optional
+#: namespace ("ALE/"), a name (with an optional version "-v5"). Written for
+#: Python, JSON Schema and JavaScript alike: `$` alone would accept a trailing newline.
+ENV_ID_PATTERN = (
+    r"^(?:[A-Za-z_][A-Za-z0-9_.]*:)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?"
+    r"[A-Za-z0-9_][A-Za-z0-9_.-]*$(?!\n)"
 )
+
+
+def _int(minimum: int, default: int | None, description: str, **more: Any) -> dict[str, Any]:
+    kind: Any = "integer" if default is not None else ["integer", "null"]
+    return {
+        "type": kind,
+        "minimum": minimum,
+        "default": default,
+        "description": description,
+        **more,
+    }
+
+
+_STOP_PROPERTIES: dict[str, Any] = {
+    "iterations": _int(1, None, "Stop after this many training iterations.", maximum=1_000_000),
+    "env_steps": _int(1, None, "Stop after this many environment steps."),
+    # Returns may be negative (Pendulum, MountainCar): only finiteness matters.
+    "return_mean": {
+        "type": ["number", "null"],
+        "description": "Stop when the mean episode return reaches this.",
+    },
+    "minutes": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "description": "Stop after this many minutes of training (wall clock).",
+    },
+}
+
+#: The training config's JSON Schema (Draft 2020-12): the one source of its
+#: fields, types, ranges and defaults. The DAG Params are generated from it
+#: (:mod:`slurm_ray.params`); :func:`validate_config` checks it on both sides.
+#: ``errorMessage`` (the ajv-errors convention; validators ignore it) words an
+#: error of the keyword it names.
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "slurm_ray training config",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "algorithm": {
+            "type": "string",
+            "enum": list(ALGORITHMS),
+            "default": "PPO",
+            "description": "RLlib algorithm (current API stack); case-insensitive.",
+        },
+        "env_id": {
+            "type": "string",
+            "maxLength": 200,
+            "pattern": ENV_ID_PATTERN,
+            "default": "CartPole-v1",
+            "description": "Gymnasium environment id.",
+            "errorMessage": "must be a gymnasium env id like 'CartPole-v1' or 'module:Name-v0'",
+        },
+        "num_env_runners": _int(
+            0,
+            None,
+            "Ray env-runner actors (spread over the nodes); null = all CPUs.",
+            maximum=100_000,
+        ),
+        "num_envs_per_env_runner": _int(
+            1, 8, "Vectorised environments per env runner.", maximum=1024
+        ),
+        "num_learners": _int(0, 0, "Learner actors; 0 = learn in the driver process."),
+        "num_gpus_per_learner": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0,
+            "description": "GPUs per learner (fractions allowed).",
+        },
+        "lr": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "default": 3e-4,
+            "description": "Learning rate.",
+        },
+        "train_batch_size": _int(
+            1,
+            None,
+            "Env steps per training iteration; null = PPO 4000, DQN 32.",
+            maximum=10_000_000,
+        ),
+        "minibatch_size": _int(1, None, "PPO only; null = min(128, train_batch_size)."),
+        "num_epochs": _int(1, None, "PPO only; null = 6 epochs per iteration."),
+        "gamma": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.99,
+            "description": "Discount factor.",
+            "errorMessage": {
+                "minimum": "must be between 0 and 1",
+                "maximum": "must be between 0 and 1",
+            },
+        },
+        "hidden_sizes": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "integer", "minimum": 1},
+            "default": [64, 64],
+            "description": "MLP hidden layer sizes.",
+            "errorMessage": {
+                "type": "must be a non-empty list of positive integers",
+                "minItems": "must be a non-empty list of positive integers",
+            },
+        },
+        "seed": _int(0, None, "Random seed (null: random)."),
+        "stop": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": _STOP_PROPERTIES,
+            "anyOf": [
+                {"required": [k], "properties": {k: {"not": {"type": "null"}}}}
+                for k in _STOP_PROPERTIES
+            ],
+            "default": {
+                "iterations": 100,
+                "env_steps": None,
+                "return_mean": 450.0,
+                "minutes": 30.0,
+            },
+            "description": "Stop when any criterion is reached; replaces the default as a whole.",
+            "errorMessage": {
+                "type": f"must be a mapping with keys {', '.join(_STOP_PROPERTIES)}",
+                "anyOf": f"at least one of {', '.join(_STOP_PROPERTIES)} is required",
+            },
+        },
+        "checkpoint_every": _int(1, 10, "Checkpoint every k iterations."),
+        "keep_checkpoints": _int(1, 3, "Newest checkpoints kept."),
+        "eval_episodes": _int(0, 10, "Greedy evaluation episodes after training."),
+    },
+}
+
+_PROPS: dict[str, Any] = SCHEMA["properties"]
+_STOP_DEFAULT: dict[str, Any] = _PROPS["stop"]["default"]
 
 
 class ConfigError(ValueError):
@@ -94,36 +233,40 @@ class ConfigError(ValueError):
 class StopCriteria:
     """Stop when any given criterion is reached (whichever comes first)."""
 
-    iterations: int | None = 100
-    env_steps: int | None = None
-    return_mean: float | None = 450.0
-    minutes: float | None = 30.0
+    iterations: int | None = _STOP_DEFAULT["iterations"]
+    env_steps: int | None = _STOP_DEFAULT["env_steps"]
+    return_mean: float | None = _STOP_DEFAULT["return_mean"]
+    minutes: float | None = _STOP_DEFAULT["minutes"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _default(name: str) -> Any:
+    return _PROPS[name]["default"]
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """A validated training config; build it with :func:`validate_config`."""
 
-    algorithm: str = "PPO"
-    env_id: str = "CartPole-v1"
-    num_env_runners: int | None = None
-    num_envs_per_env_runner: int = 8
-    num_learners: int = 0
-    num_gpus_per_learner: float = 0
-    lr: float = 3e-4
-    train_batch_size: int | None = None
-    minibatch_size: int | None = None
-    num_epochs: int | None = None
-    gamma: float = 0.99
-    hidden_sizes: tuple[int, ...] = (64, 64)
-    seed: int | None = None
+    algorithm: str = _default("algorithm")
+    env_id: str = _default("env_id")
+    num_env_runners: int | None = _default("num_env_runners")
+    num_envs_per_env_runner: int = _default("num_envs_per_env_runner")
+    num_learners: int = _default("num_learners")
+    num_gpus_per_learner: float = _default("num_gpus_per_learner")
+    lr: float = _default("lr")
+    train_batch_size: int | None = _default("train_batch_size")
+    minibatch_size: int | None = _default("minibatch_size")
+    num_epochs: int | None = _default("num_epochs")
+    gamma: float = _default("gamma")
+    hidden_sizes: tuple[int, ...] = tuple(_default("hidden_sizes"))
+    seed: int | None = _default("seed")
     stop: StopCriteria = field(default_factory=StopCriteria)
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 3
-    eval_episodes: int = 10
+    checkpoint_every: int = _default("checkpoint_every")
+    keep_checkpoints: int = _default("keep_checkpoints")
+    eval_episodes: int = _default("eval_episodes")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; ``validate_config(c.to_dict()) == c``."""
@@ -147,41 +290,6 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainingConfig))
 STOP_NAMES = tuple(f.name for f in fields(StopCriteria))
 
 
-# --- checkers: each returns the normalised value or raises ConfigError ---------
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    # bool is an int subclass: `true` in a form must not become 1.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # JSON/UI forms may send 1e6 or 3.0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(name, f"must be >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, f"must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(name, f"must be finite, got {value!r}")
-    return value
-
-
-def _positive(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if value <= 0:
-        raise ConfigError(name, f"must be > 0, got {value!r}")
-    return value
-
-
-def _algorithm(name: str, value: Any) -> str:
-    if not isinstance(value, str) or value.upper() not in ALGORITHMS:
-        raise ConfigError(name, f"must be one of {', '.join(ALGORITHMS)}, got {value!r}")
-    return value.upper()
-
-
 def check_env_module(name: str, env_id: str, env_modules: Collection[str]) -> None:
     """Refuse a ``module:Name`` id unless ``module`` is allowed (gymnasium imports it)."""
     module, sep, _ = env_id.partition(":")
@@ -194,100 +302,88 @@ def check_env_module(name: str, env_id: str, env_modules: Collection[str]) -> No
         )
 
 
-def _env_id(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ENV_ID_RE.fullmatch(value):
-        raise ConfigError(
-            name,
-            f"must be a gymnasium env id like 'CartPole-v1' or 'module:Name-v0', got {value!r}",
-        )
-    return value
+# --- schema errors -> ConfigError ----------------------------------------------
+
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string"}
 
 
-def _gamma(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if not 0 <= value <= 1:
-        raise ConfigError(name, f"must be between 0 and 1, got {value!r}")
-    return value
+def _path(parts: Any) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
 
 
-def _gpus(name: str, value: Any) -> float:
-    value = _number(name, value)
-    if value < 0:
-        raise ConfigError(name, f"must be >= 0, got {value!r}")
-    return value
-
-
-def _hidden_sizes(name: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or not value:
-        raise ConfigError(name, f"must be a non-empty list of positive integers, got {value!r}")
-    return tuple(_int(f"{name}[{i}]", v, 1) for i, v in enumerate(value))
-
-
-def _seed(name: str, value: Any) -> int:
-    return _int(name, value, 0)
-
-
-def _stop(name: str, value: Any) -> StopCriteria:
-    if not isinstance(value, Mapping):
-        raise ConfigError(name, f"must be a mapping with keys {', '.join(STOP_NAMES)}")
-    _reject_unknown(value, STOP_NAMES, prefix=f"{name}.")
-    out: dict[str, Any] = dict.fromkeys(STOP_NAMES)
-    for key, raw in value.items():
-        if raw is None:
-            continue
-        if key in ("iterations", "env_steps"):
-            out[key] = _int(f"{name}.{key}", raw, 1)
-        elif key == "minutes":
-            out[key] = _positive(f"{name}.{key}", raw)
-        else:
-            # Returns may be negative (Pendulum, MountainCar): only finiteness matters.
-            out[key] = _number(f"{name}.{key}", raw)
-    if all(v is None for v in out.values()):
-        raise ConfigError(name, f"at least one of {', '.join(STOP_NAMES)} is required")
-    return StopCriteria(**out)
-
-
-def _ge(minimum: int) -> Any:
-    return lambda name, value: _int(name, value, minimum)
-
-
-_CHECKS: dict[str, Any] = {
-    "algorithm": _algorithm,
-    "env_id": _env_id,
-    "num_env_runners": _ge(0),
-    "num_envs_per_env_runner": _ge(1),
-    "num_learners": _ge(0),
-    "num_gpus_per_learner": _gpus,
-    "lr": _positive,
-    "train_batch_size": _ge(1),
-    "minibatch_size": _ge(1),
-    "num_epochs": _ge(1),
-    "gamma": _gamma,
-    "hidden_sizes": _hidden_sizes,
-    "seed": _seed,
-    "stop": _stop,
-    "checkpoint_every": _ge(1),
-    "keep_checkpoints": _ge(1),
-    "eval_episodes": _ge(0),
-}
-_NULLABLE = frozenset(
-    f.name for f in fields(TrainingConfig) if f.default is None and f.name != "stop"
-)
-
-
-def _reject_unknown(d: Mapping[str, Any], valid: tuple[str, ...], prefix: str = "") -> None:
-    unknown = sorted(str(k) for k in d if k not in valid)
-    if unknown:
+def config_error(error: Any) -> ConfigError:
+    """The :class:`ConfigError` for a ``jsonschema`` error, worded as the field's checks."""
+    name, value, keyword, schema = (
+        _path(error.absolute_path),
+        error.instance,
+        error.validator,
+        error.schema,
+    )
+    if keyword == "additionalProperties":
+        valid = tuple(schema["properties"])
+        unknown = sorted(str(k) for k in value if k not in valid)
+        prefix = f"{name}." if name else ""
         what = "unknown key" if len(unknown) == 1 else "unknown keys"
-        raise ConfigError(
-            f"{prefix}{unknown[0]}",
-            f"{what}; valid keys: {', '.join(valid)}",
-            label=", ".join(f"config.{prefix}{k}" for k in unknown),
+        label = ", ".join(f"config.{prefix}{k}" for k in unknown)
+        return ConfigError(
+            f"{prefix}{unknown[0]}", f"{what}; valid keys: {', '.join(valid)}", label=label
         )
+    custom = schema.get("errorMessage")
+    custom = custom.get(keyword) if isinstance(custom, dict) else custom
+    limit = error.validator_value
+    if custom:
+        message = custom if keyword == "anyOf" else f"{custom}, got {value!r}"
+    elif keyword == "type":
+        kinds = [limit] if isinstance(limit, str) else [k for k in limit if k != "null"]
+        message = f"must be {_TYPE_WORDS.get(kinds[0], kinds[0])}, got {value!r}"
+    elif keyword == "enum":
+        message = f"must be one of {', '.join(map(str, limit))}, got {value!r}"
+    else:
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+        message = (
+            f"must be {op[keyword]} {limit}, got {value!r}" if keyword in op else error.message
+        )
+    return ConfigError(name, message)
+
+
+def _schema_check(d: Mapping[str, Any]) -> None:
+    from jsonschema import Draft202012Validator
+
+    errors = list(Draft202012Validator(SCHEMA).iter_errors(d))
+    if errors:
+        # Unknown keys first, then the first field in the config's order.
+        order = {k: i for i, k in enumerate(d)}
+        errors.sort(
+            key=lambda e: (
+                e.validator != "additionalProperties",
+                len(e.absolute_path) > 0 and order.get(e.absolute_path[0], 0),
+            )
+        )
+        raise config_error(errors[0])
+
+
+def _integers(value: Any, schema: Mapping[str, Any]) -> Any:
+    """JSON and UI forms may send 1e6 or 3.0 for an integer: make it an int."""
+    kind = schema.get("type")
+    if isinstance(value, float) and (kind == "integer" or "integer" in (kind or ())):
+        return int(value)
+    if isinstance(value, list) and "items" in schema:
+        return tuple(_integers(v, schema["items"]) for v in value)
+    if isinstance(value, Mapping) and "properties" in schema:
+        return {k: _integers(v, schema["properties"][k]) for k, v in value.items()}
+    return value
+
+
+def _check_finite(values: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key}", f"must be finite, got {value!r}")
 
 
 def validate_config(d: Mapping[str, Any], *, env_modules: Collection[str] = ()) -> TrainingConfig:
-    """Check ``d`` field by field and return the :class:`TrainingConfig`.
+    """Check ``d`` against :data:`SCHEMA` and the cross-field rules; return the config.
 
     Missing keys take their defaults. Raises :class:`ConfigError` whose message
     starts with ``config.<field>:``.
@@ -296,13 +392,14 @@ def validate_config(d: Mapping[str, Any], *, env_modules: Collection[str] = ()) 
     """
     if not isinstance(d, Mapping):
         raise ConfigError("", f"must be a mapping, got {type(d).__name__}")
-    _reject_unknown(d, FIELD_NAMES)
-    values: dict[str, Any] = {}
-    for key, raw in d.items():
-        if raw is None and key in _NULLABLE:
-            values[key] = None
-        else:
-            values[key] = _CHECKS[key](key, raw)
+    d = dict(d)
+    if isinstance(d.get("algorithm"), str):
+        d["algorithm"] = d["algorithm"].upper()
+    _schema_check(d)
+    values = _integers(d, SCHEMA)
+    _check_finite(values)
+    if "stop" in values:
+        values["stop"] = StopCriteria(**{k: values["stop"].get(k) for k in STOP_NAMES})
     cfg = TrainingConfig(**values)
     check_env_module("env_id", cfg.env_id, env_modules)
 
