@@ -102,6 +102,8 @@ def describe(exc: ValidationError, label: str, unknown: str, valid: Collection[s
     ctx = err.get("ctx") or {}
     cause = ctx.get("error")
     field = _path(err["loc"])
+    if getattr(cause, "spec_described", False):  # a nested spec's error names its field
+        return f"{label}{cause}"
     if isinstance(cause, FieldError):
         sep = "" if cause.field.startswith("[") else "."
         field = f"{field}{sep}{cause.field}".lstrip(".")
@@ -138,8 +140,9 @@ class Spec(BaseModel):
         except ValidationError as exc:
             label = self._label(data)
             unknown = self.spec_unknown.replace("{label}", label.rstrip(".: "))
-            message = describe(exc, label, unknown, self.parameter_names())
-            raise self.spec_error(message) from None
+            error = self.spec_error(describe(exc, label, unknown, self.parameter_names()))
+            error.spec_described = True  # type: ignore[attr-defined]
+            raise error from None
 
     @classmethod
     def _label(cls, data: Mapping[str, Any]) -> str:

@@ -186,9 +186,9 @@ class JobSpec(Spec):
 
     @field_validator("extra", mode="before")
     @classmethod
-    def _normalized_extra(cls, extra: Any) -> Mapping[str, str]:
+    def _normalized_extra(cls, extra: Any) -> dict[str, str]:
         if extra is None:
-            return MappingProxyType({})
+            return {}
         if not isinstance(extra, Mapping):
             raise ValueError(f"expected a mapping, got {type(extra).__name__}")
         out: dict[str, str] = {}
@@ -217,7 +217,12 @@ class JobSpec(Spec):
                 f"unavailable directive(s) {', '.join(map(repr, unknown))}; "
                 f"allowed extra directives are: {', '.join(sorted(EXTRA_DIRECTIVES))}"
             )
-        return MappingProxyType(dict(sorted(out.items())))
+        return dict(sorted(out.items()))
+
+    @field_validator("extra", mode="after")
+    @classmethod
+    def _read_only(cls, extra: Mapping[str, str]) -> Mapping[str, str]:
+        return MappingProxyType(dict(extra))
 
     @model_validator(mode="after")
     def _one_mem_option(self) -> JobSpec:
