@@ -83,98 +83,88 @@ class RunParamError(ValueError):
     """A Param combination the schema cannot express; names the field."""
 
 
+#: The Params outside the training config: ``{name: (default, schema, description)}``.
+_RUN_PARAMS: dict[str, tuple[Any, dict[str, Any], str]] = {
+    "nodes": (
+        2,
+        {"type": "integer", "minimum": 1, "maximum": 512},
+        "Slurm nodes; Ray head on the first, a worker on each other.",
+    ),
+    "cpus_per_node": (
+        4,
+        {"type": "integer", "minimum": 1, "maximum": 1024},
+        "CPUs per node given to Ray (Eagle 36, Kestrel 104).",
+    ),
+    "gpus_per_node": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 16},
+        "GPUs per node (0: CPU only).",
+    ),
+    "partition": (
+        None,
+        {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
+        "Slurm partition; empty for the profile's default.",
+    ),
+    "account": (
+        None,
+        {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
+        "Slurm account to charge; empty for the profile's default.",
+    ),
+    "time_limit": (
+        "00:30:00",
+        {"type": "string", "pattern": SLURM_TIME_PATTERN, "maxLength": 20},
+        "Slurm time limit (MM, HH:MM:SS, D-HH:MM).",
+    ),
+    "experiment_name": (
+        "rllib_train",
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 100,
+            "pattern": r"^[A-Za-z0-9 ._/-]+" + _END,
+        },
+        "MLflow experiment.",
+    ),
+    "register_model_name": (
+        "rllib-cartpole",
+        {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9._-]+" + _END},
+        "MLflow registered model name.",
+    ),
+    "deferrable": (
+        True,
+        {"type": "boolean"},
+        "Wait for the Slurm job in the triggerer, freeing the worker slot. "
+        "false: the train task polls from its worker (no triggerer needed).",
+    ),
+}
+#: The demo DAGs' defaults where they differ from the training config's.
+_DAG_DEFAULTS = {
+    "stop_env_steps": 400000,
+    "stop_iterations": 200,
+    "stop_minutes": 20.0,
+    "train_batch_size": 4000,
+    "num_env_runners": 2,
+    "seed": 42,
+    "checkpoint_every": 5,
+}
+
+
 def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """``{name: {"default", "schema", "description"}}`` for :class:`airflow.sdk.Param`."""
-    d = {
-        "profile": "local",
-        "nodes": 2,
-        "cpus_per_node": 4,
-        "gpus_per_node": 0,
-        "partition": None,
-        "account": None,
-        "time_limit": "00:30:00",
-        # the config's defaults, where the demo DAGs want others
-        "stop_env_steps": 400000,
-        "stop_iterations": 200,
-        "stop_minutes": 20.0,
-        "train_batch_size": 4000,
-        "num_env_runners": 2,
-        "seed": 42,
-        "checkpoint_every": 5,
-        "experiment_name": "rllib_train",
-        "register_model_name": "rllib-cartpole",
-        "deferrable": True,
-    }
-    d.update(defaults or {})
-    config = _config_param_specs()
-    for name, spec in config.items():
-        spec["default"] = d.pop(name, spec["default"])
-    return {
+    d = {**_DAG_DEFAULTS, **(defaults or {})}
+    specs: dict[str, dict[str, Any]] = {
         "profile": {
-            "default": d["profile"],
+            "default": d.get("profile", "local"),
             "schema": {"type": "string", "enum": profile_names()},
             "description": "Cluster profile: login connection, scratch path, modules, env activation.",
         },
-        **config,
-        "nodes": {
-            "default": d["nodes"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 512},
-            "description": "Slurm nodes; Ray head on the first, a worker on each other.",
-        },
-        "cpus_per_node": {
-            "default": d["cpus_per_node"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "description": "CPUs per node given to Ray (Eagle 36, Kestrel 104).",
-        },
-        "gpus_per_node": {
-            "default": d["gpus_per_node"],
-            "schema": {"type": "integer", "minimum": 0, "maximum": 16},
-            "description": "GPUs per node (0: CPU only).",
-        },
-        "partition": {
-            "default": d["partition"],
-            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
-            "description": "Slurm partition; empty for the profile's default.",
-        },
-        "account": {
-            "default": d["account"],
-            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
-            "description": "Slurm account to charge; empty for the profile's default.",
-        },
-        "time_limit": {
-            "default": d["time_limit"],
-            "schema": {"type": "string", "pattern": SLURM_TIME_PATTERN, "maxLength": 20},
-            "description": "Slurm time limit (MM, HH:MM:SS, D-HH:MM).",
-        },
-        "experiment_name": {
-            "default": d["experiment_name"],
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9 ._/-]+" + _END,
-            },
-            "description": "MLflow experiment.",
-        },
-        "register_model_name": {
-            "default": d["register_model_name"],
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9._-]+" + _END,
-            },
-            "description": "MLflow registered model name.",
-        },
-        "deferrable": {
-            "default": d["deferrable"],
-            "schema": {"type": "boolean"},
-            "description": (
-                "Wait for the Slurm job in the triggerer, freeing the worker slot. "
-                "false: the train task polls from its worker (no triggerer needed)."
-            ),
-        },
+        **_config_param_specs(),
     }
+    for name, (default, schema, description) in _RUN_PARAMS.items():
+        specs[name] = {"default": default, "schema": dict(schema), "description": description}
+    for name, spec in specs.items():
+        spec["default"] = d.get(name, spec["default"])
+    return specs
 
 
 def check_params(params: Mapping[str, Any], *, prefix: str = "") -> None:

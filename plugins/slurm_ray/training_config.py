@@ -9,35 +9,9 @@ checks ``config.json`` against the same schema. Hence: the standard library
 plus ``jsonschema`` (Airflow ships it; the cluster venv has it through Ray),
 imported only to validate; no relative imports; Python >= 3.10.
 
-Defaults (chosen for PPO on CartPole-v1; measured on a 2-core machine, 2 env
-runners x 8 envs: ~5,000 env steps/s, return 450 after ~76k steps / ~15 s):
-
-=========================  ================  =====================================
-field                      default           meaning
-=========================  ================  =====================================
-algorithm                  "PPO"             "PPO" or "DQN" (case-insensitive)
-env_id                     "CartPole-v1"     gymnasium id, ``[module:][ns/]Name[-vN]``
-num_env_runners            None              None = every CPU of the Ray cluster
-                                             not taken by Learner actors
-num_envs_per_env_runner    8                 vectorised envs per runner (>= 1)
-num_learners               0                 0 = learn in the driver process
-num_gpus_per_learner       0                 >= 0 (fractions allowed)
-lr                         3e-4              > 0 (RLlib's PPO default 5e-5 is slow)
-train_batch_size           None              >= 1; None = PPO 4000, DQN 32
-minibatch_size             None              PPO only; None = min(128, train_batch_size)
-num_epochs                 None              PPO only; None = 6 (RLlib's 30 is
-                                             ~5x slower per iteration on CPU)
-gamma                      0.99              0 <= gamma <= 1
-hidden_sizes               [64, 64]          MLP hidden layer sizes
-seed                       None              int or None
-stop                       iterations 100,   whichever comes first; at least one
-                           return_mean 450,  key; iterations/env_steps/minutes > 0,
-                           minutes 30        return_mean any finite number
-checkpoint_every           10                iterations between checkpoints (>= 1)
-keep_checkpoints           3                 newest checkpoints kept (>= 1)
-eval_episodes              10                greedy evaluation episodes (>= 0)
-=========================  ================  =====================================
-
+Fields, types, ranges and defaults: :data:`SCHEMA`, one description each. The
+defaults suit PPO on CartPole-v1 (measured on a 2-core machine, 2 env runners x
+8 envs: ~5,000 env steps/s, return 450 after ~76k steps / ~15 s).
 A given ``stop`` mapping replaces the default one as a whole (it is not merged).
 Counters continue across resumes: ``iterations`` and ``env_steps`` are lifetime
 counts, ``minutes`` is training time summed over all attempts of the run.
@@ -84,31 +58,26 @@ ENV_ID_PATTERN = (
 )
 
 
-def _int(minimum: int, default: int | None, description: str, **more: Any) -> dict[str, Any]:
-    kind: Any = "integer" if default is not None else ["integer", "null"]
-    return {
-        "type": kind,
-        "minimum": minimum,
-        "default": default,
-        "description": description,
-        **more,
-    }
+def _field(kind: str, default: Any, description: str, **rules: Any) -> dict[str, Any]:
+    """One property of JSON type ``kind``; a ``None`` default also allows null."""
+    nullable = [kind, "null"] if default is None else kind
+    return {"type": nullable, "default": default, "description": description, **rules}
 
 
+_BETWEEN_0_1 = {"minimum": "must be between 0 and 1", "maximum": "must be between 0 and 1"}
+_SIZES = "must be a non-empty list of positive integers"
 _STOP_PROPERTIES: dict[str, Any] = {
-    "iterations": _int(1, None, "Stop after this many training iterations.", maximum=1_000_000),
-    "env_steps": _int(1, None, "Stop after this many environment steps."),
+    "iterations": _field(
+        "integer", None, "Stop after this many training iterations.", minimum=1, maximum=1_000_000
+    ),
+    "env_steps": _field("integer", None, "Stop after this many environment steps.", minimum=1),
     # Returns may be negative (Pendulum, MountainCar): only finiteness matters.
-    "return_mean": {
-        "type": ["number", "null"],
-        "description": "Stop when the mean episode return reaches this.",
-    },
-    "minutes": {
-        "type": ["number", "null"],
-        "exclusiveMinimum": 0,
-        "description": "Stop after this many minutes of training (wall clock).",
-    },
+    "return_mean": _field("number", None, "Stop when the mean episode return reaches this."),
+    "minutes": _field(
+        "number", None, "Stop after this many minutes of training (wall clock).", exclusiveMinimum=0
+    ),
 }
+_STOP_KEYS = ", ".join(_STOP_PROPERTIES)
 
 #: The training config's JSON Schema (Draft 2020-12): the one source of its
 #: fields, types, ranges and defaults. The DAG Params are generated from it
@@ -121,97 +90,81 @@ SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "algorithm": {
-            "type": "string",
-            "enum": list(ALGORITHMS),
-            "default": "PPO",
-            "description": "RLlib algorithm (current API stack); case-insensitive.",
-        },
-        "env_id": {
-            "type": "string",
-            "maxLength": 200,
-            "pattern": ENV_ID_PATTERN,
-            "default": "CartPole-v1",
-            "description": "Gymnasium environment id.",
-            "errorMessage": "must be a gymnasium env id like 'CartPole-v1' or 'module:Name-v0'",
-        },
-        "num_env_runners": _int(
-            0,
+        "algorithm": _field(
+            "string", "PPO", "RLlib algorithm (current API stack); any case.", enum=list(ALGORITHMS)
+        ),
+        "env_id": _field(
+            "string",
+            "CartPole-v1",
+            "Gymnasium environment id.",
+            maxLength=200,
+            pattern=ENV_ID_PATTERN,
+            errorMessage="must be a gymnasium env id like 'CartPole-v1' or 'module:Name-v0'",
+        ),
+        "num_env_runners": _field(
+            "integer",
             None,
             "Ray env-runner actors (spread over the nodes); null = all CPUs.",
+            minimum=0,
             maximum=100_000,
         ),
-        "num_envs_per_env_runner": _int(
-            1, 8, "Vectorised environments per env runner.", maximum=1024
+        "num_envs_per_env_runner": _field(
+            "integer", 8, "Vectorised environments per env runner.", minimum=1, maximum=1024
         ),
-        "num_learners": _int(0, 0, "Learner actors; 0 = learn in the driver process."),
-        "num_gpus_per_learner": {
-            "type": "number",
-            "minimum": 0,
-            "default": 0,
-            "description": "GPUs per learner (fractions allowed).",
-        },
-        "lr": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "maximum": 1,
-            "default": 3e-4,
-            "description": "Learning rate.",
-        },
-        "train_batch_size": _int(
-            1,
+        "num_learners": _field("integer", 0, "Learner actors; 0 = learn in the driver.", minimum=0),
+        "num_gpus_per_learner": _field(
+            "number", 0, "GPUs per learner (fractions allowed).", minimum=0
+        ),
+        "lr": _field(
+            "number",
+            3e-4,
+            "Learning rate (RLlib's PPO default 5e-5 learns slowly).",
+            exclusiveMinimum=0,
+            maximum=1,
+        ),
+        "train_batch_size": _field(
+            "integer",
             None,
             "Env steps per training iteration; null = PPO 4000, DQN 32.",
+            minimum=1,
             maximum=10_000_000,
         ),
-        "minibatch_size": _int(1, None, "PPO only; null = min(128, train_batch_size)."),
-        "num_epochs": _int(1, None, "PPO only; null = 6 epochs per iteration."),
-        "gamma": {
-            "type": "number",
-            "minimum": 0,
-            "maximum": 1,
-            "default": 0.99,
-            "description": "Discount factor.",
-            "errorMessage": {
-                "minimum": "must be between 0 and 1",
-                "maximum": "must be between 0 and 1",
-            },
-        },
-        "hidden_sizes": {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "integer", "minimum": 1},
-            "default": [64, 64],
-            "description": "MLP hidden layer sizes.",
-            "errorMessage": {
-                "type": "must be a non-empty list of positive integers",
-                "minItems": "must be a non-empty list of positive integers",
-            },
-        },
-        "seed": _int(0, None, "Random seed (null: random)."),
-        "stop": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": _STOP_PROPERTIES,
-            "anyOf": [
+        "minibatch_size": _field(
+            "integer", None, "PPO only; null = min(128, train_batch_size).", minimum=1
+        ),
+        "num_epochs": _field(
+            "integer", None, "PPO only; null = 6 (RLlib's 30 is ~5x slower on CPU).", minimum=1
+        ),
+        "gamma": _field(
+            "number", 0.99, "Discount factor.", minimum=0, maximum=1, errorMessage=_BETWEEN_0_1
+        ),
+        "hidden_sizes": _field(
+            "array",
+            [64, 64],
+            "MLP hidden layer sizes.",
+            minItems=1,
+            items={"type": "integer", "minimum": 1},
+            errorMessage={"type": _SIZES, "minItems": _SIZES},
+        ),
+        "seed": _field("integer", None, "Random seed (null: random).", minimum=0),
+        "stop": _field(
+            "object",
+            {"iterations": 100, "env_steps": None, "return_mean": 450.0, "minutes": 30.0},
+            "Stop when any criterion is reached; replaces the default as a whole.",
+            additionalProperties=False,
+            properties=_STOP_PROPERTIES,
+            anyOf=[
                 {"required": [k], "properties": {k: {"not": {"type": "null"}}}}
                 for k in _STOP_PROPERTIES
             ],
-            "default": {
-                "iterations": 100,
-                "env_steps": None,
-                "return_mean": 450.0,
-                "minutes": 30.0,
+            errorMessage={
+                "type": f"must be a mapping with keys {_STOP_KEYS}",
+                "anyOf": f"at least one of {_STOP_KEYS} is required",
             },
-            "description": "Stop when any criterion is reached; replaces the default as a whole.",
-            "errorMessage": {
-                "type": f"must be a mapping with keys {', '.join(_STOP_PROPERTIES)}",
-                "anyOf": f"at least one of {', '.join(_STOP_PROPERTIES)} is required",
-            },
-        },
-        "checkpoint_every": _int(1, 10, "Checkpoint every k iterations."),
-        "keep_checkpoints": _int(1, 3, "Newest checkpoints kept."),
-        "eval_episodes": _int(0, 10, "Greedy evaluation episodes after training."),
+        ),
+        "checkpoint_every": _field("integer", 10, "Checkpoint every k iterations.", minimum=1),
+        "keep_checkpoints": _field("integer", 3, "Newest checkpoints kept.", minimum=1),
+        "eval_episodes": _field("integer", 10, "Greedy evaluation episodes.", minimum=0),
     },
 }
 
@@ -313,12 +266,8 @@ def _path(parts: Any) -> str:
 
 def config_error(error: Any) -> ConfigError:
     """The :class:`ConfigError` for a ``jsonschema`` error, worded as the field's checks."""
-    name, value, keyword, schema = (
-        _path(error.absolute_path),
-        error.instance,
-        error.validator,
-        error.schema,
-    )
+    name, value, keyword = _path(error.absolute_path), error.instance, error.validator
+    schema, limit = error.schema, error.validator_value
     if keyword == "additionalProperties":
         valid = tuple(schema["properties"])
         unknown = sorted(str(k) for k in value if k not in valid)
@@ -330,7 +279,6 @@ def config_error(error: Any) -> ConfigError:
         )
     custom = schema.get("errorMessage")
     custom = custom.get(keyword) if isinstance(custom, dict) else custom
-    limit = error.validator_value
     if custom:
         message = custom if keyword == "anyOf" else f"{custom}, got {value!r}"
     elif keyword == "type":
@@ -356,7 +304,7 @@ def _schema_check(d: Mapping[str, Any]) -> None:
         errors.sort(
             key=lambda e: (
                 e.validator != "additionalProperties",
-                len(e.absolute_path) > 0 and order.get(e.absolute_path[0], 0),
+                order.get(e.path[0], -1) if e.path else -1,
             )
         )
         raise config_error(errors[0])
