@@ -69,9 +69,7 @@ class ClusterProfile(Spec):
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> ClusterProfile:
-        data = dict(data)
-        if isinstance(data.get("environment"), Mapping):
-            data["environment"] = EnvironmentSpec.from_dict(data["environment"])
+        """A profile from JSON (``environment`` may be a plain mapping)."""
         return cls(**{**data, "name": name})
 
     def base_dir_for(self, user: str) -> str:

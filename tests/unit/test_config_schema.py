@@ -190,3 +190,25 @@ def test_spec_models_are_frozen_and_compare_by_value() -> None:
     assert spec == JobSpec.from_dict(spec.to_dict())
     with pytest.raises(TypeError):
         spec.extra["nice"] = "1"  # type: ignore[index]
+
+
+def test_profiles_file_is_validated_naming_profile_and_field(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slurm_ray.profiles import ProfileError, get_profile
+
+    path = tmp_path / "profiles.json"
+    monkeypatch.setenv("SLURM_RAY_PROFILES", str(path))
+    site = {
+        "ssh_conn_id": "c",
+        "cores_per_node": 8,
+        "environment": {"kind": "venv", "prefix": "/e"},
+    }
+    path.write_text(json.dumps({"site": site}))
+    assert get_profile("site").environment.prefix == "/e"
+    assert get_profile("site", cores_per_node=4).cores_per_node == 4
+    with pytest.raises(ProfileError, match=r"^profile 'site': cores_per_node: must be >= 1"):
+        get_profile("site", cores_per_node=0)
+    path.write_text(json.dumps({"site": {**site, "environment": {"kind": "venv", "prefix": "x"}}}))
+    with pytest.raises(ProfileError, match=r"^profile 'site': environment\.prefix: 'x' must be"):
+        get_profile("site")
