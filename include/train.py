@@ -55,7 +55,10 @@ Exit codes:
         75 is EX_TEMPFAIL: run again with the same DIR to continue.
 
 ``training_config`` is imported from this file's directory (it is staged next
-to it) or, when run from the repository, from ``../plugins/slurm_ray``.
+to it) or, when run from the repository, from ``../plugins/slurm_ray``. It
+checks config.json against the same JSON Schema (``training_config.SCHEMA``,
+with ``jsonschema``, which Ray installs) that the Airflow side checks and
+generates the DAG Params from, so both sides refuse a value by the same field.
 """
 
 from __future__ import annotations

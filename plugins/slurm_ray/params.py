@@ -1,9 +1,13 @@
 """The training DAGs' Params (UI form / REST conf) and their translation into a run.
 
-The JSON schemas here refuse bad input at trigger time (wrong type, out of
-range, unknown env, algorithm or profile), naming the field; :func:`resolve_run`
-then does the cross-field checks and builds the operator arguments, still
-before anything reaches the cluster.
+The Params of the training config are generated from its JSON Schema
+(:data:`slurm_ray.training_config.SCHEMA`): every config field is a Param of
+the same name (``stop.minutes`` is ``stop_minutes``) with the same rules,
+unless listed in :data:`NOT_PARAMS`. The other Params place the job (profile,
+nodes, time limit...) and name the MLflow experiment. The JSON schemas refuse
+bad input at trigger time, naming the field; :func:`resolve_run` then does the
+cross-field checks and builds the operator arguments, still before anything
+reaches the cluster.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from slurm_ray.profiles import get_profile, profile_names
-from slurm_ray.training_config import ConfigError, validate_config
+from slurm_ray.training_config import SCHEMA, ConfigError, validate_config
 from slurm_ray.utils.batch import JobSpec, JobSpecError
+from slurm_ray.validation import SLURM_TIME_PATTERN
 
 #: Environments the driver can build from gymnasium alone (no extra packages).
 KNOWN_ENVS = (
@@ -32,166 +37,134 @@ _CONTINUOUS_ENVS = {"MountainCarContinuous-v0", "Pendulum-v1"}
 # newline; `(?!\n)` gives the `\Z` meaning in both Python and the UI's JavaScript.
 _END = r"$(?!\n)"
 _SAFE_TEXT = r"^[A-Za-z0-9._:@+-]*" + _END
-_TIME = r"^(UNLIMITED|[0-9]+(-[0-9]{1,2}(:[0-9]{2}){0,2}|(:[0-9]{2}){0,2}))" + _END
+
+#: Config fields that are no Param: the learner fields follow ``gpus_per_node``;
+#: a form default for the PPO-only ones would break DQN; the form has no list field.
+NOT_PARAMS = frozenset(
+    {"num_learners", "num_gpus_per_learner", "minibatch_size", "num_epochs", "hidden_sizes"}
+)
+#: Param names that differ from the config field's.
+_PARAM_NAMES = {"num_envs_per_env_runner": "envs_per_runner"}
+#: Where the DAG's Param narrows the config's rule (``None`` drops a keyword): the
+#: form offers the known envs only, and a batch size (not the algorithm's default).
+_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "env_id": {"enum": list(KNOWN_ENVS), "pattern": None, "maxLength": None},
+    "train_batch_size": {"type": "integer"},
+}
+_NOT_VALIDATION = ("default", "description", "errorMessage")
+
+
+def config_params() -> dict[str, tuple[str, ...]]:
+    """``{Param name: path in the training config}``, in the schema's order."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, prop in SCHEMA["properties"].items():
+        if name == "stop":
+            out.update({f"stop_{key}": ("stop", key) for key in prop["properties"]})
+        elif name not in NOT_PARAMS:
+            out[_PARAM_NAMES.get(name, name)] = (name,)
+    return out
+
+
+def _config_param_specs() -> dict[str, dict[str, Any]]:
+    props: dict[str, Any] = SCHEMA["properties"]
+    stop_default = props["stop"]["default"]
+    specs = {}
+    for param, path in config_params().items():
+        prop = props[path[0]] if len(path) == 1 else props["stop"]["properties"][path[1]]
+        schema = {k: v for k, v in prop.items() if k not in _NOT_VALIDATION}
+        schema.update(_PARAM_SCHEMAS.get(param, {}))
+        schema = {k: v for k, v in schema.items() if v is not None}
+        default = stop_default[path[1]] if len(path) == 2 else prop.get("default")
+        specs[param] = {"default": default, "schema": schema, "description": prop["description"]}
+    return specs
 
 
 class RunParamError(ValueError):
     """A Param combination the schema cannot express; names the field."""
 
 
+#: The Params outside the training config: ``{name: (default, schema, description)}``.
+_RUN_PARAMS: dict[str, tuple[Any, dict[str, Any], str]] = {
+    "nodes": (
+        2,
+        {"type": "integer", "minimum": 1, "maximum": 512},
+        "Slurm nodes; Ray head on the first, a worker on each other.",
+    ),
+    "cpus_per_node": (
+        4,
+        {"type": "integer", "minimum": 1, "maximum": 1024},
+        "CPUs per node given to Ray (Eagle 36, Kestrel 104).",
+    ),
+    "gpus_per_node": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 16},
+        "GPUs per node (0: CPU only).",
+    ),
+    "partition": (
+        None,
+        {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
+        "Slurm partition; empty for the profile's default.",
+    ),
+    "account": (
+        None,
+        {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
+        "Slurm account to charge; empty for the profile's default.",
+    ),
+    "time_limit": (
+        "00:30:00",
+        {"type": "string", "pattern": SLURM_TIME_PATTERN, "maxLength": 20},
+        "Slurm time limit (MM, HH:MM:SS, D-HH:MM).",
+    ),
+    "experiment_name": (
+        "rllib_train",
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 100,
+            "pattern": r"^[A-Za-z0-9 ._/-]+" + _END,
+        },
+        "MLflow experiment.",
+    ),
+    "register_model_name": (
+        "rllib-cartpole",
+        {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"^[A-Za-z0-9._-]+" + _END},
+        "MLflow registered model name.",
+    ),
+    "deferrable": (
+        True,
+        {"type": "boolean"},
+        "Wait for the Slurm job in the triggerer, freeing the worker slot. "
+        "false: the train task polls from its worker (no triggerer needed).",
+    ),
+}
+#: The demo DAGs' defaults where they differ from the training config's.
+_DAG_DEFAULTS = {
+    "stop_env_steps": 400000,
+    "stop_iterations": 200,
+    "stop_minutes": 20.0,
+    "train_batch_size": 4000,
+    "num_env_runners": 2,
+    "seed": 42,
+    "checkpoint_every": 5,
+}
+
+
 def param_specs(defaults: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """``{name: {"default", "schema", "description"}}`` for :class:`airflow.sdk.Param`."""
-    d = {
-        "profile": "local",
-        "env_id": "CartPole-v1",
-        "algorithm": "PPO",
-        "nodes": 2,
-        "cpus_per_node": 4,
-        "gpus_per_node": 0,
-        "partition": None,
-        "account": None,
-        "time_limit": "00:30:00",
-        "stop_return_mean": 450.0,
-        "stop_env_steps": 400000,
-        "stop_iterations": 200,
-        "stop_minutes": 20.0,
-        "lr": 3e-4,
-        "train_batch_size": 4000,
-        "num_env_runners": 2,
-        "envs_per_runner": 8,
-        "seed": 42,
-        "experiment_name": "rllib_train",
-        "checkpoint_every": 5,
-        "register_model_name": "rllib-cartpole",
-        "deferrable": True,
-    }
-    d.update(defaults or {})
-    names = profile_names()
-    return {
+    d = {**_DAG_DEFAULTS, **(defaults or {})}
+    specs: dict[str, dict[str, Any]] = {
         "profile": {
-            "default": d["profile"],
-            "schema": {"type": "string", "enum": names},
+            "default": d.get("profile", "local"),
+            "schema": {"type": "string", "enum": profile_names()},
             "description": "Cluster profile: login connection, scratch path, modules, env activation.",
         },
-        "env_id": {
-            "default": d["env_id"],
-            "schema": {"type": "string", "enum": list(KNOWN_ENVS)},
-            "description": "Gymnasium environment id.",
-        },
-        "algorithm": {
-            "default": d["algorithm"],
-            "schema": {"type": "string", "enum": ["PPO", "DQN"]},
-            "description": "RLlib algorithm (current API stack).",
-        },
-        "nodes": {
-            "default": d["nodes"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 512},
-            "description": "Slurm nodes; Ray head on the first, a worker on each other.",
-        },
-        "cpus_per_node": {
-            "default": d["cpus_per_node"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "description": "CPUs per node given to Ray (Eagle 36, Kestrel 104).",
-        },
-        "gpus_per_node": {
-            "default": d["gpus_per_node"],
-            "schema": {"type": "integer", "minimum": 0, "maximum": 16},
-            "description": "GPUs per node (0: CPU only).",
-        },
-        "partition": {
-            "default": d["partition"],
-            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
-            "description": "Slurm partition; empty for the profile's default.",
-        },
-        "account": {
-            "default": d["account"],
-            "schema": {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
-            "description": "Slurm account to charge; empty for the profile's default.",
-        },
-        "time_limit": {
-            "default": d["time_limit"],
-            "schema": {"type": "string", "pattern": _TIME, "maxLength": 20},
-            "description": "Slurm time limit (MM, HH:MM:SS, D-HH:MM).",
-        },
-        "stop_return_mean": {
-            "default": d["stop_return_mean"],
-            "schema": {"type": ["number", "null"]},
-            "description": "Stop when the mean episode return reaches this.",
-        },
-        "stop_env_steps": {
-            "default": d["stop_env_steps"],
-            "schema": {"type": ["integer", "null"], "minimum": 1},
-            "description": "Stop after this many environment steps.",
-        },
-        "stop_iterations": {
-            "default": d["stop_iterations"],
-            "schema": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000},
-            "description": "Stop after this many training iterations.",
-        },
-        "stop_minutes": {
-            "default": d["stop_minutes"],
-            "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
-            "description": "Stop after this many minutes of training (wall clock).",
-        },
-        "lr": {
-            "default": d["lr"],
-            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "description": "Learning rate.",
-        },
-        "train_batch_size": {
-            "default": d["train_batch_size"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 10000000},
-            "description": "Env steps per training iteration.",
-        },
-        "num_env_runners": {
-            "default": d["num_env_runners"],
-            "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 100000},
-            "description": "Ray env-runner actors (spread over the nodes); null = all CPUs.",
-        },
-        "envs_per_runner": {
-            "default": d["envs_per_runner"],
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "description": "Vectorised environments per env runner.",
-        },
-        "seed": {
-            "default": d["seed"],
-            "schema": {"type": ["integer", "null"], "minimum": 0},
-            "description": "Random seed (null: random).",
-        },
-        "experiment_name": {
-            "default": d["experiment_name"],
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9 ._/-]+" + _END,
-            },
-            "description": "MLflow experiment.",
-        },
-        "checkpoint_every": {
-            "default": d["checkpoint_every"],
-            "schema": {"type": "integer", "minimum": 1},
-            "description": "Checkpoint every k iterations.",
-        },
-        "register_model_name": {
-            "default": d["register_model_name"],
-            "schema": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 100,
-                "pattern": r"^[A-Za-z0-9._-]+" + _END,
-            },
-            "description": "MLflow registered model name.",
-        },
-        "deferrable": {
-            "default": d["deferrable"],
-            "schema": {"type": "boolean"},
-            "description": (
-                "Wait for the Slurm job in the triggerer, freeing the worker slot. "
-                "false: the train task polls from its worker (no triggerer needed)."
-            ),
-        },
+        **_config_param_specs(),
     }
+    for name, (default, schema, description) in _RUN_PARAMS.items():
+        specs[name] = {"default": default, "schema": dict(schema), "description": description}
+    for name, spec in specs.items():
+        spec["default"] = d.get(name, spec["default"])
+    return specs
 
 
 def check_params(params: Mapping[str, Any], *, prefix: str = "") -> None:
@@ -225,30 +198,22 @@ def training_config_from(
     params: Mapping[str, Any], env_modules: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """The driver's config (validated) from the flat Params."""
-    stop = {
-        key: params.get(f"stop_{key}")
-        for key in ("return_mean", "env_steps", "iterations", "minutes")
-        if params.get(f"stop_{key}") is not None
-    }
-    if not stop:
+    cfg: dict[str, Any] = {}
+    for param, path in config_params().items():
+        if param not in params:
+            continue
+        if path[0] != "stop":
+            cfg[path[0]] = params[param]
+        elif params[param] is not None:
+            cfg.setdefault("stop", {})[path[1]] = params[param]
+    if "stop" not in cfg:
         raise RunParamError("stop_*: give at least one stop criterion")
-    algo = str(params.get("algorithm", "PPO")).upper()
-    env_id = params.get("env_id", "CartPole-v1")
+    algo = str(cfg.get("algorithm", "PPO")).upper()
+    env_id = cfg.get("env_id")
     if algo in _DISCRETE_ONLY and env_id in _CONTINUOUS_ENVS:
         raise RunParamError(
             f"algorithm: {algo} needs a discrete action space; {env_id} is continuous"
         )
-    cfg: dict[str, Any] = {
-        "algorithm": algo,
-        "env_id": env_id,
-        "num_env_runners": params.get("num_env_runners"),
-        "num_envs_per_env_runner": params.get("envs_per_runner", 8),
-        "lr": params.get("lr", 3e-4),
-        "train_batch_size": params.get("train_batch_size"),
-        "seed": params.get("seed"),
-        "stop": stop,
-        "checkpoint_every": params.get("checkpoint_every", 5),
-    }
     if params.get("gpus_per_node"):
         cfg["num_learners"] = 1
         cfg["num_gpus_per_learner"] = 1
@@ -259,7 +224,7 @@ def training_config_from(
 
 
 def _minutes(time_limit: str) -> float:
-    if time_limit == "UNLIMITED":
+    if time_limit.upper() in ("UNLIMITED", "INFINITE"):
         return math.inf
     days, _, rest = time_limit.rpartition("-")
     parts = [int(p) for p in rest.split(":")]

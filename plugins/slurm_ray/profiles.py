@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, StrictInt, StrictStr
 
 from slurm_ray.utils.environment import EnvironmentSpec
+from slurm_ray.validation import MODULE_PATTERN, Spec
 
 
 class ProfileError(ValueError):
     """Unknown profile or bad profile definition."""
 
 
-@dataclass(frozen=True)
-class ClusterProfile:
+class ClusterProfile(Spec):
     """
     One HPC site.
 
@@ -45,41 +45,32 @@ class ClusterProfile:
         on the cluster (none by default: an env id must not run arbitrary code).
     """
 
-    name: str
-    ssh_conn_id: str
-    login_host: str = ""
-    remote_base_dir: str = "/scratch/{user}/slurm_ray"
-    cores_per_node: int = 1
-    gpus_per_node: int = 0
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    environment: EnvironmentSpec = field(default_factory=EnvironmentSpec)
-    job_url_template: str = ""
-    env_stage_dir: str | None = None
-    env_build_vars: Mapping[str, str] = field(default_factory=dict)
-    description: str = ""
-    env_modules: tuple[str, ...] = ()
+    spec_error: ClassVar[type[ValueError]] = ProfileError
 
-    def __post_init__(self) -> None:
-        mods = self.env_modules
-        if isinstance(mods, str) or not all(
-            isinstance(m, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", m) for m in mods
-        ):
-            raise ProfileError(f"profile {self.name!r}: env_modules must be module names")
-        object.__setattr__(self, "env_modules", tuple(mods))
+    name: StrictStr
+    ssh_conn_id: StrictStr
+    login_host: StrictStr = ""
+    remote_base_dir: StrictStr = "/scratch/{user}/slurm_ray"
+    cores_per_node: Annotated[StrictInt, Field(ge=1)] = 1
+    gpus_per_node: Annotated[StrictInt, Field(ge=0)] = 0
+    partition: StrictStr | None = None
+    account: StrictStr | None = None
+    qos: StrictStr | None = None
+    environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+    job_url_template: StrictStr = ""
+    env_stage_dir: StrictStr | None = None
+    env_build_vars: Mapping[StrictStr, StrictStr] = Field(default_factory=dict)
+    description: StrictStr = ""
+    env_modules: tuple[Annotated[StrictStr, Field(pattern=MODULE_PATTERN)], ...] = ()
+
+    @classmethod
+    def _label(cls, data: Mapping[str, Any]) -> str:
+        return f"profile {data.get('name')!r}: "
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> ClusterProfile:
-        data = dict(data)
-        env = EnvironmentSpec.from_dict(data.pop("environment", None))
-        valid = set(cls.__dataclass_fields__) - {"name", "environment"}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ProfileError(
-                f"profile {name!r}: unknown key(s) {unknown}; valid keys are: {sorted(valid)}"
-            )
-        return cls(name=name, environment=env, **data)
+        """A profile from JSON (``environment`` may be a plain mapping)."""
+        return cls(**{**data, "name": name})
 
     def base_dir_for(self, user: str) -> str:
         """``remote_base_dir`` with ``{user}`` filled in."""
@@ -182,7 +173,8 @@ def get_profile(name: str, **overrides: Any) -> ClusterProfile:
         raise ProfileError(
             f"profile: unknown cluster profile {name!r}; valid profiles are: {', '.join(sorted(profiles))}"
         )
-    return replace(profiles[name], **overrides) if overrides else profiles[name]
+    profile = profiles[name]
+    return ClusterProfile(**{**dict(profile), **overrides}) if overrides else profile
 
 
 #: Where run directories go when neither the operator nor a profile names one:

@@ -32,6 +32,8 @@ from slurm_ray.hooks.slurm import CommandResult, SlurmHook
 from slurm_ray.profiles import operator_defaults
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.quoting import quote
+from slurm_ray.validation import validate_env_id
+from slurm_ray.validation import validate_extra_env as _validate_extra_env
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -58,18 +60,6 @@ Where = Literal["login", "compute"]
 BUILD_SCRIPT = "build_env.sh"
 SANITY_SCRIPT = "sanity_check.py"
 
-# gymnasium ids are ``[module:][namespace/]Name[-vN]``; allowing only these
-# characters keeps an id from ever meaning anything to a shell, even though
-# it is quoted as well.
-_ENV_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}", re.ASCII)
-# venv's and conda's activation scripts paste the prefix into shell code; some
-# Python releases did so without quoting (CVE-2024-9287), so a prefix holding
-# `$(...)` or a quote would run code on every activation however carefully we
-# quote it ourselves. Only plain path characters are accepted; ``{user}`` is
-# the remote-user placeholder the cluster profiles use.
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
-# Set by the operator itself; an extra_env entry must not replace them silently.
-_RESERVED_ENV = frozenset({"SLURM_RAY_MODULE_LINES", "SLURM_RAY_UNSET_LD_PRELOAD"})
 _SHA_RE = re.compile(r"sha256=([0-9a-f]{64})")
 _SUMMARY_PREFIX = "SANITY_SUMMARY "
 _ERROR_PREFIX = "SANITY_ERROR:"
@@ -89,27 +79,6 @@ def include_dir() -> Path:
 # -- validation ------------------------------------------------------------------
 
 
-def validate_env_id(env_id: object, env_modules: Sequence[str] = ()) -> str:
-    """
-    Check a Gym environment id before it goes anywhere near a shell.
-
-    :param env_modules: modules a ``module:Name`` id may import (none by default).
-    :raises AirflowException: naming the ``env_id`` field.
-    """
-    if not isinstance(env_id, str) or not _ENV_ID_RE.fullmatch(env_id):
-        raise AirflowException(
-            f"env_id: {env_id!r} is not a Gym environment id such as 'CartPole-v1' "
-            "(letters, digits and _ . : / - only, at most 200 characters)"
-        )
-    from slurm_ray.training_config import ConfigError, check_env_module
-
-    try:
-        check_env_module("env_id", env_id, env_modules)
-    except ConfigError as exc:
-        raise AirflowException(str(exc).removeprefix("config.")) from exc
-    return env_id
-
-
 def _environment(raw: Mapping[str, Any] | EnvironmentSpec) -> EnvironmentSpec:
     """The validated :class:`EnvironmentSpec` of an operator's ``environment`` argument."""
     try:
@@ -117,26 +86,6 @@ def _environment(raw: Mapping[str, Any] | EnvironmentSpec) -> EnvironmentSpec:
     except (TypeError, ValueError) as exc:
         raise AirflowException(str(exc)) from exc
     return env
-
-
-def _validate_extra_env(extra_env: Mapping[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in extra_env.items():
-        if not isinstance(key, str) or not _ENV_NAME_RE.fullmatch(key):
-            raise AirflowException(f"extra_env: {key!r} is not a valid variable name")
-        if key in _RESERVED_ENV:
-            raise AirflowException(
-                f"extra_env: {key} is set from `environment`; change the environment instead"
-            )
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise AirflowException(
-                f"extra_env[{key!r}]: expected a string, got {type(value).__name__}"
-            )
-        text = str(value)
-        if "\0" in text:
-            raise AirflowException(f"extra_env[{key!r}]: contains a NUL byte")
-        out[key] = text
-    return out
 
 
 def _connection_and_env(

@@ -14,14 +14,33 @@ before quoting, so sbatch records every value byte for byte.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from slurm_ray.utils.quoting import quote
+from slurm_ray.validation import (
+    MEM_PATTERN,
+    NO_CONTROL_PATTERN,
+    SIGNAL_PATTERN,
+    SLURM_TIME_PATTERN,
+    FieldError,
+    Spec,
+    describe,
+)
 
 __all__ = [
     "EXTRA_DIRECTIVES",
@@ -61,35 +80,21 @@ EXTRA_DIRECTIVES: frozenset[str] = frozenset(
     }
 )
 
-_MAX_JOB_NAME = 200
-# Any ASCII control character (newline, CR, NUL, tab, escape…) in a directive
-# value: a newline would end the #SBATCH line and start a new one, and none of
-# them is meaningful in a Slurm option.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_MEM_RE = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE | re.ASCII)
-_HH = r"(?:[01]?[0-9]|2[0-3])"
-_MS = r"[0-5]?[0-9]"
-_TIME_RE = re.compile(
-    rf"""
-      [0-9]+                            # MM
-    | [0-9]+:{_MS}                      # MM:SS
-    | [0-9]+:{_MS}:{_MS}                # HH:MM:SS
-    | [0-9]+-{_HH}                      # D-HH
-    | [0-9]+-{_HH}:{_MS}                # D-HH:MM
-    | [0-9]+-{_HH}:{_MS}:{_MS}          # D-HH:MM:SS
-    | UNLIMITED | INFINITE
-    """,
-    re.VERBOSE | re.IGNORECASE | re.ASCII,
-)
-# --signal=[{R|B}:]<sig_num>[@sig_time]
-_SIGNAL_RE = re.compile(
-    r"(?:(?:R|B|RB|BR):)?(?:(?:SIG)?[A-Z][A-Z0-9]*|[0-9]+)(?:@[0-9]+)?", re.ASCII
-)
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 # Assigning these makes bash fail ("readonly variable"), which errexit turns
 # into a dead job before the command ever runs.
 _BASH_READONLY = frozenset({"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"})
 _MEM_OPTIONS = ("mem", "mem-per-cpu", "mem-per-gpu")
+
+# Any ASCII control character (newline, CR, NUL, tab, escape…) in a directive
+# value: a newline would end the #SBATCH line and start a new one, and none of
+# them is meaningful in a Slurm option. Empty strings are refused too.
+_Text = Annotated[StrictStr, Field(min_length=1, pattern=NO_CONTROL_PATTERN)]
+_TEXT: TypeAdapter[str] = TypeAdapter(_Text, config=ConfigDict(regex_engine="python-re"))
+_Count = Annotated[StrictInt, Field(ge=1)]
+_Mem = Annotated[StrictStr, Field(min_length=1, pattern=MEM_PATTERN)]
+_Time = Annotated[StrictStr, Field(min_length=1, pattern=SLURM_TIME_PATTERN)]
+_Signal = Annotated[StrictStr, Field(min_length=1, pattern=SIGNAL_PATTERN)]
 
 
 class JobSpecError(ValueError):
@@ -110,50 +115,15 @@ def sbatch_word(value: object) -> str:
     return word if "\\" not in word else quote(str(value).replace("\\", "\\\\"))
 
 
-def _err(name: str, message: str) -> JobSpecError:
-    return JobSpecError(f"JobSpec.{name}: {message}")
-
-
-def _check_text(name: str, value: object, *, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str):
-        raise _err(name, f"expected a string, got {type(value).__name__} {value!r}")
-    if not value:
-        raise _err(name, "must not be empty (leave it unset instead)")
-    bad = _CONTROL_RE.search(value)
-    if bad:
-        raise _err(
-            name, f"must not contain control characters such as newline or NUL; found {bad[0]!r}"
-        )
-
-
-def _check_int(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    # bool is an int subclass: True would silently become 1 node.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _err(name, f"expected a positive integer, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise _err(name, f"must be a positive integer, got {value}")
-
-
-def _check_flag(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, bool):
-        raise _err(name, f"expected true or false, got {type(value).__name__} {value!r}")
-
-
-@dataclass(frozen=True)
-class JobSpec:
+class JobSpec(Spec):
     """
     Validated resources and options of one Slurm batch job.
 
     Field names are sbatch's long options with ``-`` written as ``_``; a field
     left at ``None`` (or ``False``) renders no directive and Slurm's default
     applies. Anything not covered by a field may be given in ``extra``, limited
-    to :data:`EXTRA_DIRECTIVES`.
+    to :data:`EXTRA_DIRECTIVES`. Text values must be non-empty and free of
+    control characters; counts are positive integers (``true`` is not one).
 
     :param job_name: ``--job-name``; 1 to 200 characters.
     :param nodes: ``--nodes``.
@@ -166,7 +136,7 @@ class JobSpec:
     :param account: ``--account``.
     :param qos: ``--qos``.
     :param time: ``--time``: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
-        ``D-HH:MM:SS`` or ``UNLIMITED``.
+        ``D-HH:MM:SS`` or ``UNLIMITED``; a positive int means minutes.
     :param output: ``--output``; relative paths are relative to ``chdir`` (or the
         submission directory), which the caller makes the run directory.
     :param error: ``--error``; unset means stderr goes to ``output``.
@@ -181,102 +151,90 @@ class JobSpec:
     :raises JobSpecError: naming the offending field.
     """
 
-    job_name: str
-    nodes: int = 1
-    ntasks_per_node: int = 1
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    gpus_per_node: int | None = None
-    gres: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str | None = None
-    output: str | None = "slurm-%j.out"
-    error: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    signal: str | None = None
-    chdir: str | None = None
-    requeue: bool | None = None
-    # hash=False: a mapping is not hashable, the rest of the spec still is.
-    extra: Mapping[str, str] = field(default_factory=dict, hash=False)
+    spec_error: ClassVar[type[ValueError]] = JobSpecError
+    spec_label: ClassVar[str] = "JobSpec."
+    spec_unknown: ClassVar[str] = "Unavailable parameter(s) {keys}; valid parameters are: {valid}"
 
-    def __post_init__(self) -> None:
-        _check_text("job_name", self.job_name, optional=False)
-        if len(self.job_name) > _MAX_JOB_NAME:
-            raise _err(
-                "job_name", f"is {len(self.job_name)} characters long; at most {_MAX_JOB_NAME}"
-            )
-        _check_int("nodes", self.nodes, optional=False)
-        _check_int("ntasks_per_node", self.ntasks_per_node, optional=False)
-        _check_int("cpus_per_task", self.cpus_per_task, optional=True)
-        _check_int("gpus_per_node", self.gpus_per_node, optional=True)
-        for name in ("gres", "partition", "account", "qos", "output", "error", "constraint"):
-            _check_text(name, getattr(self, name))
-        _check_text("chdir", self.chdir)
-        _check_flag("exclusive", self.exclusive, optional=False)
-        _check_flag("requeue", self.requeue, optional=True)
+    job_name: Annotated[_Text, Field(max_length=200)]
+    nodes: _Count = 1
+    ntasks_per_node: _Count = 1
+    cpus_per_task: _Count | None = None
+    mem: _Mem | None = None
+    gpus_per_node: _Count | None = None
+    gres: _Text | None = None
+    partition: _Text | None = None
+    account: _Text | None = None
+    qos: _Text | None = None
+    time: _Time | None = None
+    output: _Text | None = "slurm-%j.out"
+    error: _Text | None = None
+    constraint: _Text | None = None
+    exclusive: StrictBool = False
+    signal: _Signal | None = None
+    chdir: _Text | None = None
+    requeue: StrictBool | None = None
+    extra: Mapping[str, str] = Field(default_factory=lambda: MappingProxyType({}))
 
-        _check_text("mem", self.mem)
-        if self.mem is not None and not _MEM_RE.fullmatch(self.mem):
-            raise _err("mem", f"{self.mem!r} is not a Slurm size such as 4000M, 4G or 0")
-        if isinstance(self.time, int) and not isinstance(self.time, bool) and self.time > 0:
-            # Whole minutes, as Slurm reads a bare number (and as a rendered
-            # native template such as "{{ 5 }}" arrives).
-            object.__setattr__(self, "time", str(self.time))
-        _check_text("time", self.time)
-        if self.time is not None and not _TIME_RE.fullmatch(self.time):
-            raise _err(
-                "time",
-                f"{self.time!r} is not a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, "
-                "D-HH:MM, D-HH:MM:SS or UNLIMITED)",
-            )
-        _check_text("signal", self.signal)
-        if self.signal is not None and not _SIGNAL_RE.fullmatch(self.signal):
-            raise _err(
-                "signal", f"{self.signal!r} is not [{{R|B}}:]SIGNAL[@SECONDS], e.g. B:USR1@60"
-            )
-        object.__setattr__(self, "extra", MappingProxyType(self._normalized_extra()))
+    @field_validator("time", mode="before")
+    @classmethod
+    def _minutes(cls, value: Any) -> Any:
+        # Whole minutes, as Slurm reads a bare number (and as a rendered native
+        # template such as "{{ 5 }}" arrives).
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return str(value)
+        return value
 
-    def _normalized_extra(self) -> dict[str, str]:
-        if not isinstance(self.extra, Mapping):
-            raise _err("extra", f"expected a mapping, got {type(self.extra).__name__}")
-        fields = {f.name for f in dataclasses.fields(self)}
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _normalized_extra(cls, extra: Any) -> dict[str, str]:
+        if extra is None:
+            return {}
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"expected a mapping, got {type(extra).__name__}")
         out: dict[str, str] = {}
         unknown: list[str] = []
-        for raw_key, raw_value in self.extra.items():
+        for raw_key, value in extra.items():
             if not isinstance(raw_key, str):
-                raise _err("extra", f"directive names must be strings, got {raw_key!r}")
+                raise ValueError(f"directive names must be strings, got {raw_key!r}")
             key = raw_key.strip().lower().replace("_", "-")
-            label = f"extra[{raw_key!r}]"
-            if key.replace("-", "_") in fields:
-                raise _err(label, f"set it with the field {key.replace('-', '_')!r}")
+            label = f"[{raw_key!r}]"
+            if key.replace("-", "_") in cls.model_fields:
+                raise FieldError(label, f"set it with the field {key.replace('-', '_')!r}")
             if key not in EXTRA_DIRECTIVES:
                 unknown.append(raw_key)
-                continue
-            if key in out:
-                raise _err(label, f"given twice (as {key!r})")
+            elif key in out:
+                raise FieldError(label, f"given twice (as {key!r})")
             # ints are natural for nice=10; bool is not an option value.
-            if isinstance(raw_value, int) and not isinstance(raw_value, bool):
-                raw_value = str(raw_value)
-            _check_text(label, raw_value, optional=False)
-            out[key] = raw_value
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            try:
+                _TEXT.validate_python(value)
+            except ValidationError as exc:
+                raise FieldError(label, describe(exc, "", "", ()).lstrip(": ")) from None
+            out[key] = value
         if unknown:
-            raise _err(
-                "extra",
+            raise ValueError(
                 f"unavailable directive(s) {', '.join(map(repr, unknown))}; "
-                f"allowed extra directives are: {', '.join(sorted(EXTRA_DIRECTIVES))}",
+                f"allowed extra directives are: {', '.join(sorted(EXTRA_DIRECTIVES))}"
             )
-        given = [opt for opt in _MEM_OPTIONS if (self.mem if opt == "mem" else out.get(opt))]
-        if len(given) > 1:
-            raise _err("mem", f"--{' and --'.join(given)} are mutually exclusive in Slurm; set one")
         return dict(sorted(out.items()))
 
+    @field_validator("extra", mode="after")
     @classmethod
-    def parameter_names(cls) -> list[str]:
-        """The valid keys of :meth:`from_dict` (``-`` spellings are accepted too)."""
-        return [f.name for f in dataclasses.fields(cls)]
+    def _read_only(cls, extra: Mapping[str, str]) -> Mapping[str, str]:
+        return MappingProxyType(dict(extra))
+
+    @model_validator(mode="after")
+    def _one_mem_option(self) -> JobSpec:
+        given = [opt for opt in _MEM_OPTIONS if (self.mem if opt == "mem" else self.extra.get(opt))]
+        if len(given) > 1:
+            raise FieldError(
+                "mem", f"--{' and --'.join(given)} are mutually exclusive in Slurm; set one"
+            )
+        return self
+
+    def __hash__(self) -> int:  # a mapping is not hashable; the rest of the spec is
+        return hash(tuple(v for k, v in self.to_dict().items() if k != "extra"))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
@@ -291,31 +249,19 @@ class JobSpec:
         """
         if not isinstance(d, Mapping):
             raise JobSpecError(f"JobSpec: expected a mapping, got {type(d).__name__}")
-        valid = cls.parameter_names()
         kwargs: dict[str, Any] = {}
-        unknown: list[str] = []
         for key, value in d.items():
             name = key.replace("-", "_") if isinstance(key, str) else key
-            if name not in valid:
-                unknown.append(repr(key))
-                continue
             if name in kwargs:
-                raise _err(name, f"given twice (as {name!r} and {name.replace('_', '-')!r})")
+                raise JobSpecError(
+                    f"JobSpec.{name}: given twice (as {name!r} and {name.replace('_', '-')!r})"
+                )
             kwargs[name] = value
-        if unknown:
-            raise JobSpecError(
-                f"Unavailable parameter(s) {', '.join(unknown)}; "
-                f"valid parameters are: {', '.join(sorted(valid))}"
-            )
-        if "job_name" not in kwargs:
-            raise _err("job_name", "is required")
-        if kwargs.get("extra") is None:
-            kwargs.pop("extra", None)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-serialisable; ``JobSpec.from_dict(spec.to_dict()) == spec``."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {name: getattr(self, name) for name in type(self).model_fields}
         out["extra"] = dict(self.extra)
         return out
 

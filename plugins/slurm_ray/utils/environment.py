@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
 
 from slurm_ray.utils.quoting import quote
+from slurm_ray.validation import FieldError, Spec
 
 EnvKind = Literal["conda", "venv", "modules", "none"]
-_KINDS = ("conda", "venv", "modules", "none")
 STAMP_NAME = ".slurm_ray_spec_sha256"
 # venv/conda activation scripts paste the prefix into shell code (unquoted in
 # unpatched Pythons, CVE-2024-9287), so only plain absolute paths are allowed.
-_PREFIX_RE = re.compile(r"/[A-Za-z0-9_.+,@%=:/{}-]*")
+_PREFIX_PATTERN = r"^/[A-Za-z0-9_.+,@%=:/{}-]*$(?!\n)"
+_Line = Annotated[StrictStr, Field(pattern=r"^[^\n\x00]*$(?!\n)")]
 
 
 class EnvironmentSpecError(ValueError):
     """An invalid environment description; names the field."""
 
 
-@dataclass(frozen=True)
-class EnvironmentSpec:
+class EnvironmentSpec(Spec):
     """
     The cluster-side Python environment.
 
@@ -39,59 +40,43 @@ class EnvironmentSpec:
     :param python: interpreter used to create a venv.
     """
 
-    kind: EnvKind = "none"
-    prefix: str | None = None
-    spec_file: str | None = None
-    module_lines: Sequence[str] = field(default_factory=tuple)
-    conda_setup: str | None = None
-    unset_ld_preload: bool = False
-    python: str = "python3"
+    spec_error: ClassVar[type[ValueError]] = EnvironmentSpecError
+    spec_label: ClassVar[str] = "environment."
 
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise EnvironmentSpecError(
-                f"environment.kind: {self.kind!r} is not one of {', '.join(_KINDS)}"
+    kind: EnvKind = "none"
+    prefix: _Line | None = None
+    spec_file: _Line | None = None
+    module_lines: tuple[StrictStr, ...] = ()
+    conda_setup: _Line | None = None
+    unset_ld_preload: StrictBool = False
+    python: _Line = "python3"
+
+    @field_validator("module_lines", mode="before")
+    @classmethod
+    def _one_line_is_a_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _prefix_for_kind(self) -> EnvironmentSpec:
+        if self.kind not in ("conda", "venv"):
+            return self
+        if not self.prefix:
+            raise FieldError("prefix", f"required for kind={self.kind}")
+        if not re.search(_PREFIX_PATTERN, self.prefix) or "/../" in f"{self.prefix}/":
+            raise FieldError(
+                "prefix",
+                f"{self.prefix!r} must be an absolute path of letters, digits and "
+                "_ . + , @ % = : / - only (activation scripts embed it in shell code)",
             )
-        if self.kind in ("conda", "venv") and not self.prefix:
-            raise EnvironmentSpecError(f"environment.prefix: required for kind={self.kind}")
-        if self.kind in ("conda", "venv") and (
-            not _PREFIX_RE.fullmatch(self.prefix or "") or "/../" in f"{self.prefix}/"
-        ):
-            raise EnvironmentSpecError(
-                f"environment.prefix: {self.prefix!r} must be an absolute path of letters, "
-                "digits and _ . + , @ % = : / - only (activation scripts embed it in shell code)"
-            )
-        for name in ("prefix", "spec_file", "python", "conda_setup"):
-            value = getattr(self, name)
-            if value is not None and ("\n" in value or "\0" in value):
-                raise EnvironmentSpecError(f"environment.{name}: must be a single line")
-        if isinstance(self.module_lines, str):
-            object.__setattr__(self, "module_lines", (self.module_lines,))
-        object.__setattr__(self, "module_lines", tuple(self.module_lines))
+        return self
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> EnvironmentSpec:
         """Build from a plain dict; unknown keys are an error listing the valid ones."""
-        data = dict(data or {})
-        valid = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise EnvironmentSpecError(
-                f"environment: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys are: {', '.join(sorted(valid))}"
-            )
-        return cls(**data)
+        return cls(**dict(data or {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "prefix": self.prefix,
-            "spec_file": self.spec_file,
-            "module_lines": list(self.module_lines),
-            "conda_setup": self.conda_setup,
-            "unset_ld_preload": self.unset_ld_preload,
-            "python": self.python,
-        }
+        return {**self.model_dump(), "module_lines": list(self.module_lines)}
 
     def preamble_lines(self) -> list[str]:
         """Site lines that precede everything (module setup, LD_PRELOAD quirk)."""
