@@ -147,6 +147,8 @@ class SlurmRayOperator(BaseOperator):
     :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
         time limit so the driver can checkpoint (0 disables).
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
+    :param mlflow_conn_id: Airflow connection (type ``mlflow``) of the tracking
+        server: its URI when ``mlflow`` names none, and its credentials.
     :param mlflow_wait_s: at completion, how long to wait for an MLflow server
         that does not answer before failing the task (its rows stay on disk).
     :param job_url_template: the site's job web page for the *Slurm job* link
@@ -200,6 +202,7 @@ class SlurmRayOperator(BaseOperator):
         job_url_template: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
+        mlflow_conn_id: str | None = None,
         env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
@@ -242,6 +245,7 @@ class SlurmRayOperator(BaseOperator):
         self.job_url_template = job_url_template or site.get("job_url_template", "")
         self.export_model = export_model
         self.mlflow_wait_s = mlflow_wait_s
+        self.mlflow_conn_id = mlflow_conn_id
         self._job_id: str | None = None
 
     # -- helpers ------------------------------------------------------------------
@@ -582,12 +586,16 @@ class SlurmRayOperator(BaseOperator):
     # -- MLflow ---------------------------------------------------------------------
 
     def _mlflow_settings(self, context: Context) -> Any:
-        if not self.mlflow:
+        if not self.mlflow and not self.mlflow_conn_id:
             return None
         from slurm_ray.mlflow_tracking import MlflowSettings
 
+        data = {
+            **(self.mlflow or {}),
+            **({"conn_id": self.mlflow_conn_id} if self.mlflow_conn_id else {}),
+        }
         try:
-            return MlflowSettings.from_dict(self.mlflow, default_experiment=context["ti"].dag_id)
+            return MlflowSettings.from_dict(data, default_experiment=context["ti"].dag_id)
         except ValueError as exc:
             raise AirflowException(str(exc)) from exc
 
