@@ -203,3 +203,44 @@ def test_tracking_server_from_an_airflow_connection(
     }
     assert not [where for where, text in places.items() if password in text or "sruser" in text]
     assert '"conn_id": "mlflow_test"' in kwargs_json  # what the triggerer reads again
+
+
+def test_completion_waits_for_the_tracking_server_then_sends_every_row(
+    cluster: DevCluster, mlflow_server: MlflowServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow is down for the whole job and for a while after: the completion waits (backoff)."""
+    import json
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.faults.helpers import first_event
+
+    rows = "".join(json.dumps({"iteration": i, "env_steps": 7 * i}) + "\n" for i in (1, 2, 3, 4))
+    ti = FakeTI(task_id="waitmlflow")
+    op = make_op(
+        cluster,
+        ti.task_id,
+        entrypoint=f'printf %s {shlex.quote(rows)} > "$SLURM_RAY_RUN_DIR/metrics.jsonl"',
+        job_spec={"nodes": 1, "cpus_per_task": 1, "time": "5"},
+        mlflow={"tracking_uri": mlflow_server.url, "experiment_name": f"wait-{ti.run_id[8:16]}"},
+        mlflow_wait_s=300,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    mlflow_server.stop()
+    restarted = threading.Timer(8.0, mlflow_server.start)
+    try:
+        event = asyncio.run(first_event(deferred.value.trigger, 300))
+        restarted.start()
+        summary = op.execute_complete({"ti": ti}, event.payload, **(deferred.value.kwargs or {}))
+    finally:
+        restarted.join()
+        mlflow_server.start()  # a no-op when it is up
+    assert summary["state"] == "COMPLETED"
+    out = capfd.readouterr()
+    assert "does not answer" in out.out + out.err  # it waited (tenacity), logging each retry
+    history = MlflowClient(mlflow_server.url).get_metric_history(
+        ti.xcom["mlflow_run_id"], "env_steps"
+    )
+    assert sorted((m.step, m.value) for m in history) == [(1, 7.0), (2, 14.0), (3, 21.0), (4, 28.0)]

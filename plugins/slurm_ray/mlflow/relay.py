@@ -94,6 +94,8 @@ class RelayStats:
     watermark: int | None = None
     #: the error was the server not answering (worth waiting for), not a refusal
     unreachable: bool = False
+    #: the run the rows go to (found or created by now for a relay_later relay)
+    run_id: str | None = None
 
 
 class MetricsRelay:
@@ -170,8 +172,8 @@ class MetricsRelay:
         bad = self._add(rows)
         if bad:
             self.log.warning("MLflow relay: skipped %d row(s) without a numeric 'iteration'", bad)
-        if not self._pending:
-            stats.watermark = self._watermark
+        if not self._pending and self.run_id is not None:
+            stats.watermark, stats.run_id = self._watermark, self.run_id
             return stats
         try:
             self._flush(stats)
@@ -197,6 +199,7 @@ class MetricsRelay:
                 self._failing_since = None
         stats.pending = len(self._pending)
         stats.watermark = self._watermark
+        stats.run_id = self.run_id
         return stats
 
     def _flush(self, stats: RelayStats) -> None:

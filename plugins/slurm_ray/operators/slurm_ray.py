@@ -705,58 +705,18 @@ class SlurmRayOperator(BaseOperator):
         relay = getattr(self, "_relay", None)
         if not relay:
             return
-        from slurm_ray.mlflow_tracking import (
-            MetricsRelay,
-            MlflowError,
-            MlflowUnreachableError,
-            check_reachable,
-            ensure_run,
-            make_relay,
-            parse_metrics_jsonl,
-        )
+        from slurm_ray.mlflow_tracking import deliver_rows, parse_metrics_jsonl, relay_rows
 
-        raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
+        path = posixpath.join(run_dir, "metrics.jsonl")
+        raw = self.hook.read_file(path)
         rows = parse_metrics_jsonl(raw, self.log) if raw else []
-        started = time.monotonic()
-        delay = 2.0
-        while True:
-            try:
-                if relay.get("run_id") is None and self.mlflow:
-                    # relay_later: the server was down at submit time; the sink
-                    # has created the run since, find it by the task's tags.
-                    ctx = getattr(self, "_context", None)
-                    if ctx is not None:
-                        settings = self._mlflow_settings(ctx)
-                        check_reachable(settings)
-                        run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
-                        relay = self._relay = make_relay(settings, run_id=run_id)
-                stats = MetricsRelay(relay, self.log).send(rows)
-                error, unreachable = stats.error, stats.unreachable
-            except MlflowUnreachableError as exc:
-                error, unreachable = str(exc), True
-            if error is None:
-                self.log.info("MLflow metrics relay at completion: %s", stats)
-                return
-            waited = time.monotonic() - started
-            if not strict:
-                self.log.warning("MLflow metrics relay at completion failed: %s", error)
-                return
-            if not unreachable or waited + delay > self.mlflow_wait_s:
-                raise MlflowError(
-                    f"could not log the job's metrics rows to {relay['tracking_uri']} "
-                    f"(waited {waited:.0f}s): {error}; they are in {run_dir}/metrics.jsonl"
-                )
-            self.log.warning(
-                "MLflow at %s does not answer (%s); the job is done and its metrics are "
-                "safe in metrics.jsonl: retrying in %.0fs (waited %.0fs of %.0fs)",
-                relay["tracking_uri"],
-                error,
-                delay,
-                waited,
-                self.mlflow_wait_s,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        if strict:
+            stats = deliver_rows(relay, rows, wait_s=self.mlflow_wait_s, log=self.log, where=path)
+        else:
+            stats = relay_rows(relay, rows, log=self.log, strict=False)
+        # relay_later: the relay found or created the task's run once the server answered
+        self._relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
+        self.log.info("MLflow metrics relay at completion: %s", stats)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
         """Non-deferrable mode: poll from the worker; cancel the job if we are stopped."""
