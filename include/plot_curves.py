@@ -37,8 +37,7 @@ def build_figure(spec: dict[str, Any]) -> Any:
         ax.plot(xs, ys, label=s["label"], color=s["color"], linewidth=2.5, marker=marker,
                 markersize=4)  # fmt: skip
     for t in spec.get("thresholds") or []:
-        draw = ax.axhline if t["axis"] == "y" else ax.axvline
-        draw(t["value"], color="#555555", linestyle="--", linewidth=1.5, label=t["label"])
+        draw_threshold(ax, t)
     ax.set_title(spec.get("title", ""), fontsize=13)
     ax.set_xlabel(spec.get("x_label", ""))
     ax.set_ylabel(spec.get("y_label", ""))
@@ -57,6 +56,19 @@ def build_figure(spec: dict[str, Any]) -> Any:
             framealpha=0.9,
         )
     return fig
+
+
+def draw_threshold(ax: Any, t: dict[str, Any]) -> None:
+    """A stop criterion as a dashed line; far off the data it is named in the legend only
+    (drawing it would squash every curve into a corner)."""
+    style = {"color": "#555555", "linestyle": "--", "linewidth": 1.5}
+    lo, hi = (ax.dataLim.y0, ax.dataLim.y1) if t["axis"] == "y" else (ax.dataLim.x0, ax.dataLim.x1)
+    span = hi - lo if ax.has_data() and hi > lo else None
+    if span is not None and not lo - span / 2 <= t["value"] <= hi + span / 2:
+        ax.plot([], [], label=f"{t['label']} (off the chart)", **style)
+        return
+    draw = ax.axhline if t["axis"] == "y" else ax.axvline
+    draw(t["value"], label=t["label"], **style)
 
 
 def render_png(spec: dict[str, Any], out: str) -> dict[str, Any]:

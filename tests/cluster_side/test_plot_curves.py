@@ -49,6 +49,7 @@ print(json.dumps({
                [list(map(float, l.get_xdata())), list(map(float, l.get_ydata()))]]
               for l in ax.get_lines()],
     "size": [fig.get_figwidth() * fig.dpi, fig.get_figheight() * fig.dpi],
+    "ylim": list(map(float, ax.get_ylim())),
 }))
 """
 
@@ -62,15 +63,19 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
     return width, height, depth, color
 
 
-def test_figure_labels_legend_and_thresholds(cluster_python: Path, tmp_path: Path) -> None:
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
+def inspect(python: Path, tmp_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
     proc = subprocess.run(
-        [str(cluster_python), "-c", INSPECT, str(INCLUDE), str(spec)],
+        [str(python), "-c", INSPECT, str(INCLUDE), str(path)],
         capture_output=True, text=True, timeout=120, env=subprocess_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_figure_labels_legend_and_thresholds(cluster_python: Path, tmp_path: Path) -> None:
+    got = inspect(cluster_python, tmp_path, SPEC)
     assert got["backend"] == "FigureCanvasAgg"
     assert got["title"] == SPEC["title"]
     assert got["xlabel"] == "Environment steps (count)"
@@ -90,6 +95,19 @@ def test_figure_labels_legend_and_thresholds(cluster_python: Path, tmp_path: Pat
     assert lines["stop: return_mean ≥ 100"][2][1] == [100.0, 100.0]  # horizontal at 100
     assert lines["stop: env_steps ≥ 10000"][2][0] == [10000.0, 10000.0]  # vertical
     assert got["size"] == [960.0, 600.0]
+
+
+def test_a_threshold_far_off_the_data_is_named_not_drawn(
+    cluster_python: Path, tmp_path: Path
+) -> None:
+    """A goal of 450 over curves near 30 would squash them into a flat line at the bottom."""
+    spec = {
+        **SPEC,
+        "thresholds": [{"axis": "y", "value": 5000.0, "label": "stop: return_mean ≥ 5000"}],
+    }
+    got = inspect(cluster_python, tmp_path, spec)
+    assert got["legend"][-1] == "stop: return_mean ≥ 5000 (off the chart)"
+    assert got["ylim"][1] < 1000, got["ylim"]
 
 
 def test_script_writes_an_rgb_png(cluster_python: Path, tmp_path: Path) -> None:

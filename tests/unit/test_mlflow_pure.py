@@ -483,6 +483,23 @@ def test_config_labels_name_what_differs() -> None:
     assert config_labels(["x", "y"], [{}, {}]) == ["x", "y"]
     # a key only one run has shows as '-' for the others
     assert config_labels(["x", "y"], [{"gamma": "0.9"}, {}]) == ["gamma=0.9", "gamma=-"]
+    # bookkeeping keys are no label; labels stop at a key boundary near 60 characters
+    noise = [{"checkpoint_every": "1", "stop.minutes": "2", "eval_episodes": "3"}, {}]
+    assert config_labels(["x", "y"], noise) == ["x", "y"]
+    wide = [{f"key_{k}": "1" * 9 for k in "abcde"}, {f"key_{k}": "2" * 9 for k in "abcde"}]
+    assert (
+        config_labels(["x", "y"], wide)[0] == "key_a=111111111, key_b=111111111, key_c=111111111, …"
+    )
+    # runs that the config does not tell apart are numbered
+    same = [{"lr": "1", "gamma": "0.9"}, {"lr": "2"}, {"lr": "2"}]
+    assert config_labels(list("abc"), same) == [
+        "gamma=0.9, lr=1",
+        "gamma=-, lr=2 (#1)",
+        "gamma=-, lr=2 (#2)",
+    ]
+    # the most varied key leads
+    runs = [{"a": "1", "z": str(i)} for i in range(3)] + [{"a": "2", "z": "0"}]
+    assert config_labels(list("pqrs"), runs) == ["z=0, a=1", "z=1, a=1", "z=2, a=1", "z=0, a=2"]
 
 
 def test_plot_spec_axes_colours_and_stop_thresholds() -> None:

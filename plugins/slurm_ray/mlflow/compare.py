@@ -45,6 +45,8 @@ AXIS_LABELS = {
 #: Stop criteria (config params) drawn as thresholds: param -> (metric, axis label).
 STOP_PARAMS = {"stop.return_mean": "episode_return_mean", "stop.env_steps": "env_steps"}
 PLOT_ARTIFACT = "comparison/learning_curves.png"
+#: Config keys that say nothing about how a run learns (legend labels skip them).
+LABEL_SKIP = ("checkpoint_every", "eval_episodes", "stop.")
 
 
 class CurvePlotter(Protocol):
@@ -67,14 +69,28 @@ def _curve(
 def config_labels(names: Sequence[str], params: Sequence[Mapping[str, str]]) -> list[str]:
     """A legend label per run: the config values that differ between the runs.
 
-    ``lr=0.001, seed=7``; runs whose configs do not differ keep their run name.
+    ``lr=0.001, seed=7`` (the most varied first, about 60 characters); bookkeeping keys (checkpointing, evaluation, the stop
+    criteria, which the figure draws as thresholds) are left out; runs whose
+    configs do not differ otherwise keep their run name.
     """
-    keys = sorted({k for p in params for k in p})
-    differ = [k for k in keys if len({p.get(k) for p in params}) > 1]
+    keys = sorted({k for p in params for k in p if not k.startswith(LABEL_SKIP)})
+    spread = {k: len({p.get(k) for p in params}) for k in keys}
+    # what varies most first: a sweep's swept value leads the label
+    differ = sorted((k for k in keys if spread[k] > 1), key=lambda k: (-spread[k], k))
     labels = []
     for name, p in zip(names, params, strict=True):
-        text = ", ".join(f"{k.removeprefix('algo.')}={p.get(k, '-')}" for k in differ)
-        labels.append((text or name)[:60])
+        text = ""
+        for k in differ:
+            part = f"{k}={p.get(k, '-')}"
+            if len(text) + len(part) > 56:
+                text += ", …" if text else part[:56] + "…"
+                break
+            text = f"{text}, {part}" if text else part
+        labels.append(text or name[:60])
+    # runs whose configs do not tell them apart: numbered in order
+    for label in {lb for lb in labels if labels.count(lb) > 1}:
+        for n, i in enumerate(i for i, lb in enumerate(labels) if lb == label):
+            labels[i] = f"{label} (#{n + 1})"
     return labels
 
 
