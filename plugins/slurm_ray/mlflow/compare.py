@@ -198,6 +198,16 @@ def _log_summary(
     )
 
 
+def _parent_run(
+    settings: MlflowSettings, client: MlflowClient, name: str, tags: Mapping[str, str] | None
+) -> str:
+    """The comparison's run: found again by ``tags`` (a retry reuses it), else a new one."""
+    if tags:
+        return ensure_run(settings, tags=tags, run_name=name)
+    exp_id = experiment_id(client, settings.experiment_name)
+    return str(client.create_run(exp_id, run_name=name).info.run_id)
+
+
 def compare_runs(
     settings: MlflowSettings,
     run_ids: Sequence[str],
@@ -231,11 +241,7 @@ def compare_runs(
     if not run_ids:
         raise ValueError("compare_runs: no run ids")
     client = client_for(settings)
-    if tags:
-        parent_id = ensure_run(settings, tags=tags, run_name=parent_run_name)
-    else:
-        exp_id = experiment_id(client, settings.experiment_name)
-        parent_id = client.create_run(exp_id, run_name=parent_run_name).info.run_id
+    parent_id = _parent_run(settings, client, parent_run_name, tags)
     runs = [client.get_run(run_id) for run_id in dict.fromkeys(run_ids)]  # ordered, no duplicates
     rows = [_row(run, metric, fallback_metric) for run in runs]
     params = [dict(run.data.params) for run in runs]
@@ -253,12 +259,11 @@ def compare_runs(
     title = f"Learning curves: {curve_metric} vs {x_metric} ({settings.experiment_name})"
     png = plotter(plot_spec(title, x_metric, curve_metric, series, params))
     csv_text, md_text = _tables(rows, best)
+    files = {"learning_curves.png": png, "runs.csv": csv_text.encode(), "runs.md": md_text.encode()}
     with tempfile.TemporaryDirectory(prefix="slurm-ray-compare-") as tmp_name:
-        tmp = Path(tmp_name)
-        (tmp / "learning_curves.png").write_bytes(png)
-        (tmp / "runs.csv").write_text(csv_text)
-        (tmp / "runs.md").write_text(md_text)
-        client.log_artifacts(parent_id, str(tmp), "comparison")
+        for name, data in files.items():
+            (Path(tmp_name) / name).write_bytes(data)
+        client.log_artifacts(parent_id, tmp_name, "comparison")
     _log_summary(client, parent_id, rows, best, metric)
     client.set_terminated(parent_id, status="FINISHED")
     return {

@@ -78,6 +78,14 @@ def connection_uri(conn: Any) -> str:
     return f"{scheme}://{auth}@{rest}".rstrip("/")
 
 
+def _remember_connection(conn: Any) -> str:
+    # Remembered even without credentials: the connection is read once per process.
+    given = connection_uri(conn)
+    public = public_uri(given)
+    _CREDENTIALS[public] = given
+    return public
+
+
 def uri_from_connection(conn_id: str) -> str | None:
     """Public tracking URI of connection ``conn_id`` (credentials remembered); None if absent."""
     from airflow.sdk.exceptions import AirflowNotFoundException
@@ -86,14 +94,14 @@ def uri_from_connection(conn_id: str) -> str | None:
         conn = BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
         return None
-    return remember_uri(connection_uri(conn))
+    return _remember_connection(conn)
 
 
 async def aremember_connection(conn_id: str) -> None:
     """The triggerer's way to :func:`uri_from_connection` (never blocks the event loop)."""
     from airflow.providers.common.compat.connection import get_async_connection
 
-    remember_uri(connection_uri(await get_async_connection(conn_id)))
+    _remember_connection(await get_async_connection(conn_id))
 
 
 def credentialed_uri(uri: str, conn_id: str | None = None) -> str:
@@ -104,7 +112,7 @@ def credentialed_uri(uri: str, conn_id: str | None = None) -> str:
     """
     if uri in _CREDENTIALS:
         return _CREDENTIALS[uri]
-    if conn_id and uri_from_connection(conn_id) == uri and uri in _CREDENTIALS:
+    if conn_id and uri_from_connection(conn_id) == uri:
         return _CREDENTIALS[uri]
     for name in URI_ENV_VARS:
         value = os.environ.get(name, "").strip().rstrip("/")
@@ -143,7 +151,7 @@ class MlflowHook(BaseHook):
     @property
     def tracking_uri(self) -> str:
         """The public URI (no credentials): safe for logs, XCom and MLflow tags."""
-        return remember_uri(connection_uri(self.get_connection(self.mlflow_conn_id)))
+        return _remember_connection(self.get_connection(self.mlflow_conn_id))
 
     def get_conn(self) -> MlflowClient:
         """An :class:`mlflow.MlflowClient` with the connection's credentials."""
