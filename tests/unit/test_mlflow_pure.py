@@ -575,6 +575,8 @@ def test_settings_from_a_connection_keep_its_password_out(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mt._CREDENTIALS.clear()
     s = mt.MlflowSettings.from_dict({}, default_experiment="dag")  # mlflow_default
+    # the DAGs' resolve step gives "" when no URI is in the environment: the same
+    assert mt.MlflowSettings.from_dict({"tracking_uri": ""}, default_experiment="dag") == s
     assert (s.tracking_uri, s.conn_id) == ("http://10.9.9.9:5099", "mlflow_default")
     stored = json.dumps([s.to_dict(), mt.make_relay(s, run_id="r")])
     assert password not in stored and "bob" not in stored

@@ -99,8 +99,8 @@ class MlflowSettings(BaseModel):
         """
         Build from a plain dict (operator argument, DAG params).
 
-        Without ``tracking_uri`` the URI comes from the connection ``conn_id``
-        (default ``mlflow_default``) when there is one.
+        Without a ``tracking_uri`` (missing or empty) the URI comes from the
+        connection ``conn_id`` (default ``mlflow_default``) when there is one.
 
         :param default_experiment: used when ``experiment_name`` is missing (the DAG id).
         :raises ValueError: naming the offending key (unknown keys included).
@@ -110,7 +110,7 @@ class MlflowSettings(BaseModel):
             if not default_experiment:
                 raise ValueError("mlflow.experiment_name: required")
             values["experiment_name"] = default_experiment
-        if "tracking_uri" not in values:
+        if not values.get("tracking_uri"):  # missing or "" (no SLURM_RAY_MLFLOW_URI)
             conn_id = values.get("conn_id") or DEFAULT_CONN_ID
             uri = uri_from_connection(conn_id)
             if uri is None:
