@@ -83,18 +83,33 @@ with DAG(
 
     @task
     def compare(
-        summaries: list[dict[str, Any]], mlflow: dict[str, Any], dag_run: Any = None
+        summaries: list[dict[str, Any]],
+        mlflow: dict[str, Any],
+        ssh_conn_id: str,
+        environment: dict[str, Any],
+        dag_run: Any = None,
     ) -> dict[str, Any]:
-        """Learning curves and a table of final metrics in a parent MLflow run; pick the best."""
-        from slurm_ray.mlflow_tracking import MlflowSettings, compare_runs
+        """Learning curves and a table of final metrics in a parent MLflow run; pick the best.
+
+        The figure is drawn with matplotlib in the cluster environment (over SSH).
+        """
+        from slurm_ray.hooks.slurm import SlurmHook
+        from slurm_ray.mlflow.compare import compare_runs
+        from slurm_ray.mlflow.plot import RemotePlotter
+        from slurm_ray.mlflow.settings import MlflowSettings
 
         summaries = list(summaries)
         settings = MlflowSettings.from_dict(mlflow, default_experiment=dag_run.dag_id)
-        out = compare_runs(
-            settings,
-            [s["mlflow_run_id"] for s in summaries],
-            parent_run_name=f"sweep {dag_run.run_id}",
-        )
+        hook = SlurmHook(ssh_conn_id)
+        try:
+            out = compare_runs(
+                settings,
+                [s["mlflow_run_id"] for s in summaries],
+                parent_run_name=f"sweep {dag_run.run_id}",
+                plotter=RemotePlotter(hook, environment),
+            )
+        finally:
+            hook.close()
         best = next(s for s in summaries if s["mlflow_run_id"] == out["best_run_id"])
         return {**out, "best": best}
 
@@ -118,7 +133,12 @@ with DAG(
         """Champion alias to the best model if it beats the current champion."""
         return promote_model(registered, mlflow, dag_run.dag_id)
 
-    comparison: Any = compare(cast(Any, train.output), resolved["mlflow"])
+    comparison: Any = compare(
+        cast(Any, train.output),
+        resolved["mlflow"],
+        resolved["ssh_conn_id"],
+        resolved["environment"],
+    )
     registered: Any = register_best(
         comparison, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
     )

@@ -302,6 +302,32 @@ def test_promotion_moves_alias_only_when_better_by_margin(mlflow_server: MlflowS
 # -- comparison -----------------------------------------------------------------------
 
 
+def _unfilter(raw: bytes, width: int, height: int, bpp: int = 3) -> bytes:
+    """The pixel bytes of a non-interlaced PNG: each row's filter (PNG spec 9.2) undone."""
+    stride, out, prev = width * bpp, bytearray(), bytearray(width * bpp)
+    for y in range(height):
+        kind, row = (
+            raw[y * (stride + 1)],
+            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
+        )
+        for i in range(stride):
+            a = row[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                row[i] = (row[i] + a) & 0xFF
+            elif kind == 2:
+                row[i] = (row[i] + b) & 0xFF
+            elif kind == 3:
+                row[i] = (row[i] + (a + b) // 2) & 0xFF
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        out += row
+        prev = row
+    return bytes(out)
+
+
 def _png_info(data: bytes) -> tuple[int, int, set[bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     length, kind = struct.unpack(">I4s", data[8:16])
@@ -318,12 +344,17 @@ def _png_info(data: bytes) -> tuple[int, int, set[bytes]]:
         pos += 12 + length
     raw = zlib.decompress(idat)
     assert len(raw) == height * (1 + width * 3)
-    colors = {raw[i : i + 3] for i in range(1, len(raw) - 3, 3 * 7)}
+    # matplotlib's PNG (Pillow) filters its rows; the old hand-written one did not
+    pixels = _unfilter(raw, width, height)
+    colors = {pixels[i : i + 3] for i in range(0, len(pixels) - 3, 3 * 7)}
     return width, height, colors
 
 
-def test_compare_runs_plot_table_best(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+def test_compare_runs_plot_table_best(
+    mlflow_server: MlflowServer, cluster: DevCluster, tmp_path: Path
+) -> None:
     from mlflow.entities import Metric
+    from slurm_ray.hooks.slurm import SlurmHook
 
     settings = settings_for(mlflow_server)
     c = client(mlflow_server)
@@ -340,9 +371,19 @@ def test_compare_runs_plot_table_best(mlflow_server: MlflowServer, tmp_path: Pat
         c.log_batch(run_id, metrics=[Metric("eval_return_mean", final, 0, 8)])
         run_ids.append(run_id)
 
-    out = mt.compare_runs(
-        settings, run_ids, parent_run_name="sweep", tags={"sweep": uuid.uuid4().hex}
-    )
+    hook = SlurmHook("slurm_dev")
+    # the figure is drawn with matplotlib in the cluster venv, over SSH
+    plotter = mt.RemotePlotter(hook, {"kind": "venv", "prefix": str(cluster.venv)})
+    try:
+        out = mt.compare_runs(
+            settings,
+            run_ids,
+            parent_run_name="sweep",
+            tags={"sweep": uuid.uuid4().hex},
+            plotter=plotter,
+        )
+    finally:
+        hook.close()
     assert out["best_run_id"] == run_ids[1] and out["best_value"] == 310.0
     parent = out["parent_run_id"]
     assert c.get_run(parent).data.tags["slurm_ray.best_run_id"] == run_ids[1]
@@ -351,6 +392,7 @@ def test_compare_runs_plot_table_best(mlflow_server: MlflowServer, tmp_path: Pat
     assert files == {"comparison/learning_curves.png", "comparison/runs.csv", "comparison/runs.md"}
 
     png = Path(c.download_artifacts(parent, "comparison/learning_curves.png", str(tmp_path)))
+    assert 10_000 < png.stat().st_size < 1_000_000, png.stat().st_size
     width, height, colors = _png_info(png.read_bytes())
     assert (width, height) == (960, 600)
     palette = {bytes(rgb) for rgb in mt._PALETTE[:3]}

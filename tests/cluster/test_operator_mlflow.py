@@ -125,3 +125,127 @@ def test_retry_first_relays_rows_an_earlier_try_left_behind(
         ti.xcom["mlflow_run_id"], "episode_return_mean"
     )
     assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 20.0), (3, 30.0)]
+
+
+def test_tracking_server_from_an_airflow_connection(
+    cluster: DevCluster,
+    mlflow_server: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """mlflow_conn_id alone: the URI comes from the connection, its password stays in it.
+
+    The worker, the trigger and the completion each start without the
+    credentials (as separate processes would) and read the connection again.
+    """
+    import json
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+    from slurm_ray import mlflow_tracking as mt
+
+    from tests.faults.helpers import first_event, tap
+
+    password = f"SRCANARYCONN{uuid.uuid4().hex[:12]}"
+    monkeypatch.delenv("SLURM_RAY_MLFLOW_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_TEST",
+        json.dumps(
+            {
+                "conn_type": "mlflow",
+                "host": "127.0.0.1",
+                "port": mlflow_server.port,
+                "login": "sruser",
+                "password": password,
+            }
+        ),
+    )
+    rows = "".join(
+        json.dumps({"iteration": i, "episode_return_mean": 5.0 * i, "env_steps": 10 * i}) + "\n"
+        for i in (1, 2, 3)
+    )
+    ti = FakeTI(task_id="connmlflow")
+    op = make_op(
+        cluster,
+        ti.task_id,
+        entrypoint=f'printf %s {shlex.quote(rows)} > "$SLURM_RAY_RUN_DIR/metrics.jsonl"',
+        job_spec={"nodes": 1, "cpus_per_task": 1, "time": "5"},
+        mlflow={"experiment_name": f"conn-{ti.run_id[8:16]}"},
+        mlflow_conn_id="mlflow_test",
+    )
+    capfd.readouterr()
+    op_log = tap(op)
+    mt._CREDENTIALS.clear()
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    trigger = deferred.value.trigger
+    trig_log = tap(trigger)
+    kwargs_json = json.dumps(trigger.serialize(), default=str)
+    mt._CREDENTIALS.clear()  # the triggerer: another process
+    event = asyncio.run(first_event(trigger, 300))
+    mt._CREDENTIALS.clear()  # the worker that runs execute_complete
+    summary = op.execute_complete({"ti": ti}, event.payload, **(deferred.value.kwargs or {}))
+    assert summary["state"] == "COMPLETED", summary
+    assert ti.xcom["mlflow_tracking_uri"] == mlflow_server.url
+    client = MlflowClient(mlflow_server.url)
+    run_id = ti.xcom["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "episode_return_mean")
+    assert sorted((m.step, m.value) for m in history) == [(1, 5.0), (2, 10.0), (3, 15.0)]
+    assert mt.credentialed_uri(mlflow_server.url, "mlflow_test") == (
+        f"http://sruser:{password}@127.0.0.1:{mlflow_server.port}"
+    )
+    run = client.get_run(run_id)
+    out = capfd.readouterr()
+    places = {
+        "operator log": op_log.text,
+        "trigger log": trig_log.text,
+        "stdout/stderr": out.out + out.err,
+        "xcom": json.dumps(ti.xcom, default=str) + json.dumps(summary, default=str),
+        "trigger kwargs": kwargs_json,
+        "mlflow params": json.dumps(run.data.params),
+        "mlflow tags": json.dumps(run.data.tags),
+    }
+    assert not [where for where, text in places.items() if password in text or "sruser" in text]
+    assert '"conn_id": "mlflow_test"' in kwargs_json  # what the triggerer reads again
+
+
+def test_completion_waits_for_the_tracking_server_then_sends_every_row(
+    cluster: DevCluster, mlflow_server: MlflowServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow is down for the whole job and for a while after: the completion waits (backoff)."""
+    import json
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.faults.helpers import first_event
+
+    rows = "".join(json.dumps({"iteration": i, "env_steps": 7 * i}) + "\n" for i in (1, 2, 3, 4))
+    ti = FakeTI(task_id="waitmlflow")
+    op = make_op(
+        cluster,
+        ti.task_id,
+        entrypoint=f'printf %s {shlex.quote(rows)} > "$SLURM_RAY_RUN_DIR/metrics.jsonl"',
+        job_spec={"nodes": 1, "cpus_per_task": 1, "time": "5"},
+        mlflow={"tracking_uri": mlflow_server.url, "experiment_name": f"wait-{ti.run_id[8:16]}"},
+        mlflow_wait_s=300,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    mlflow_server.stop()
+    restarted = threading.Timer(8.0, mlflow_server.start)
+    try:
+        event = asyncio.run(first_event(deferred.value.trigger, 300))
+        restarted.start()
+        summary = op.execute_complete({"ti": ti}, event.payload, **(deferred.value.kwargs or {}))
+    finally:
+        restarted.join()
+        mlflow_server.start()  # a no-op when it is up
+    assert summary["state"] == "COMPLETED"
+    out = capfd.readouterr()
+    assert "does not answer" in out.out + out.err  # it waited (tenacity), logging each retry
+    history = MlflowClient(mlflow_server.url).get_metric_history(
+        ti.xcom["mlflow_run_id"], "env_steps"
+    )
+    assert sorted((m.step, m.value) for m in history) == [(1, 7.0), (2, 14.0), (3, 21.0), (4, 28.0)]

@@ -1,4 +1,4 @@
-"""Pure parts of slurm_ray.mlflow_tracking: no server, no cluster.
+"""Pure parts of slurm_ray.mlflow (through the mlflow_tracking shim): no server, no cluster.
 
 The real-server behaviour (runs, relay idempotence, outages, registry,
 promotion, comparison) is covered in tests/cluster/test_mlflow.py.
@@ -12,17 +12,16 @@ import math
 import posixpath
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from slurm_ray import mlflow_tracking as mt
+from slurm_ray.mlflow import relay as relay_mod
 
 
 def closed_port_uri() -> str:
@@ -199,7 +198,7 @@ def test_relay_unreachable_keeps_rows_and_never_raises() -> None:
 
 
 def test_relay_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mt, "MAX_PENDING_ROWS", 5)
+    monkeypatch.setattr(relay_mod, "MAX_PENDING_ROWS", 5)
     r = mt.MetricsRelay({"tracking_uri": closed_port_uri(), "run_id": "x", "timeout": 1})
     r._add([{"iteration": i} for i in range(10)])
     assert sorted(r._pending) == [5, 6, 7, 8, 9]
@@ -387,60 +386,10 @@ def test_slurm_efficiency_from_sacct_and_fallbacks() -> None:
     }
 
 
-# -- PNG ------------------------------------------------------------------------------
-
-
-def png_pixels(data: bytes) -> tuple[int, int, bytes]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
-    assert len(raw) == height * (1 + width * 3)
-    return width, height, raw
-
-
-@pytest.mark.parametrize(
-    "series",
-    [
-        [("a", [(0.0, 1.0), (10.0, 5.0), (20.0, 3.0)]), ("b", [(5.0, -2.0), (15.0, 8.0)])],
-        [("flat", [(1.0, 7.0), (2.0, 7.0)])],
-        [("one point", [(3.0, 3.0)])],
-        [("empty", [])],
-        [],
-        [("big", [(i * 1e6, math.sin(i / 50) * 1e4) for i in range(2000)])],
-    ],
-)
-def test_png_renderer(series: list[tuple[str, list[tuple[float, float]]]]) -> None:
-    data = mt.render_line_chart_png(series, title="return vs steps", x_label="env_steps")
-    width, height, raw = png_pixels(data)
-    assert (width, height) == (960, 600)
-    colors = {raw[i : i + 3] for i in range(1, len(raw), 3)}
-    for index, (_, pts) in enumerate(series):
-        if pts:
-            assert bytes(mt._PALETTE[index]) in colors
-
-
-def test_nice_ticks() -> None:
-    assert mt._nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
-    assert mt._nice_ticks(5, 5)  # degenerate range still gives ticks
-    ticks = mt._nice_ticks(-3.3, 17.1)
-    assert ticks[0] >= -3.3 and ticks[-1] <= 17.1 + 1e-9 and len(ticks) >= 3
-    assert mt._fmt(150000) == "150K" and mt._fmt(2.5e6) == "2.5M" and mt._fmt(0.25) == "0.25"
-
-
 def test_module_stays_light() -> None:
     code = (
-        "import sys, slurm_ray.mlflow_tracking as m\n"
-        "m.render_line_chart_png([('a', [(0, 1), (1, 2)])])\n"
+        "import sys, slurm_ray.mlflow_tracking, slurm_ray.mlflow.compare as c\n"
+        "c.plot_spec('t', 'env_steps', 'episode_return_mean', [('a', [(0, 1), (1, 2)])], [{}])\n"
         "bad = [n for n in ('ray', 'torch', 'numpy', 'pandas', 'mlflow') if n in sys.modules]\n"
         "print(bad)\n"
     )
@@ -486,8 +435,8 @@ class FakeClient:
 
 def test_relay_batches_whole_rows_sentinel_last(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeClient(fail_on_call=2)
-    monkeypatch.setattr(mt, "_probe", lambda uri, timeout: None)
-    monkeypatch.setattr(mt, "_client", lambda uri: fake)
+    monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: None)
+    monkeypatch.setattr(relay_mod, "_client", lambda uri: fake)
     relay = mt.MetricsRelay({"tracking_uri": "http://x", "run_id": "r"})
     wide = [{"iteration": i, **{f"m{k}": float(k) for k in range(299)}} for i in range(1, 8)]
 
@@ -511,3 +460,225 @@ def test_relay_batches_whole_rows_sentinel_last(monkeypatch: pytest.MonkeyPatch)
     # A restarted relay reads the watermark (7) and sends nothing again.
     again = mt.MetricsRelay({"tracking_uri": "http://x", "run_id": "r"}).send(wide)
     assert (again.sent, again.skipped) == (0, 7)
+
+
+# -- comparison figure spec -------------------------------------------------------------
+
+
+def test_config_labels_name_what_differs() -> None:
+    from slurm_ray.mlflow.compare import config_labels
+
+    params = [
+        {"env": "CartPole-v1", "lr": "0.0003", "seed": "1"},
+        {"env": "CartPole-v1", "lr": "0.001", "seed": "1"},
+        {"env": "CartPole-v1", "lr": "0.001", "seed": "7"},
+    ]
+    assert config_labels(["a", "b", "c"], params) == [
+        "lr=0.0003, seed=1",
+        "lr=0.001, seed=1",
+        "lr=0.001, seed=7",
+    ]
+    # nothing differs (or one run): the run names
+    assert config_labels(["only"], params[:1]) == ["only"]
+    assert config_labels(["x", "y"], [{}, {}]) == ["x", "y"]
+    # a key only one run has shows as '-' for the others
+    assert config_labels(["x", "y"], [{"gamma": "0.9"}, {}]) == ["gamma=0.9", "gamma=-"]
+    # bookkeeping keys are no label; labels stop at a key boundary near 60 characters
+    noise = [{"checkpoint_every": "1", "stop.minutes": "2", "eval_episodes": "3"}, {}]
+    assert config_labels(["x", "y"], noise) == ["x", "y"]
+    wide = [{f"key_{k}": "1" * 9 for k in "abcde"}, {f"key_{k}": "2" * 9 for k in "abcde"}]
+    assert (
+        config_labels(["x", "y"], wide)[0] == "key_a=111111111, key_b=111111111, key_c=111111111, …"
+    )
+    # runs that the config does not tell apart are numbered
+    same = [{"lr": "1", "gamma": "0.9"}, {"lr": "2"}, {"lr": "2"}]
+    assert config_labels(list("abc"), same) == [
+        "gamma=0.9, lr=1",
+        "gamma=-, lr=2 (#1)",
+        "gamma=-, lr=2 (#2)",
+    ]
+    # the most varied key leads
+    runs = [{"a": "1", "z": str(i)} for i in range(3)] + [{"a": "2", "z": "0"}]
+    assert config_labels(list("pqrs"), runs) == ["z=0, a=1", "z=1, a=1", "z=2, a=1", "z=0, a=2"]
+
+
+def test_plot_spec_axes_colours_and_stop_thresholds() -> None:
+    from slurm_ray.mlflow.compare import PALETTE, plot_spec
+
+    params = [
+        {"stop.return_mean": "450.0", "stop.env_steps": "None", "lr": "0.1"},
+        {"stop.return_mean": "450.0", "lr": "0.2"},
+    ]
+    spec = plot_spec(
+        "t", "env_steps", "episode_return_mean", [("lr=0.1", [(1.0, 2.0)]), ("lr=0.2", [])], params
+    )
+    assert spec["x_label"] == "Environment steps (count)"
+    assert spec["y_label"] == "Mean episode return (reward per episode)"
+    assert [s["color"] for s in spec["series"]] == ["#0072b2", "#e69f00"]
+    assert bytes.fromhex(spec["series"][1]["color"][1:]) == bytes(PALETTE[1])
+    assert spec["thresholds"] == [{"axis": "y", "value": 450.0, "label": "stop: return_mean ≥ 450"}]
+    json.dumps(spec)  # travels to the cluster as JSON
+    # a threshold on an axis that is not drawn is left out; the x one is drawn vertically
+    spec = plot_spec("t", "env_steps", "wall_s", [], [{"stop.env_steps": "20000"}, *params])
+    assert spec["thresholds"] == [
+        {"axis": "x", "value": 20000.0, "label": "stop: env_steps ≥ 20000"}
+    ]
+
+
+# -- the MLflow connection --------------------------------------------------------------
+
+
+def _conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields: Any) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
+
+
+def test_connection_uri_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slurm_ray.mlflow.hook import MlflowHook
+
+    _conn(monkeypatch, "m_plain", conn_type="mlflow", host="10.1.2.3", port=5055)
+    _conn(
+        monkeypatch,
+        "m_auth",
+        conn_type="mlflow",
+        host="mlflow.example.org",
+        schema="https",
+        login="al ice",
+        password="p@ss:w/rd",
+        extra={"path": "/prefix/"},
+    )
+    _conn(monkeypatch, "m_url", conn_type="mlflow", host="https://x.org:8443/ml", login="u")
+    assert MlflowHook("m_plain").tracking_uri == "http://10.1.2.3:5055"
+    hook = MlflowHook("m_auth")
+    assert hook.tracking_uri == "https://mlflow.example.org/prefix"
+    assert mt.credentialed_uri(hook.tracking_uri) == (
+        "https://al%20ice:p%40ss%3Aw%2Frd@mlflow.example.org/prefix"
+    )
+    assert MlflowHook("m_url").tracking_uri == "https://x.org:8443/ml"
+    assert MlflowHook.default_conn_name == "mlflow_default"
+    assert MlflowHook.conn_type == "mlflow" and MlflowHook.conn_name_attr == "mlflow_conn_id"
+
+
+def test_settings_from_a_connection_keep_its_password_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = "S3cr3t-conn-pw"
+    _conn(
+        monkeypatch,
+        "mlflow_default",
+        conn_type="mlflow",
+        host="10.9.9.9",
+        port=5099,
+        login="bob",
+        password=password,
+    )
+    monkeypatch.delenv("SLURM_RAY_MLFLOW_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mt._CREDENTIALS.clear()
+    s = mt.MlflowSettings.from_dict({}, default_experiment="dag")  # mlflow_default
+    # the DAGs' resolve step gives "" when no URI is in the environment: the same
+    assert mt.MlflowSettings.from_dict({"tracking_uri": ""}, default_experiment="dag") == s
+    assert (s.tracking_uri, s.conn_id) == ("http://10.9.9.9:5099", "mlflow_default")
+    stored = json.dumps([s.to_dict(), mt.make_relay(s, run_id="r")])
+    assert password not in stored and "bob" not in stored
+    assert mt.MlflowSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    # another process (the triggerer) gets the credentials back from the connection
+    mt._CREDENTIALS.clear()
+    assert mt.credentialed_uri(s.tracking_uri) == s.tracking_uri  # not without the conn id
+    assert mt.credentialed_uri(s.tracking_uri, "mlflow_default") == (
+        f"http://bob:{password}@10.9.9.9:5099"
+    )
+    # a named connection that does not exist: the error names the field and the connection
+    with pytest.raises(ValueError, match=r"mlflow\.tracking_uri: required .*'nope'"):
+        mt.MlflowSettings.from_dict({"experiment_name": "e", "conn_id": "nope"})
+
+
+async def test_relay_reads_the_connection_asynchronously(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the triggerer the sink reads the connection with get_async_connection, off the loop."""
+    _conn(
+        monkeypatch,
+        "m_trig",
+        conn_type="mlflow",
+        host="10.7.7.7",
+        port=1,
+        login="u",
+        password="pw9",
+    )
+    seen: list[str] = []
+
+    def fake_send(self: mt.MetricsRelay, rows: list[dict[str, Any]]) -> mt.RelayStats:
+        seen.append(mt.credentialed_uri(self.tracking_uri))
+        return mt.RelayStats()
+
+    monkeypatch.setattr(mt.MetricsRelay, "send", fake_send)
+    mt._CREDENTIALS.clear()
+    sink = mt.make_async_sink(
+        {"tracking_uri": "http://10.7.7.7:1", "run_id": "r", "conn_id": "m_trig"}
+    )
+    await sink([{"iteration": 1}])
+    assert seen == ["http://u:pw9@10.7.7.7:1"]
+
+
+def test_provider_registers_the_connection_type() -> None:
+    import importlib
+
+    import jsonschema
+    from airflow import providers_manager
+    from slurm_ray.provider import get_provider_info
+
+    info = get_provider_info()
+    schema = json.loads(
+        (Path(providers_manager.__file__).parent / "provider_info.schema.json").read_text()
+    )
+    jsonschema.validate(info, schema)
+    (conn_type,) = info["connection-types"]
+    assert conn_type["connection-type"] == "mlflow"
+    module, _, name = conn_type["hook-class-name"].rpartition(".")
+    hook = getattr(importlib.import_module(module), name)
+    assert hook.conn_type == "mlflow" and hook.hook_name == conn_type["hook-name"]
+    behaviour = conn_type["ui-field-behaviour"]
+    assert "schema" in behaviour["relabeling"] and "host" in behaviour["placeholders"]
+    form_schema = json.loads(
+        (
+            Path(providers_manager.__file__).parent / "customized_form_field_behaviours.schema.json"
+        ).read_text()
+    )
+    jsonschema.validate({k.replace("-", "_"): v for k, v in behaviour.items()}, form_schema)
+    assert "path" in conn_type["conn-fields"]
+
+
+# -- catch-up at completion (tenacity) --------------------------------------------------
+
+
+def test_deliver_rows_waits_for_the_server_then_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeClient()
+    answers = iter(["Connection refused", "Connection refused", "timed out", None])
+    naps: list[float] = []
+    monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: next(answers))
+    monkeypatch.setattr(relay_mod, "_client", lambda uri: fake)
+    monkeypatch.setattr(time, "sleep", naps.append)  # tenacity's nap
+    stats = mt.deliver_rows(
+        {"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": i} for i in (1, 2)], wait_s=600
+    )
+    assert (stats.sent, stats.pending) == (2, 0)
+    assert naps == [2, 4, 8]  # exponential backoff between the three failed attempts
+
+
+def test_deliver_rows_gives_up_after_wait_s_and_on_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: "Connection refused")
+    with pytest.raises(
+        mt.MlflowError, match=r"waited \d+s\): Connection refused; they are in /r/m"
+    ):
+        mt.deliver_rows(
+            {"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": 1}], wait_s=0, where="/r/m"
+        )
+
+    class Refusing(FakeClient):
+        def log_batch(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("INVALID_PARAMETER_VALUE")
+
+    calls: list[int] = []
+    monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: calls.append(1))
+    monkeypatch.setattr(relay_mod, "_client", lambda uri: Refusing())
+    with pytest.raises(mt.MlflowError, match="INVALID_PARAMETER_VALUE"):
+        mt.deliver_rows({"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": 1}], wait_s=600)
+    assert calls == [1]  # a refusal is not retried

@@ -147,6 +147,8 @@ class SlurmRayOperator(BaseOperator):
     :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
         time limit so the driver can checkpoint (0 disables).
     :param mlflow: MLflow settings for the live metrics relay (see ``slurm_ray.mlflow_relay``).
+    :param mlflow_conn_id: Airflow connection (type ``mlflow``) of the tracking
+        server: its URI when ``mlflow`` names none, and its credentials.
     :param mlflow_wait_s: at completion, how long to wait for an MLflow server
         that does not answer before failing the task (its rows stay on disk).
     :param job_url_template: the site's job web page for the *Slurm job* link
@@ -200,6 +202,7 @@ class SlurmRayOperator(BaseOperator):
         job_url_template: str = "",
         export_model: bool = False,
         mlflow_wait_s: float = 600.0,
+        mlflow_conn_id: str | None = None,
         env_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
@@ -242,6 +245,7 @@ class SlurmRayOperator(BaseOperator):
         self.job_url_template = job_url_template or site.get("job_url_template", "")
         self.export_model = export_model
         self.mlflow_wait_s = mlflow_wait_s
+        self.mlflow_conn_id = mlflow_conn_id
         self._job_id: str | None = None
 
     # -- helpers ------------------------------------------------------------------
@@ -582,12 +586,16 @@ class SlurmRayOperator(BaseOperator):
     # -- MLflow ---------------------------------------------------------------------
 
     def _mlflow_settings(self, context: Context) -> Any:
-        if not self.mlflow:
+        if not self.mlflow and not self.mlflow_conn_id:
             return None
         from slurm_ray.mlflow_tracking import MlflowSettings
 
+        data = {
+            **(self.mlflow or {}),
+            **({"conn_id": self.mlflow_conn_id} if self.mlflow_conn_id else {}),
+        }
         try:
-            return MlflowSettings.from_dict(self.mlflow, default_experiment=context["ti"].dag_id)
+            return MlflowSettings.from_dict(data, default_experiment=context["ti"].dag_id)
         except ValueError as exc:
             raise AirflowException(str(exc)) from exc
 
@@ -697,58 +705,18 @@ class SlurmRayOperator(BaseOperator):
         relay = getattr(self, "_relay", None)
         if not relay:
             return
-        from slurm_ray.mlflow_tracking import (
-            MetricsRelay,
-            MlflowError,
-            MlflowUnreachableError,
-            check_reachable,
-            ensure_run,
-            make_relay,
-            parse_metrics_jsonl,
-        )
+        from slurm_ray.mlflow_tracking import deliver_rows, parse_metrics_jsonl, relay_rows
 
-        raw = self.hook.read_file(posixpath.join(run_dir, "metrics.jsonl"))
+        path = posixpath.join(run_dir, "metrics.jsonl")
+        raw = self.hook.read_file(path)
         rows = parse_metrics_jsonl(raw, self.log) if raw else []
-        started = time.monotonic()
-        delay = 2.0
-        while True:
-            try:
-                if relay.get("run_id") is None and self.mlflow:
-                    # relay_later: the server was down at submit time; the sink
-                    # has created the run since, find it by the task's tags.
-                    ctx = getattr(self, "_context", None)
-                    if ctx is not None:
-                        settings = self._mlflow_settings(ctx)
-                        check_reachable(settings)
-                        run_id = ensure_run(settings, tags=self._mlflow_tags(ctx))
-                        relay = self._relay = make_relay(settings, run_id=run_id)
-                stats = MetricsRelay(relay, self.log).send(rows)
-                error, unreachable = stats.error, stats.unreachable
-            except MlflowUnreachableError as exc:
-                error, unreachable = str(exc), True
-            if error is None:
-                self.log.info("MLflow metrics relay at completion: %s", stats)
-                return
-            waited = time.monotonic() - started
-            if not strict:
-                self.log.warning("MLflow metrics relay at completion failed: %s", error)
-                return
-            if not unreachable or waited + delay > self.mlflow_wait_s:
-                raise MlflowError(
-                    f"could not log the job's metrics rows to {relay['tracking_uri']} "
-                    f"(waited {waited:.0f}s): {error}; they are in {run_dir}/metrics.jsonl"
-                )
-            self.log.warning(
-                "MLflow at %s does not answer (%s); the job is done and its metrics are "
-                "safe in metrics.jsonl: retrying in %.0fs (waited %.0fs of %.0fs)",
-                relay["tracking_uri"],
-                error,
-                delay,
-                waited,
-                self.mlflow_wait_s,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        if strict:
+            stats = deliver_rows(relay, rows, wait_s=self.mlflow_wait_s, log=self.log, where=path)
+        else:
+            stats = relay_rows(relay, rows, log=self.log, strict=False)
+        # relay_later: the relay found or created the task's run once the server answered
+        self._relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
+        self.log.info("MLflow metrics relay at completion: %s", stats)
 
     def _poll_until_done(self, job_id: str, run_dir: str, log_path: str) -> Any:
         """Non-deferrable mode: poll from the worker; cancel the job if we are stopped."""
