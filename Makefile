@@ -8,6 +8,10 @@ VENV := .venv
 STAMP := $(VENV)/.slurm_ray_installed
 CLUSTER := scripts/devcluster.sh
 PYTEST_ARGS ?=
+# make test: pytest-xdist workers. The real tiers run in order on one worker
+# (one cluster/MLflow/Airflow setup; tests/tiers.py groups them), the pure
+# tier and the local-Ray tier beside them. TEST_WORKERS=0: all in one process.
+TEST_WORKERS ?= 2
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -47,14 +51,15 @@ test: venv  ## set everything up and run all tests (pure + real cluster)
 	@rc=0; \
 	bash $(CLUSTER) up || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
-	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS) || rc=$$?; \
+	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 \
+	    -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
 	  bash $(CLUSTER) status || true; \
 	fi; \
 	bash $(CLUSTER) down || true; \
 	exit $$rc
 
 test-unit: venv  ## pure tests only (no cluster)
-	$(VENV)/bin/pytest -m 'not cluster and not slow' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m 'not cluster and not slow' -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 mlflow-up:  ## local MLflow server on 127.0.0.1:5055 (needs the cluster-side venv)
 	bash scripts/mlflow_server.sh start
