@@ -21,10 +21,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
 	@# docker-compose validates docker-compose.yaml offline in the tests (no engine needed)
 	@# chromium + chromedriver: the browser tests (tests/e2e/test_ui_browser.py), Debian's build, never a download
-	@# postgresql-15: the local Airflow's metadata DB (scripts/postgres_local.sh; a private cluster per Airflow)
+	@# postgresql-15: the local Airflow's metadata DB (scripts/postgres_local.sh: a private cluster per
+	@# Airflow); createcluster.d keeps the package from creating and starting a system-wide "main" cluster
 	@command -v docker-compose >/dev/null && command -v ssh-keygen >/dev/null && command -v curl >/dev/null && \
 	  command -v chromium >/dev/null && command -v chromedriver >/dev/null && test -x /usr/lib/postgresql/15/bin/postgres || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl chromium chromium-driver postgresql-15; }
+	  { apt-get update -qq && \
+	    { test -e /usr/share/postgresql-common || { mkdir -p /etc/postgresql-common/createcluster.d && \
+	      echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/slurm-ray.conf; }; } && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl chromium chromium-driver postgresql-15; }
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
