@@ -8,6 +8,10 @@ VENV := .venv
 STAMP := $(VENV)/.slurm_ray_installed
 CLUSTER := scripts/devcluster.sh
 PYTEST_ARGS ?=
+# make test: pytest-xdist workers. The real tiers run in order on one worker
+# (one cluster/MLflow/Airflow setup; tests/tiers.py groups them), the pure
+# tier and the local-Ray tier beside them. TEST_WORKERS=0: all in one process.
+TEST_WORKERS ?= 2
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -17,9 +21,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-venv; }
 	@# docker-compose validates docker-compose.yaml offline in the tests (no engine needed)
 	@# chromium + chromedriver: the browser tests (tests/e2e/test_ui_browser.py), Debian's build, never a download
+	@# postgresql-15: the local Airflow's metadata DB (scripts/postgres_local.sh: a private cluster per
+	@# Airflow); createcluster.d keeps the package from creating and starting a system-wide "main" cluster
 	@command -v docker-compose >/dev/null && command -v ssh-keygen >/dev/null && command -v curl >/dev/null && \
-	  command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl chromium chromium-driver; }
+	  command -v chromium >/dev/null && command -v chromedriver >/dev/null && test -x /usr/lib/postgresql/15/bin/postgres || \
+	  { apt-get update -qq && \
+	    { test -e /usr/share/postgresql-common || { mkdir -p /etc/postgresql-common/createcluster.d && \
+	      echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/slurm-ray.conf; }; } && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose openssh-client curl chromium chromium-driver postgresql-15; }
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
@@ -46,14 +55,15 @@ test: venv  ## set everything up and run all tests (pure + real cluster)
 	@rc=0; \
 	bash $(CLUSTER) up || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
-	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS) || rc=$$?; \
+	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 \
+	    -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
 	  bash $(CLUSTER) status || true; \
 	fi; \
 	bash $(CLUSTER) down || true; \
 	exit $$rc
 
 test-unit: venv  ## pure tests only (no cluster)
-	$(VENV)/bin/pytest -m 'not cluster and not slow' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m 'not cluster and not slow' -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 mlflow-up:  ## local MLflow server on 127.0.0.1:5055 (needs the cluster-side venv)
 	bash scripts/mlflow_server.sh start
@@ -61,7 +71,7 @@ mlflow-up:  ## local MLflow server on 127.0.0.1:5055 (needs the cluster-side ven
 mlflow-down:
 	bash scripts/mlflow_server.sh stop
 
-airflow-up: venv  ## local Airflow (standalone) on 127.0.0.1:8080
+airflow-up: venv  ## local Airflow (standalone, LocalExecutor, PostgreSQL) on 127.0.0.1:8080
 	bash scripts/airflow_local.sh start
 
 airflow-down:

@@ -10,6 +10,12 @@
 # AIRFLOW_HOME defaults to $SLURM_RAY_DEV_STATE/airflow; the UI listens on
 # 127.0.0.1:${SLURM_RAY_AIRFLOW_PORT:-8080}. Login: admin / the password in
 # $AIRFLOW_HOME/passwords.json (generated once).
+#
+# The metadata database is PostgreSQL 15 (LocalExecutor; SQLite answers 500
+# "database is locked" under load and serialises parallel tasks): a private
+# cluster of this instance in ${SLURM_RAY_AIRFLOW_PG_DIR:-$AIRFLOW_HOME-pg}
+# (scripts/postgres_local.sh), on a Unix socket only, started before Airflow
+# and stopped after it.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,6 +24,8 @@ PORT=${SLURM_RAY_AIRFLOW_PORT:-8080}
 HOME_DIR=${SLURM_RAY_AIRFLOW_HOME:-$STATE/airflow}
 PIDFILE=$HOME_DIR/standalone.pid
 LOG=$HOME_DIR/standalone.log
+PG_DIR=${SLURM_RAY_AIRFLOW_PG_DIR:-$HOME_DIR-pg}
+PG_SCRIPT=$HERE/scripts/postgres_local.sh
 VENV=${SLURM_RAY_AIRFLOW_VENV:-$HERE/.venv}
 MLFLOW_URI=${SLURM_RAY_MLFLOW_URI:-http://127.0.0.1:${SLURM_RAY_MLFLOW_PORT:-5055}}
 
@@ -32,7 +40,12 @@ export_env() {
   export AIRFLOW_HOME=$HOME_DIR
   export AIRFLOW__CORE__DAGS_FOLDER=$HERE/dags
   export AIRFLOW__CORE__LOAD_EXAMPLES=False
-  export AIRFLOW__CORE__PARALLELISM=${SLURM_RAY_AIRFLOW_PARALLELISM:-4}
+  AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=$(bash "$PG_SCRIPT" url "$PG_DIR")
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN
+  export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+  # A 4-configuration sweep trains concurrently: four train tasks (short-lived
+  # in a worker: they defer) plus the sweep's and other runs' small tasks.
+  export AIRFLOW__CORE__PARALLELISM=${SLURM_RAY_AIRFLOW_PARALLELISM:-8}
   export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=admin:admin
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=$HOME_DIR/passwords.json
@@ -87,6 +100,7 @@ cmd_start() {
     return 0
   fi
   alive && cmd_stop
+  bash "$PG_SCRIPT" start "$PG_DIR"
   airflow db migrate >"$HOME_DIR/migrate.log" 2>&1 || { tail -20 "$HOME_DIR/migrate.log" >&2; die "airflow db migrate failed"; }
   # setsid: its own process group, so stop can reach every child it forks.
   setsid airflow standalone >"$LOG" 2>&1 </dev/null &
@@ -137,9 +151,11 @@ cmd_stop() {
     log "stopped"
   fi
   rm -f "$PIDFILE"
+  bash "$PG_SCRIPT" stop "$PG_DIR"
 }
 
 cmd_status() {
+  bash "$PG_SCRIPT" status "$PG_DIR" || true
   if alive && healthy; then
     echo "airflow: up on http://127.0.0.1:$PORT (pid $(<"$PIDFILE"))"
   else

@@ -48,16 +48,8 @@ class Api:
             method=method,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
-        for attempt in range(6):
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return json.load(resp)
-            except urllib.error.HTTPError as exc:
-                # standalone's sqlite is briefly locked under load: retry those.
-                if exc.code != 500 or attempt == 5:
-                    raise
-                time.sleep(1 + attempt)
-        raise AssertionError("unreachable")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.load(resp)
 
 
 def mlflow_latest(run_id: str) -> dict[str, float]:

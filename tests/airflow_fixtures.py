@@ -1,13 +1,16 @@
-"""A real Airflow (`airflow standalone`) for end-to-end and fault tests.
+"""A real Airflow (`airflow standalone` on PostgreSQL) for end-to-end and fault tests.
 
-Started in its own temp home and port by scripts/airflow_local.sh, once per
-test session, and stopped (by process group) at the end.
+Started in its own temp home, port and private Postgres cluster by
+scripts/airflow_local.sh, once per test session, and stopped (by process
+group) at the end. The session fails at teardown if the API server answered
+any request with a 5xx (its access log in standalone.log).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +27,8 @@ from tests.conftest import ROOT, DevCluster
 from tests.mlflow_fixtures import MlflowServer, free_port
 
 AIRFLOW_SCRIPT = ROOT / "scripts" / "airflow_local.sh"
+# One line per answered request (Airflow's `http.access` logger, via standalone).
+_ACCESS = re.compile(r"\[http\.access\].*\bstatus_code=(\d{3})\b")
 
 
 class Airflow:
@@ -65,18 +70,21 @@ class Airflow:
             method=method,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
-        for attempt in range(6):
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return resp.status, json.load(resp)
-            except urllib.error.HTTPError as exc:
-                body = json.loads(exc.read() or b"null")
-                # sqlite (standalone's default) is briefly locked under load: retry.
-                if exc.code == 500 and "Database error" in json.dumps(body) and attempt < 5:
-                    time.sleep(1 + attempt)
-                    continue
-                return exc.code, body
-        raise AssertionError("unreachable")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def answered(self) -> list[tuple[int, str]]:
+        """(status, access-log line) of every request the API server has answered so far."""
+        log = self.home / "standalone.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [
+            (int(m.group(1)), line)
+            for line in text.splitlines()
+            if (m := _ACCESS.search(line)) is not None
+        ]
 
     def wait_dag(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -146,6 +154,8 @@ def airflow(
     cluster: DevCluster, mlflow_server: MlflowServer, request: pytest.FixtureRequest
 ) -> Iterator[Airflow]:
     home = Path(tempfile.mkdtemp(prefix="slurm-ray-e2e-airflow-"))
+    # Its own Postgres cluster (initdb'd there, owned by `postgres`, socket only).
+    pg_dir = Path(tempfile.mkdtemp(prefix="slurm-ray-e2e-pg-"))
     port = free_port()
     env = {
         k: v
@@ -155,6 +165,7 @@ def airflow(
     env.update(
         SLURM_RAY_AIRFLOW_HOME=str(home),
         SLURM_RAY_AIRFLOW_PORT=str(port),
+        SLURM_RAY_AIRFLOW_PG_DIR=str(pg_dir),
         SLURM_RAY_MLFLOW_URI=mlflow_server.url,
     )
     env["AIRFLOW_CONN_SLURM_DEV_OVERRIDE"], secrets = secret_connection(cluster)
@@ -162,19 +173,31 @@ def airflow(
     af.secrets = secrets
     started = af.script("start")
     if started.returncode != 0:
+        af.script("stop")
+        shutil.rmtree(pg_dir, ignore_errors=True)
         pytest.fail(f"airflow did not start:\n{started.stderr[-3000:]}")
     # The secret search means something only if Airflow runs with that connection.
     pid = (home / "standalone.pid").read_text().strip()
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     conn_var = next(v for v in environ if v.startswith(b"AIRFLOW_CONN_SLURM_DEV="))
     assert b"private_key" in conn_var, "Airflow does not use the secret-laden connection"
+    db_var = next(v for v in environ if v.startswith(b"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="))
+    assert db_var.split(b"=", 1)[1].startswith(b"postgresql+psycopg2://"), db_var
     try:
         yield af
     finally:
+        answered = af.answered()
+        errors = [line for status, line in answered if status >= 500]
         af.script("stop")
+        shutil.rmtree(pg_dir, ignore_errors=True)
         # Task logs are what one reads after a failure: keep them only then.
-        if request.session.testsfailed == 0:
+        if request.session.testsfailed == 0 and answered and not errors:
             shutil.rmtree(home, ignore_errors=True)
+    # Session-wide: no request, from any test, was answered with a server error.
+    assert answered, f"no access-log line in {home}/standalone.log: the 5xx check sees nothing"
+    assert not errors, f"{len(errors)} 5xx answers from Airflow's API server:\n" + "\n".join(
+        errors[:20]
+    )
 
 
 def trigger(af: Airflow, dag_id: str, conf: dict[str, Any]) -> tuple[int, Any]:

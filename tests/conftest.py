@@ -17,6 +17,11 @@ from tests.require_cluster import (  # noqa: F401  (hooks: a skip in a real tier
     pytest_make_collect_report,
     pytest_runtest_makereport,
 )
+from tests.tiers import (  # noqa: F401  (hooks: real tiers in one xdist group, time per tier)
+    pytest_collection_modifyitems,
+    pytest_runtest_logreport,
+    pytest_terminal_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = ROOT / "scripts" / "devcluster.sh"

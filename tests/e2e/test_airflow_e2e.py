@@ -8,9 +8,6 @@ scripts/airflow_local.sh; MLflow is the session's real server.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.airflow_fixtures import Airflow, trigger
-from tests.conftest import ROOT, DevCluster
+from tests.conftest import DevCluster
 from tests.mlflow_fixtures import MlflowServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -121,50 +118,70 @@ def test_train_dag_end_to_end(
     assert not leaks, leaks
 
 
-def test_sweep_with_two_configs_via_dag_test(
-    cluster: DevCluster, mlflow_server: MlflowServer
+# Four single-CPU jobs: the dev cluster's 2 nodes x 4 cores (CR_Core) hold eight
+# at once, so all four run together even beside another test's job.
+SWEEP_CONFIGS = [
+    {"lr": 0.0003, "seed": 1},
+    {"lr": 0.001, "seed": 2},
+    {"lr": 0.0005, "seed": 3},
+    {"lr": 0.002, "seed": 4},
+]
+
+
+def test_sweep_four_configs_train_concurrently(
+    airflow: Airflow, cluster: DevCluster, mlflow_server: MlflowServer
 ) -> None:
-    home = Path(tempfile.mkdtemp(prefix="slurm-ray-sweep-airflow-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env.update(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        SLURM_RAY_MLFLOW_URI=mlflow_server.url,
-        AIRFLOW_CONN_SLURM_DEV=cluster.env["AIRFLOW_CONN_SLURM_DEV"],
-        PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
-    )
-    subprocess.run(
-        ["airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300
-    )
+    """The sweep's four `train` tasks are active, and their four Slurm jobs RUNNING, at once."""
+    from mlflow.tracking import MlflowClient
+
+    airflow.wait_dag("rllib_sweep")
     tag = uuid.uuid4().hex[:8]
     conf = {
-        "configs": [{"lr": 0.0003, "seed": 1}, {"lr": 0.001, "seed": 2}],
-        "nodes": 2,
-        "cpus_per_node": 2,
-        "num_env_runners": 1,
-        "envs_per_runner": 4,
+        "configs": SWEEP_CONFIGS,
+        "nodes": 1,
+        "cpus_per_node": 1,
+        "num_env_runners": 0,
+        "envs_per_runner": 2,
         "stop_iterations": 2,
-        "train_batch_size": 1000,
+        "train_batch_size": 500,
         "experiment_name": f"sweep-{tag}",
         "register_model_name": f"sweep-model-{tag}",
     }
-    proc = subprocess.run(
-        ["airflow", "dags", "test", "rllib_sweep", "-c", json.dumps(conf)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    from mlflow.tracking import MlflowClient
+    status, run = trigger(airflow, "rllib_sweep", conf)
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+    base = f"/dags/rllib_sweep/dagRuns/{run_id}"
+
+    jobs: dict[int, str] = {}
+    concurrent: list[str] = []
+    state = run["state"]
+    deadline = time.monotonic() + 900
+    while state not in ("success", "failed") and time.monotonic() < deadline:
+        _, mapped = airflow.call("GET", f"{base}/taskInstances/train/listMapped")
+        tis = mapped.get("task_instances", [])
+        active = {t["map_index"] for t in tis if t["state"] in ("running", "deferred")}
+        for i in active - jobs.keys():
+            code, body = airflow.call(
+                "GET", f"{base}/taskInstances/train/xcomEntries/slurm_job_id?map_index={i}"
+            )
+            if code == 200:
+                jobs[i] = str(body["value"]).strip('"')
+        if not concurrent and len(active) == 4 and active <= jobs.keys():
+            # One squeue is one snapshot of the controller: all four at the same moment.
+            ids = ",".join(jobs[i] for i in sorted(active))
+            out = cluster.ssh(f"squeue -h -j {ids} -o '%i %T'", check=False).stdout.split()
+            if out[1::2] == ["RUNNING"] * 4:
+                concurrent = out
+        time.sleep(1)
+        state = airflow.call("GET", base)[1]["state"]
+    assert state == "success", airflow.call("GET", f"{base}/taskInstances")[1]
+    assert concurrent, f"the four train jobs were never RUNNING at the same moment: {jobs}"
 
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name(f"sweep-{tag}")
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if r.data.params.get("lr")]
-    assert len(children) == 2, [r.info.run_name for r in runs]
+    assert len(children) == 4, [r.info.run_name for r in runs]
     assert client.get_registered_model(f"sweep-model-{tag}").latest_versions
     parents = [r for r in runs if "slurm_ray.best_run_id" in r.data.tags]
     assert parents and parents[0].data.tags["slurm_ray.best_run_id"] in {
