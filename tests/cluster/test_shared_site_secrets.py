@@ -228,6 +228,8 @@ def test_canary_secrets_nowhere_in_logs_xcom_trigger_or_mlflow(
     assert any(p.name == "job.sbatch" for p in files), files
     # the checkpoint inside the run directory is still uploaded (hole 8 confines, not drops)
     assert any(p.relative_to(art).parts[0] == "checkpoint" for p in files), files
+    # The taps saw the task's own lines: an empty log would hide any leak.
+    assert op_log.records and trig_log.records, (op_log.text, trig_log.text)
     places: dict[str, str] = {
         "task log (operator)": op_log.text,
         "task log (trigger)": trig_log.text,

@@ -151,5 +151,11 @@ class LogTap:
 def tap(obj: Any) -> LogTap:
     """Install a LogTap on an Airflow LoggingMixin (operator or trigger)."""
     t = LogTap(obj.log)
-    obj._log = t
+    # Operators (Airflow 3 DAG nodes) cache their logger in `_cached_logger`,
+    # triggers in `_log`: without the right one the tap records nothing.
+    if hasattr(type(obj), "_cached_logger"):
+        obj._cached_logger = t
+    else:
+        obj._log = t
+    assert obj.log is t, f"the log tap is not installed on {type(obj).__name__}"
     return t

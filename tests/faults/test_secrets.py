@@ -76,6 +76,8 @@ def test_secrets_never_leak(
         summary = op.execute_complete({"ti": ti}, event.payload, **(deferred.value.kwargs or {}))
         assert summary["state"] == "COMPLETED", summary
         out = capfd.readouterr()
+        # The taps saw the task's own lines: an empty log would hide any leak.
+        assert op_log.records and trig_log.records, (op_log.text, trig_log.text)
         places: dict[str, str] = {
             "task log (operator)": op_log.text,
             "task log (trigger)": trig_log.text,
