@@ -13,18 +13,24 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_exponential_jitter,
+)
 
-from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
-from slurm_ray.utils import remote
-from slurm_ray.utils.poll import (
+from slurm_ray.hooks.slurm import AsyncSlurmClient, CommandResult, HostKeyError
+from slurm_ray.slurm.ids import validate_job_id
+from slurm_ray.slurm.poll import (
     MAX_CHUNK,
+    PollCommand,
     TailChunk,
     TailRequest,
     build_poll,
@@ -53,6 +59,9 @@ METRICS_LINE_MAX = 1024 * 1024
 LOG_BACKLOG_MAX = 64 * 1024 * 1024
 #: Polls a finished job's files are read for before its event goes out anyway.
 DRAIN_POLLS = 10
+#: Reconnect backoff after a failed poll: 1, 2, 4, ... s up to 30 s, plus up to
+#: 1 s of jitter so that triggerers restarted together do not knock in step.
+RECONNECT_WAIT = wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)
 
 
 def _quiet_asyncssh() -> None:
@@ -169,7 +178,7 @@ class _HostPoller:
         owners: list[tuple[_Subscription, str]] = []
         for s in subs:
             try:
-                remote.validate_job_id(s.job_id)
+                validate_job_id(s.job_id)
                 mine = [
                     (validate_tail(TailRequest(path, int(offset), MAX_CHUNK)), name)
                     for name, (path, offset) in s.files.items()
@@ -185,7 +194,6 @@ class _HostPoller:
         return ok, tails, owners
 
     async def _poll_while_watched(self) -> None:
-        failures = 0
         while self.subs:
             interval = min(s.interval for s in self.subs.values())
             ready = [s for s in self.subs.values() if not s.queue.full()]
@@ -197,25 +205,14 @@ class _HostPoller:
             poll = build_poll(job_ids, tails)
             t0 = time.monotonic()
             try:
-                res = await self.client.run(poll.command, input=poll.stdin)
+                res = await self._run_reconnecting(poll, subs)
             except HostKeyError as exc:
                 for s in subs:
                     s.deliver(PollResult(error=str(exc), fatal=True), replace=True)
                 await self._sleep(interval)
                 continue
-            except Exception as exc:
-                # Connection-level trouble: drop the connection, tell the
-                # subscribers, back off with jitter and reconnect.
-                failures += 1
-                await self._reset()
-                msg = f"{type(exc).__name__}: {exc}".strip()
-                log.warning("poll %s failed (%s); reconnecting", self.ssh_conn_id, msg[:300])
-                for s in subs:
-                    s.deliver(PollResult(error=msg))
-                delay = min(30.0, 1.0 * 2 ** min(failures - 1, 5)) * random.uniform(0.5, 1.0)
-                await self._sleep(delay)
-                continue
-            failures = 0
+            if res is None:
+                continue  # nobody watches any more
             self.commands_run += 1
             self.max_command = max(self.max_command, len(poll.command.encode()))
             self.max_stdin = max(self.max_stdin, len(poll.stdin))
@@ -232,6 +229,45 @@ class _HostPoller:
             )
             self._hand_out(res.stdout, subs, job_ids, owners)
             await self._sleep(interval)
+
+    async def _run_reconnecting(
+        self, poll: PollCommand, subs: list[_Subscription]
+    ) -> CommandResult | None:
+        """Run ``poll``; on connection trouble reconnect with backoff while anyone watches.
+
+        None when the last subscriber left during the outage.
+
+        :raises HostKeyError: at once: a changed host key is never retried.
+        """
+
+        async def failed(state: Any) -> None:
+            # Drop the connection and tell the subscribers; they decide when to give up.
+            await self._reset()
+            exc = state.outcome.exception()
+            msg = f"{type(exc).__name__}: {exc}".strip()
+            log.warning("poll %s failed (%s); reconnecting", self.ssh_conn_id, msg[:300])
+            for s in subs:
+                s.deliver(PollResult(error=msg))
+
+        try:
+            async for attempt in AsyncRetrying(
+                # Exception only: a cancellation (BaseException) is never retried.
+                retry=retry_if_exception_type(Exception)
+                & retry_if_not_exception_type(HostKeyError),
+                wait=RECONNECT_WAIT,
+                stop=lambda _state: not self.subs,
+                sleep=self._sleep,
+                before_sleep=failed,
+                reraise=True,
+            ):
+                with attempt:
+                    return await self.client.run(poll.command, input=poll.stdin)
+        except HostKeyError:
+            raise
+        except Exception:
+            if self.subs:
+                raise
+        return None
 
     def _hand_out(
         self,
@@ -379,7 +415,7 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
-            remote.validate_job_id(self.job_id)
+            validate_job_id(self.job_id)
             for path in (self.log_path, self.metrics_path):
                 if path is not None:
                     validate_tail(TailRequest(path, 0))

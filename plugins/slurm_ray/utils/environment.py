@@ -11,7 +11,6 @@ from slurm_ray.utils.quoting import quote
 
 EnvKind = Literal["conda", "venv", "modules", "none"]
 _KINDS = ("conda", "venv", "modules", "none")
-STAMP_NAME = ".slurm_ray_spec_sha256"
 # venv/conda activation scripts paste the prefix into shell code (unquoted in
 # unpatched Pythons, CVE-2024-9287), so only plain absolute paths are allowed.
 _PREFIX_RE = re.compile(r"/[A-Za-z0-9_.+,@%=:/{}-]*")
