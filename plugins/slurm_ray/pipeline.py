@@ -84,6 +84,7 @@ def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "config": resolved["config"],
                 "mlflow": resolved["mlflow"],
                 "cluster_name": resolved["profile"],
+                "job_url_template": resolved["job_url_template"],
                 "env_modules": resolved["env_modules"],
             }
         )
@@ -194,6 +195,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         config=resolved["config"],
         mlflow=resolved["mlflow"],
         cluster_name=resolved["profile"],
+        job_url_template=resolved["job_url_template"],
         env_modules=resolved["env_modules"],
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),

@@ -119,6 +119,7 @@ class SlurmRayOperator(BaseOperator):
     template_fields: Sequence[str] = (
         "ssh_conn_id",
         "cluster_name",
+        "job_url_template",
         "mlflow",
         "config",
         "job_spec",

@@ -7,6 +7,7 @@ right. Output without a header (``-n``) is read in the order asked for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from slurm_ray.slurm.fields import JOB_ID_RE, int_or_none, node_list
@@ -32,6 +33,7 @@ SACCT_FIELDS: tuple[str, ...] = (
 )
 #: For ``sacct -P -X -j IDS --format=SACCT_FORMAT``.
 SACCT_FORMAT: str = ",".join(SACCT_FIELDS)
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*", re.ASCII)
 
 
 def build_sacct_command(ids: str, fields: Sequence[str] = SACCT_FIELDS) -> str:
@@ -52,11 +54,11 @@ def read_sacct(text: str, fields: Sequence[str] = SACCT_FIELDS) -> list[dict[str
     messages mixed in through ``2>&1``) are skipped.
     """
     names = list(fields)
-    wanted = {f.lower() for f in fields}
     rows: list[dict[str, str]] = []
     for line in text.splitlines():
         parts = line.split("|")
-        if parts and parts[0].lower() == "jobid" and {p.lower() for p in parts} >= wanted:
+        # A header: column names only, JobID among them (a record holds an id).
+        if "jobid" in {p.lower() for p in parts} and all(_NAME_RE.fullmatch(p) for p in parts):
             names = parts
             continue
         parts = line.split("|", len(names) - 1)
