@@ -570,7 +570,7 @@ def test_read_from_offset_on_the_real_cluster(cluster, remote_dir: str) -> None:
         assert proc.returncode == 0, proc.stderr
         return parse_poll_output(proc.stdout.decode(), [], 1)[1][0]
 
-    got = read(path, 0, 4096).data + read(path, 4096, 10_000).data
+    got = read(path, 0, 500).data + read(path, 500, 10_000).data
     assert got == content
     assert read(path, len(content), 10).data == b""
     assert read(f"{remote_dir}/slurm-none.out", 0, 10) == TailChunk(start=0, size=-1, data=b"")

@@ -20,7 +20,6 @@ class RunState:
     :param relay: the serialisable relay settings the trigger carries.
     :param staged: cluster-side files staged, by name (hashed into MLflow).
     :param live_relay: the worker-side relay of the non-deferrable wait.
-    :param metrics_offset: bytes of ``metrics.jsonl`` relayed by it.
     """
 
     context: Context
@@ -30,4 +29,3 @@ class RunState:
     relay: dict[str, Any] | None = None
     staged: dict[str, bytes] = field(default_factory=dict)
     live_relay: Any = None
-    metrics_offset: int = 0

@@ -467,7 +467,7 @@ class SlurmRayOperator(BaseOperator):
             run.job_id,
             log_path,
             self.poll_interval,
-            metrics=(metrics_path, run.metrics_offset) if run.relay else None,
+            metrics=(metrics_path, 0) if run.relay else None,
             on_metrics=lambda rows: tracking.relay_live(run, rows),
         )
         return self._finish(run, info, self.manager.read_result(run.run_dir))
