@@ -505,7 +505,7 @@ def poll_command_cpu(job_id: str, run_dir: str, repeat: int = 20) -> dict[str, f
     with bash's ``times`` over ``repeat`` runs (sshd's own session cost is not
     included).
     """
-    from slurm_ray.utils.poll import TailRequest, build_poll
+    from slurm_ray.slurm.poll import TailRequest, build_poll
 
     log, metrics = f"{run_dir}/slurm-{job_id}.out", f"{run_dir}/metrics.jsonl"
     sizes = ssh(f"stat -c %s -- {shlex.quote(log)} {shlex.quote(metrics)}").split()

@@ -321,7 +321,7 @@ def product_window(
 
 def login_cpu_per_poll(job_ids: list[str], out_dir: str, repeat: int = 5) -> dict[str, float]:
     """user+sys CPU on the login node of one poll for these jobs and their log tails."""
-    from slurm_ray.utils.poll import TailRequest, build_poll
+    from slurm_ray.slurm.poll import TailRequest, build_poll
 
     poll = build_poll(job_ids, [TailRequest(f"{out_dir}/slurm-{j}.out", 0) for j in job_ids])
     script = (

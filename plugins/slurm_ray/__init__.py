@@ -22,15 +22,16 @@ __all__ = [
 _LAZY = {
     "SlurmHook": "slurm_ray.hooks.slurm",
     "SlurmJobTrigger": "slurm_ray.triggers.slurm_job",
-    "SlurmRayOperator": "slurm_ray.operators.slurm_ray",
-    "ClusterEnvOperator": "slurm_ray.operators.cluster_env",
-    "GymSanityCheckOperator": "slurm_ray.operators.cluster_env",
+    "SlurmRayOperator": "slurm_ray.operators.training",
+    "ClusterEnvOperator": "slurm_ray.operators.environment",
+    "GymSanityCheckOperator": "slurm_ray.operators.sanity_check",
 }
 
 if TYPE_CHECKING:
     from slurm_ray.hooks.slurm import SlurmHook
-    from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.environment import ClusterEnvOperator
+    from slurm_ray.operators.sanity_check import GymSanityCheckOperator
+    from slurm_ray.operators.training import SlurmRayOperator
     from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 
 

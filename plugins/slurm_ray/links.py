@@ -44,7 +44,7 @@ class SlurmJobLink(BaseOperatorLink):
 
 def task_log_url(ti_key: TaskInstanceKey, **query: str) -> str:
     """The Airflow UI page of one task try (its log), on the API server's base URL."""
-    from airflow.configuration import conf
+    from airflow.sdk import conf
 
     base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
     path = "/".join(

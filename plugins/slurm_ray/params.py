@@ -295,6 +295,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
     )
     return {
         "profile": profile.name,
+        "job_url_template": profile.job_url_template,
         "ssh_conn_id": profile.ssh_conn_id,
         "remote_base_dir": profile.remote_base_dir,
         "environment": profile.environment.to_dict(),

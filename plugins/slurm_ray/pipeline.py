@@ -16,12 +16,13 @@ from typing import Any, cast
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
-from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
-from slurm_ray.operators.slurm_ray import SlurmRayOperator
+from slurm_ray.operators.environment import ClusterEnvOperator
+from slurm_ray.operators.sanity_check import GymSanityCheckOperator
+from slurm_ray.operators.training import SlurmRayOperator
 from slurm_ray.params import RunParamError, check_params, param_specs, resolve_run
 
 #: Retries for the training task: a retry re-attaches to a running job or
-#: resumes from the newest checkpoint (see DESIGN: a rare scheduler race).
+#: resumes from the newest checkpoint (a rare scheduler race can fail a try).
 TRAIN_RETRIES = 2
 
 #: Seconds between job polls. The poll is one squeue per host per interval
@@ -83,6 +84,7 @@ def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "config": resolved["config"],
                 "mlflow": resolved["mlflow"],
                 "cluster_name": resolved["profile"],
+                "job_url_template": resolved["job_url_template"],
                 "env_modules": resolved["env_modules"],
             }
         )
@@ -97,17 +99,11 @@ def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
 
 def export_model_command(run_dir: str, environment: Mapping[str, Any]) -> str:
     """Shell text that builds ``run_dir/mlflow_model`` with the cluster-side env (once)."""
+    from slurm_ray.slurm.commands import build_export_model_command
     from slurm_ray.utils.environment import EnvironmentSpec
-    from slurm_ray.utils.quoting import quote
 
     env = EnvironmentSpec.from_dict(environment)
-    d = quote(run_dir)
-    lines = [f"cd {d}", *env.activation_lines()]
-    activate = " && ".join(f"{{ {line.rstrip(';')}; }}" for line in lines)
-    return (
-        f"if [ -f {d}/mlflow_model/MLmodel ]; then echo already exported; "
-        f"else {activate} && python -u export_model.py --run-dir {d}; fi"
-    )
+    return build_export_model_command(run_dir, env.activation_lines())
 
 
 def register_trained_model(
@@ -199,6 +195,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
         config=resolved["config"],
         mlflow=resolved["mlflow"],
         cluster_name=resolved["profile"],
+        job_url_template=resolved["job_url_template"],
         env_modules=resolved["env_modules"],
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),

@@ -30,8 +30,9 @@ def get_provider_info() -> dict[str, Any]:
             {
                 "integration-name": "Slurm",
                 "python-modules": [
-                    "slurm_ray.operators.slurm_ray",
-                    "slurm_ray.operators.cluster_env",
+                    "slurm_ray.operators.training",
+                    "slurm_ray.operators.environment",
+                    "slurm_ray.operators.sanity_check",
                 ],
             }
         ],

@@ -47,7 +47,7 @@ def _expect_nothing_created(
 ) -> None:
     """``make(base_dir, experiment)`` builds the task; executing it must fail naming ``field``."""
     from mlflow import MlflowClient
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     base = cluster.new_dir("refused")
     experiment = f"refused-{uuid.uuid4().hex[:10]}"

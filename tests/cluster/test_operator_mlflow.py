@@ -98,7 +98,7 @@ def test_retry_first_relays_rows_an_earlier_try_left_behind(
     import posixpath
 
     from mlflow.tracking import MlflowClient
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     ti = FakeTI(task_id="earlier", try_number=2)
     _, suffix1 = run_identity(ti.dag_id, ti.run_id, ti.task_id, -1, 1)

@@ -88,7 +88,7 @@ def test_no_secret_in_ps_during_a_build(cluster: DevCluster, neighbour, tmp_path
 def test_build_variables_reach_the_build(cluster: DevCluster, tmp_path: Path) -> None:
     """The stdin route delivers every byte (quotes, newlines, $(...)) and runs nothing."""
     from slurm_ray.hooks.slurm import SlurmHook
-    from slurm_ray.operators.cluster_env import render_build_command, render_build_stdin
+    from slurm_ray.slurm.environment import render_build_command, render_build_stdin
     from slurm_ray.utils.environment import EnvironmentSpec
 
     base = cluster.new_dir("stdin-env")

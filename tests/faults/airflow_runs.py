@@ -137,7 +137,7 @@ def jobs_named(cluster: DevCluster, prefix: str) -> list[tuple[str, str]]:
 
 def run_job_prefix(run_id: str, task_id: str = "train") -> str:
     """Name prefix shared by every try's job of this task (``sr-<digest>-<task>-t``)."""
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     name, _ = run_identity(DAG, run_id, task_id, -1, 1)
     return name[: -len("1")]

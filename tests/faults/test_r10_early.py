@@ -42,7 +42,7 @@ def test_finished_jobs_are_seen_by_the_nothing_submitted_check(cluster: DevClust
 
 def fail_early(cluster: DevCluster, task_id: str, needle: str, **kwargs: Any) -> float:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     ti = FakeTI(task_id=task_id)
     job_name, _ = run_identity(ti.dag_id, ti.run_id, task_id, -1, 1)
@@ -77,7 +77,7 @@ def test_r10_environment_missing(cluster: DevCluster, faults) -> None:
 
 def test_r10_sanity_check_fails(cluster: DevCluster, faults) -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.cluster_env import GymSanityCheckOperator
+    from slurm_ray.operators.sanity_check import GymSanityCheckOperator
 
     def body() -> float:
         # its own directory: a job run from there would be this check's (other

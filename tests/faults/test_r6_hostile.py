@@ -71,7 +71,7 @@ def test_r6_params_refused_naming_the_field_or_inert(
     cluster: DevCluster, mlflow_server: MlflowServer, faults
 ) -> None:
     from airflow.sdk import Param
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
     from slurm_ray.params import RunParamError, param_specs, resolve_run
 
     specs = param_specs()
@@ -152,7 +152,7 @@ def test_r6_params_refused_naming_the_field_or_inert(
 
 def _expect_refused(cluster: DevCluster, field: str, **kwargs: Any) -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     task_id = f"r6_{uuid.uuid4().hex[:6]}"
     ti = FakeTI(task_id=task_id)
@@ -174,7 +174,7 @@ def _expect_refused(cluster: DevCluster, field: str, **kwargs: Any) -> None:
 def _refused_by_slurm_or_inert(cluster: DevCluster, field: str, spec: dict[str, Any]) -> None:
     """sbatch refuses the value (nothing queued), or the job runs with it as plain data."""
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     ti = FakeTI(task_id=f"r6_spec_{field}")
     job_name, _ = run_identity(ti.dag_id, ti.run_id, ti.task_id, -1, 1)

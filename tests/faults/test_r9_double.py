@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 @pytest.mark.parametrize("trial", range(trials()))
 def test_r9_double_execute_one_job(cluster: DevCluster, faults, trial: int) -> None:
     from airflow.sdk.exceptions import TaskDeferred
-    from slurm_ray.operators.slurm_ray import run_identity
+    from slurm_ray.operators.identity import run_identity
 
     def body() -> float:
         task_id = f"r9_{trial}"

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from slurm_ray.slurm.parsers import parse_scontrol
 from slurm_ray.utils.batch import (
     EXTRA_DIRECTIVES,
     JobSpec,
@@ -26,7 +27,7 @@ from slurm_ray.utils.batch import (
     sbatch_word,
 )
 from slurm_ray.utils.quoting import quote
-from slurm_ray.utils.states import SlurmState, parse_scontrol
+from slurm_ray.utils.states import SlurmState
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 

@@ -76,21 +76,21 @@ def test_a_failing_squeue_is_not_read_as_no_job(tmp_path: Path, shell: ShellHook
     shell.fake.modes["squeue"] = "down"
     op = make_op(tmp_path, shell)
     with pytest.raises(SlurmSSHError, match="squeue"):
-        op._submit_once(run_dir(tmp_path), "sr-abc-train-t1")
+        op.manager.submit_once(run_dir(tmp_path), "sr-abc-train-t1")
     assert shell.fake.calls("sbatch") == []
 
 
 def test_an_active_job_of_the_try_is_adopted(tmp_path: Path, shell: ShellHook) -> None:
     shell.fake.add("squeue", "77", squeue_line("77", "RUNNING", "sr-abc-train-t1"))
     op = make_op(tmp_path, shell)
-    assert op._submit_once(run_dir(tmp_path), "sr-abc-train-t1") == ("77", True)
+    assert op.manager.submit_once(run_dir(tmp_path), "sr-abc-train-t1") == ("77", True)
     assert shell.fake.calls("sbatch") == []
 
 
 def test_no_job_submits(tmp_path: Path, shell: ShellHook) -> None:
     shell.fake.add("squeue", "5", squeue_line("5", "RUNNING", "someone-else"))
     op = make_op(tmp_path, shell)
-    assert op._submit_once(run_dir(tmp_path), "sr-abc-train-t1") == ("4242", False)
+    assert op.manager.submit_once(run_dir(tmp_path), "sr-abc-train-t1") == ("4242", False)
     assert len(shell.fake.calls("sbatch")) == 1
 
 
@@ -136,7 +136,7 @@ def test_a_retry_cancels_earlier_tries_and_waits_until_they_left(
     fake.add("squeue", "72", squeue_line("72", "RUNNING", "sr-abc-other-t1"))  # another task
     fake.add("squeue", "73", squeue_line("73", "RUNNING", "sr-abc-train-t1x"))  # not a try name
     op = make_op(tmp_path, cancelling)
-    assert op._submit_once(run_dir(tmp_path, 2), "sr-abc-train-t2") == ("4242", False)
+    assert op.manager.submit_once(run_dir(tmp_path, 2), "sr-abc-train-t2") == ("4242", False)
     assert fake.calls("scancel") == [["70"]]
     assert len(fake.calls("sbatch")) == 1
     # sbatch ran only once job 70 had left the queue (not while it was COMPLETING)
@@ -152,7 +152,7 @@ def test_a_stale_earlier_try_does_not_submit_after_a_later_one(
     shell.fake.add("squeue", "80", squeue_line("80", "PENDING", "sr-abc-train-t3"))
     op = make_op(tmp_path, shell)
     with pytest.raises(AirflowException, match=r"later try .* Slurm job 80"):
-        op._submit_once(run_dir(tmp_path, 2), "sr-abc-train-t2")
+        op.manager.submit_once(run_dir(tmp_path, 2), "sr-abc-train-t2")
     assert shell.fake.calls("sbatch") == [] and shell.fake.calls("scancel") == []
 
 
@@ -163,17 +163,21 @@ def test_adoption_before_submitting_cancels_older_and_adopts_own(
     fake.add("squeue", "90", squeue_line("90", "RUNNING", "sr-abc-train-t1"))
     fake.add("squeue", "91", squeue_line("91", "PENDING", "sr-abc-train-t2"))
     op = make_op(tmp_path, cancelling)
-    assert op._claim(run_dir(tmp_path, 2), "sr-abc-train-t2", submit=False) == ("attach", "91")
+    assert op.manager.claim(run_dir(tmp_path, 2), "sr-abc-train-t2", submit=False) == (
+        "attach",
+        "91",
+    )
     assert fake.calls("scancel") == [["90"]] and fake.calls("sbatch") == []
 
 
 def test_nothing_to_adopt_is_clear(tmp_path: Path, shell: ShellHook) -> None:
     op = make_op(tmp_path, shell)
-    assert op._claim(run_dir(tmp_path, 1), "sr-abc-train-t1", submit=False) == ("clear", "")
+    assert op.manager.claim(run_dir(tmp_path, 1), "sr-abc-train-t1", submit=False) == ("clear", "")
 
 
 def test_claim_command_runs_in_dash(tmp_path: Path, cancelling: ShellHook) -> None:
-    from slurm_ray.utils.remote import build_claim_command, parse_claim_output
+    from slurm_ray.slurm.commands import build_claim_command
+    from slurm_ray.slurm.parsers import parse_claim_output
 
     cancelling.fake.add("squeue", "70", squeue_line("70", "RUNNING", "sr-abc-train-t1"))
     d = run_dir(tmp_path, 2)
@@ -187,7 +191,7 @@ def test_claim_command_runs_in_dash(tmp_path: Path, cancelling: ShellHook) -> No
     ("key", "try_number"), [("sr-x-t;rm", 1), ("", 1), ("sr-x-t", 0), ("sr-x-t", True)]
 )
 def test_claim_command_refuses_bad_input(key: str, try_number: int) -> None:
-    from slurm_ray.utils.remote import build_claim_command
+    from slurm_ray.slurm.commands import build_claim_command
 
     with pytest.raises(ValueError):
         build_claim_command("/t", "/t/try_1", key, try_number, submit=True)

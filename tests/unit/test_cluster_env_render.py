@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException
-from slurm_ray.operators.cluster_env import (
-    ClusterEnvOperator,
-    GymSanityCheckOperator,
+from slurm_ray.operators.environment import ClusterEnvOperator
+from slurm_ray.operators.remote_env import validate_env_id
+from slurm_ray.operators.sanity_check import GymSanityCheckOperator
+from slurm_ray.slurm.environment import (
     build_env_vars,
     parse_build_output,
     parse_sanity_output,
@@ -30,7 +31,6 @@ from slurm_ray.operators.cluster_env import (
     render_sanity_command,
     render_sanity_script,
     sanity_error_reason,
-    validate_env_id,
 )
 from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
 

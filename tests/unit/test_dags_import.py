@@ -67,7 +67,7 @@ def test_retrain_is_scheduled_and_publishes_asset(dagbag) -> None:
 
 def test_sweep_maps_training(dagbag) -> None:
     from airflow.sdk.definitions.mappedoperator import MappedOperator
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
 
     dag = dagbag.dags.get("rllib_sweep")
     assert {"train", "compare", "register_best", "promote"} <= set(dag.task_ids)
@@ -80,7 +80,7 @@ def test_sweep_maps_training(dagbag) -> None:
 
 def test_deferrable_param_reaches_the_operator(dagbag) -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import _as_bool
+    from slurm_ray.operators.training import _as_bool
     from slurm_ray.params import param_specs, resolve_run
 
     defaults = {name: spec["default"] for name, spec in param_specs().items()}

@@ -324,7 +324,7 @@ def test_plugin_dags_and_include_are_mounted_like_a_checkout(
     services: dict[str, dict[str, Any]],
 ) -> None:
     # The package is installed editable from one directory laid out like the
-    # repository; slurm_ray finds include/ next to plugins/ (operators/slurm_ray.py).
+    # repository; slurm_ray finds include/ next to plugins/ (operators/remote_env.py).
     want = {ROOT / "dags": "dags", ROOT / "plugins": "plugins", ROOT / "include": "include"}
     dockerfile = (DOCKER / "airflow" / "Dockerfile").read_text()
     for name in AIRFLOW_SERVICES:

@@ -62,7 +62,7 @@ def test_config_env_id_refuses_a_trailing_newline(env_id: str) -> None:
 
 def test_sanity_check_env_id_refuses_a_trailing_newline() -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.cluster_env import validate_env_id
+    from slurm_ray.operators.remote_env import validate_env_id
 
     with pytest.raises(AirflowException, match=r"^env_id: "):
         validate_env_id("CartPole-v1\n")
@@ -167,8 +167,8 @@ def test_module_env_ids_are_refused_unless_the_profile_allows_them(env_id: str) 
 
 def test_module_env_id_refused_by_the_operator_and_sanity_check() -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.cluster_env import validate_env_id
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.remote_env import validate_env_id
+    from slurm_ray.operators.training import SlurmRayOperator
 
     with pytest.raises(AirflowException, match=r"^env_id: .*not allowed"):
         validate_env_id("os:Evil-v0")
@@ -192,7 +192,7 @@ def test_profiles_allow_no_env_module_by_default() -> None:
 
 
 def test_sanitize_is_injective_on_lookalike_run_ids() -> None:
-    from slurm_ray.operators.slurm_ray import run_identity, sanitize
+    from slurm_ray.operators.identity import run_identity, sanitize
 
     ids = ["a:b", "a+b", "a~b", "a_b", "a b", "a/b", "a__b", "a.b", "a-b", "_a_b_", "ab"]
     outs = [sanitize(i) for i in ids]
@@ -204,7 +204,7 @@ def test_sanitize_is_injective_on_lookalike_run_ids() -> None:
 
 
 def test_sanitize_cannot_be_mimicked_by_a_safe_id() -> None:
-    from slurm_ray.operators.slurm_ray import sanitize
+    from slurm_ray.operators.identity import sanitize
 
     forged = sanitize("a:b")  # a safe-looking id equal to another id's directory
     assert sanitize(forged) != forged
@@ -212,7 +212,7 @@ def test_sanitize_cannot_be_mimicked_by_a_safe_id() -> None:
 
 
 def test_sanitize_injective_on_many_variants() -> None:
-    from slurm_ray.operators.slurm_ray import sanitize
+    from slurm_ray.operators.identity import sanitize
 
     alphabet = ["a", "_", ":", "+", "~", " ", ".", "-", "é"]
     ids = ["".join(p) for n in (1, 2, 3) for p in itertools.product(alphabet, repeat=n)]
@@ -314,7 +314,7 @@ def test_tracking_uri_credentials_never_stored(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_build_values_never_in_the_command_line() -> None:
-    from slurm_ray.operators.cluster_env import render_build_command, render_build_stdin
+    from slurm_ray.slurm.environment import render_build_command, render_build_stdin
     from slurm_ray.utils.environment import EnvironmentSpec
 
     env = EnvironmentSpec(kind="venv", prefix="/p/env", module_lines=("module load x",))
@@ -325,7 +325,7 @@ def test_build_values_never_in_the_command_line() -> None:
 
 
 def test_job_env_vars_are_not_in_the_batch_script() -> None:
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
     from slurm_ray.utils.batch import JobSpec
     from slurm_ray.utils.environment import EnvironmentSpec
 

@@ -10,7 +10,7 @@ import pytest
 
 def docstring_example() -> str:
     """The code block that opens SlurmRayOperator's docstring, exactly as written there."""
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
 
     doc = SlurmRayOperator.__doc__ or ""
     head, sep, rest = doc.partition("Minimal example")
@@ -45,7 +45,7 @@ def _spec(op):
 
 
 def test_profile_supplies_connection_base_dir_environment_and_placement() -> None:
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
     from slurm_ray.profiles import get_profile
 
     local = get_profile("local")
@@ -58,7 +58,7 @@ def test_profile_supplies_connection_base_dir_environment_and_placement() -> Non
 
 
 def test_explicit_arguments_override_the_profile() -> None:
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
 
     op = SlurmRayOperator(
         task_id="t",
@@ -87,7 +87,7 @@ def test_explicit_arguments_override_the_profile() -> None:
 
 def test_plain_keywords_and_job_spec_agree_or_fail_naming_the_field() -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
 
     same = SlurmRayOperator(
         task_id="t", ssh_conn_id="c", nodes=2, job_spec={"nodes": 2, "mem": "1G"}, entrypoint="x"
@@ -102,7 +102,7 @@ def test_plain_keywords_and_job_spec_agree_or_fail_naming_the_field() -> None:
 
 
 def test_without_a_profile_runs_go_under_the_remote_home() -> None:
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
 
     op = SlurmRayOperator(task_id="t", ssh_conn_id="c", entrypoint="true")
     assert op.remote_base_dir == "{home}/slurm_ray/runs"
@@ -115,7 +115,7 @@ def test_without_a_profile_runs_go_under_the_remote_home() -> None:
 
 def test_unknown_profile_and_placeholder_account_are_named() -> None:
     from airflow.sdk.exceptions import AirflowException
-    from slurm_ray.operators.slurm_ray import SlurmRayOperator
+    from slurm_ray.operators.training import SlurmRayOperator
     from slurm_ray.profiles import ProfileError
 
     with pytest.raises(ProfileError, match="profile: unknown cluster profile 'summit'"):
@@ -128,7 +128,8 @@ def test_unknown_profile_and_placeholder_account_are_named() -> None:
 
 
 def test_environment_and_sanity_operators_take_the_profile() -> None:
-    from slurm_ray.operators.cluster_env import ClusterEnvOperator, GymSanityCheckOperator
+    from slurm_ray.operators.environment import ClusterEnvOperator
+    from slurm_ray.operators.sanity_check import GymSanityCheckOperator
     from slurm_ray.profiles import get_profile
 
     local = get_profile("local")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from slurm_ray.hooks.slurm import CommandResult
-from slurm_ray.triggers import slurm_job
+from slurm_ray.triggers import host_poller, slurm_job
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
 
 from tests.faults.helpers import tap
@@ -219,7 +219,7 @@ def test_one_bad_subscription_fails_only_its_own_job(shell: LocalShell, tmp_path
 def test_parse_error_is_not_connection_trouble(shell: LocalShell, monkeypatch) -> None:
     """Item 5: a parser bug makes the jobs UNKNOWN for a round; no reconnect, no error event."""
     shell.set_state("8", "RUNNING")
-    real = slurm_job.parse_poll_output
+    real = host_poller.parse_poll_output
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -230,7 +230,7 @@ def test_parse_error_is_not_connection_trouble(shell: LocalShell, monkeypatch) -
             shell.set_state("8", "COMPLETED")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(slurm_job, "parse_poll_output", flaky)
+    monkeypatch.setattr(host_poller, "parse_poll_output", flaky)
     trig = SlurmJobTrigger(job_id="8", ssh_conn_id="c", log_path="/x/8", poll_interval=0.05)
     logs = tap(trig)
     events = asyncio.run(asyncio.wait_for(collect(trig), 20))

@@ -7,7 +7,7 @@ import re
 import subprocess
 
 import pytest
-from slurm_ray.operators.slurm_ray import run_identity, sanitize
+from slurm_ray.operators.identity import run_identity, sanitize
 from slurm_ray.profiles import (
     ClusterProfile,
     ProfileError,
@@ -15,9 +15,7 @@ from slurm_ray.profiles import (
     profile_names,
     register_profile,
 )
-from slurm_ray.triggers.slurm_job import SlurmJobTrigger
-from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
-from slurm_ray.utils.poll import (
+from slurm_ray.slurm.poll import (
     MAX_CHUNK,
     MIN_CHUNK,
     POLL_BUDGET,
@@ -27,6 +25,8 @@ from slurm_ray.utils.poll import (
     build_poll,
     parse_poll_output,
 )
+from slurm_ray.triggers.slurm_job import SlurmJobTrigger
+from slurm_ray.utils.environment import EnvironmentSpec, EnvironmentSpecError
 
 HOSTILE = ["a 0", 'a"=0"', "a'; echo foo", "$(touch /tmp/PWNED_sr)", "`touch /tmp/PWNED_sr`", "x;y"]
 

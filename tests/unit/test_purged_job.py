@@ -112,14 +112,13 @@ class PurgedHook:
     def __init__(self, result: bytes | None, log: str) -> None:
         self.result, self.log, self.polls = result, log, 0
 
-    def states(self, job_ids):
+    def poll(self, job_ids, tails):
+        from slurm_ray.slurm.poll import TailChunk
         from slurm_ray.utils.states import JobInfo
 
         self.polls += 1
-        return {"12": JobInfo("12", S.NOT_FOUND, reason="unknown to squeue and scontrol")}
-
-    def read_from_offset(self, path, offset, max_bytes=1 << 20):
-        return b""
+        states = {"12": JobInfo("12", S.NOT_FOUND, reason="unknown to squeue and scontrol")}
+        return states, [TailChunk()] * len(tails)
 
     def read_file(self, path):
         return self.result if path.endswith("result.json") else None
@@ -146,11 +145,14 @@ def test_non_deferrable_wait_ends_on_a_confirmed_not_found(result, log, ok) -> N
         entrypoint="true",
         poll_interval=0,
     )
+    from slurm_ray.operators.run_state import RunState
+
     op._hook = hook = PurgedHook(result, log)  # type: ignore[assignment]
+    run = RunState(context={}, run_dir="/r/run", job_id="12")  # type: ignore[arg-type]
     if ok:
-        summary = op._poll_until_done("12", "/r/run", "/r/run/slurm-12.out")
+        summary = op._follow(run)
         assert summary["state"] == "COMPLETED" and summary["job_id"] == "12"
     else:
         with pytest.raises(AirflowException, match=r"ended NOT_FOUND.*neither result\.json"):
-            op._poll_until_done("12", "/r/run", "/r/run/slurm-12.out")
+            op._follow(run)
     assert hook.polls == 2

@@ -14,17 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurm_ray.utils.quoting import quote
-from slurm_ray.utils.remote import (
+from slurm_ray.slurm.commands import (
     build_cancel_command,
     build_find_jobs_by_name_command,
-    build_read_from_offset_command,
     build_states_command,
-    parse_find_jobs_by_name,
-    parse_states_output,
-    validate_job_id,
 )
-from slurm_ray.utils.states import SACCT_FORMAT, SQUEUE_FORMAT, SlurmState
+from slurm_ray.slurm.ids import validate_job_id
+from slurm_ray.slurm.parsers import SQUEUE_FORMAT, parse_find_jobs_by_name, parse_states_output
+from slurm_ray.slurm.poll import MIN_CHUNK, TailChunk, TailRequest, build_poll, parse_poll_output
+from slurm_ray.slurm.sacct import SACCT_FORMAT
+from slurm_ray.utils.quoting import quote
+from slurm_ray.utils.states import SlurmState
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "slurm"
 S = SlurmState
@@ -380,22 +380,26 @@ def test_cancel_batch_and_full_are_exclusive() -> None:
         build_cancel_command("1", "USR1", batch=True, full=True)
 
 
-# --- read from offset ------------------------------------------------------------------
+# --- read from offset: the poll's file tail, the one tail builder ---------------------
+
+
+def read_chunk(path: str, offset: int, n: int, shell: str, cwd: Path | None = None) -> TailChunk:
+    poll = build_poll([], [TailRequest(path, offset, n)], budget=n)
+    proc = subprocess.run(
+        [shell, "-c", poll.command], input=poll.stdin, capture_output=True, cwd=cwd
+    )
+    assert proc.returncode == 0, proc.stderr
+    return parse_poll_output(proc.stdout.decode(), [], 1)[1][0]
 
 
 def read_all(path: str, shell: str, chunk: int, cwd: Path) -> bytes:
     data, offset = b"", 0
     while True:
-        proc = subprocess.run(
-            [shell, "-c", build_read_from_offset_command(path, offset, chunk)],
-            capture_output=True,
-            cwd=cwd,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert len(proc.stdout) <= chunk
-        if not proc.stdout:
+        got = read_chunk(path, offset, chunk, shell, cwd)
+        assert got.start == offset and len(got.data) <= max(chunk, MIN_CHUNK)
+        if not got.data:
             return data
-        data, offset = data + proc.stdout, offset + len(proc.stdout)
+        data, offset = data + got.data, offset + len(got.data)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -411,27 +415,23 @@ def test_read_from_offset_reassembles_the_file(tmp_path: Path, shell: str, chunk
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_read_from_offset_edge_cases(tmp_path: Path, shell: str) -> None:
-    (tmp_path / "f").write_bytes(b"0123456789")
+    (tmp_path / "f").write_bytes(b"0123456789" * 1000)
 
-    def run(path: str, offset: int, n: int) -> subprocess.CompletedProcess[bytes]:
-        cmd = build_read_from_offset_command(str(tmp_path / path), offset, n)
-        return subprocess.run([shell, "-c", cmd], capture_output=True)
+    def run(path: str, offset: int, n: int) -> TailChunk:
+        return read_chunk(str(tmp_path / path), offset, n, shell)
 
-    assert run("f", 3, 4).stdout == b"3456"
-    assert run("f", 8, 100).stdout == b"89"
-    assert (run("f", 10, 5).returncode, run("f", 10, 5).stdout) == (0, b"")
-    assert (run("f", 99, 5).returncode, run("f", 99, 5).stdout) == (0, b"")
-    missing = run("not-yet", 0, 5)
-    assert (missing.returncode, missing.stdout, missing.stderr) == (0, b"", b"")
-    (tmp_path / "d").mkdir()
-    directory = run("d", 0, 5)
-    assert directory.returncode != 0 and b"cannot read" in directory.stderr
+    assert run("f", 3, 4).data == b"3456"  # max_bytes below MIN_CHUNK is honoured
+    assert run("f", 9998, 100).data == b"89"
+    assert run("f", 10_000, 5) == TailChunk(start=10_000, size=10_000, data=b"")
+    # offset past the end: the file shrank (a requeue), read again from 0
+    assert run("f", 99_999, 5) == TailChunk(start=0, size=10_000, data=b"01234")
+    assert run("not-yet", 0, 5) == TailChunk(start=0, size=-1, data=b"")
 
 
 @pytest.mark.parametrize(("offset", "n"), [(-1, 5), (0, 0), (True, 5), (0, 1.5)])
 def test_read_from_offset_refuses_bad_numbers(offset: int, n: int) -> None:
     with pytest.raises(ValueError):
-        build_read_from_offset_command("/x", offset, n)
+        build_poll([], [TailRequest("/x", offset, n)])
 
 
 # --- the real cluster -------------------------------------------------------------------
@@ -563,19 +563,19 @@ def test_read_from_offset_on_the_real_cluster(cluster, remote_dir: str) -> None:
         timeout=60,
     )
 
-    def read(p: str, offset: int, n: int) -> subprocess.CompletedProcess[bytes]:
-        cmd = build_read_from_offset_command(p, offset, n)
-        argv = ["ssh", "-F", str(cluster.ssh_config), "dev-cluster", cmd]
-        return subprocess.run(argv, capture_output=True, timeout=60)
+    def read(p: str, offset: int, n: int) -> TailChunk:
+        poll = build_poll([], [TailRequest(p, offset, n)], budget=n)
+        argv = ["ssh", "-F", str(cluster.ssh_config), "dev-cluster", poll.command]
+        proc = subprocess.run(argv, input=poll.stdin, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return parse_poll_output(proc.stdout.decode(), [], 1)[1][0]
 
-    got = read(path, 0, 500).stdout + read(path, 500, 10_000).stdout
+    got = read(path, 0, 500).data + read(path, 500, 10_000).data
     assert got == content
-    assert read(path, len(content), 10).stdout == b""
-    missing = read(f"{remote_dir}/slurm-none.out", 0, 10)
-    assert (missing.returncode, missing.stdout) == (0, b"")
+    assert read(path, len(content), 10).data == b""
+    assert read(f"{remote_dir}/slurm-none.out", 0, 10) == TailChunk(start=0, size=-1, data=b"")
     cluster.ssh(f"chmod 000 {quote(path)}")  # the job user is not root there
-    denied = read(path, 0, 10)
-    assert denied.returncode != 0 and b"cannot read" in denied.stderr
+    assert read(path, 0, 10).data == b""  # no bytes of a file we may not read
 
 
 def test_fake_tools_exist_only_on_the_fake_path(fake: FakeSlurm) -> None:

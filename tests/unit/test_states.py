@@ -6,22 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+from slurm_ray.slurm.parsers import SQUEUE_FORMAT, parse_scontrol, parse_squeue
+from slurm_ray.slurm.sacct import SACCT_FORMAT, parse_sacct
 from slurm_ray.utils.states import (
     ACTIVE_STATES,
     FAILED_STATES,
     PENDING_STATES,
     RUNNING_STATES,
-    SACCT_FORMAT,
-    SQUEUE_FORMAT,
     TERMINAL_STATES,
     JobInfo,
     SlurmState,
     is_active,
     is_success,
     is_terminal,
-    parse_sacct,
-    parse_scontrol,
-    parse_squeue,
     parse_state,
 )
 

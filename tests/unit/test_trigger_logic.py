@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from slurm_ray.hooks.slurm import CommandResult
+from slurm_ray.slurm.parsers import SQUEUE_FORMAT
 from slurm_ray.triggers import slurm_job
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
 from slurm_ray.utils import states
@@ -43,7 +44,7 @@ class FakeClient:
 
 def squeue_output(*jobs: tuple[str, str]) -> str:
     """What build_states_command prints when squeue knows every job."""
-    assert states.SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%j"
+    assert SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%j"
     rows = "".join(f"{job_id}|{state}|None|2|0:05|n[1-2]|sr-job\n" for job_id, state in jobs)
     return f"@@slurm_ray:squeue rc=0\n{rows}@@slurm_ray:end\n"
 

@@ -2,12 +2,11 @@
 
 Built on the SSH provider: :class:`SSHHook` (paramiko) for the operator side,
 :class:`SSHHookAsync` (asyncssh) for triggers.  All shell text comes from the
-pure builders in :mod:`slurm_ray.utils.remote`; this module only transports.
+pure builders in :mod:`slurm_ray.slurm`; this module only transports.
 """
 
 from __future__ import annotations
 
-import posixpath
 import stat
 import time
 import uuid
@@ -19,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException
 
-from slurm_ray.utils import remote
-from slurm_ray.utils.quoting import quote
+from slurm_ray.slurm import commands, parsers
+from slurm_ray.slurm.poll import TailChunk, TailRequest, build_poll, parse_poll_output
 from slurm_ray.utils.states import JobInfo
 
 if TYPE_CHECKING:
@@ -56,21 +55,15 @@ class CommandResult:
     stdout: str
     stderr: str
     stdout_bytes: bytes = b""
+    #: Bytes of the start of stdout / stderr dropped to keep within the hook's cap.
+    stdout_cut: int = 0
+    stderr_cut: int = 0
 
     def check(self, command: str) -> CommandResult:
         """Raise :class:`RemoteCommandError` unless the command succeeded."""
         if self.exit_code != 0:
             raise RemoteCommandError(command, self.exit_code, self.stdout, self.stderr)
         return self
-
-
-def parse_job_id(sbatch_output: str) -> str:
-    """Job id from ``sbatch --parsable`` output (``ID`` or ``ID;cluster``)."""
-    line = sbatch_output.strip().splitlines()[-1] if sbatch_output.strip() else ""
-    job_id = line.split(";", 1)[0].strip()
-    if not job_id.isdigit():
-        raise SlurmSSHError(f"sbatch did not print a job id: {sbatch_output!r}")
-    return job_id
 
 
 def _host_key_message(conn_id: str | None, exc: BaseException) -> str:
@@ -115,6 +108,25 @@ def check_host_key_extras(conn_id: str | None, extra: Mapping[str, Any]) -> None
         )
 
 
+#: Default bytes of stdout (and of stderr) :meth:`SlurmHook.run` keeps.
+MAX_OUTPUT = 64 * 1024 * 1024
+
+
+class _TailBuffer:
+    """The last ``limit`` bytes of a stream, and how many were dropped before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.data, self.cut = limit, bytearray(), 0
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        over = len(self.data) - self.limit
+        if over > 0:
+            # Deleting from the front of a bytearray does not copy the rest.
+            del self.data[:over]
+            self.cut += over
+
+
 class SlurmHook(BaseHook):
     """
     Talk to a Slurm cluster through its login node over SSH.
@@ -123,6 +135,8 @@ class SlurmHook(BaseHook):
         extra pins the server key; without it the key must be in ``known_hosts``.
     :param command_timeout: default seconds a remote command may take.
     :param conn_timeout: seconds to establish the SSH connection.
+    :param max_output: bytes of stdout and of stderr a command's result keeps (the
+        end of each); more is cut and the log says how much.
     """
 
     conn_name_attr = "ssh_conn_id"
@@ -136,11 +150,13 @@ class SlurmHook(BaseHook):
         *,
         command_timeout: float = 120.0,
         conn_timeout: int = 10,
+        max_output: int = MAX_OUTPUT,
     ) -> None:
         super().__init__()
         self.ssh_conn_id = ssh_conn_id
         self.command_timeout = command_timeout
         self.conn_timeout = conn_timeout
+        self.max_output = max_output
 
     def check_connection(self) -> None:
         """Refuse a connection whose extras disable host key checks (no network used)."""
@@ -210,17 +226,17 @@ class SlurmHook(BaseHook):
             if stdin:
                 chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = bytearray(), bytearray()
+            out, err = _TailBuffer(self.max_output), _TailBuffer(self.max_output)
             deadline = time.monotonic() + limit
             # Drain both streams as they come: reading one to the end first
             # deadlocks once the other fills its window.
             while True:
                 busy = False
                 if chan.recv_ready():
-                    out += chan.recv(1 << 16)
+                    out.add(chan.recv(1 << 16))
                     busy = True
                 if chan.recv_stderr_ready():
-                    err += chan.recv_stderr(1 << 16)
+                    err.add(chan.recv_stderr(1 << 16))
                     busy = True
                 if (
                     not busy
@@ -236,12 +252,24 @@ class SlurmHook(BaseHook):
             code = chan.recv_exit_status()
         finally:
             chan.close()
+        for name, buf in (("stdout", out), ("stderr", err)):
+            if buf.cut:
+                self.log.warning(
+                    "remote command printed %d bytes on %s; kept the last %d, cut %d: %s",
+                    buf.cut + len(buf.data),
+                    name,
+                    len(buf.data),
+                    buf.cut,
+                    command[:120],
+                )
         result = CommandResult(
             # -1: the remote side died from a signal; never read that as success.
             exit_code=code if code is not None else -1,
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
-            stdout_bytes=bytes(out),
+            stdout=out.data.decode("utf-8", "replace"),
+            stderr=err.data.decode("utf-8", "replace"),
+            stdout_bytes=bytes(out.data),
+            stdout_cut=out.cut,
+            stderr_cut=err.cut,
         )
         return result.check(command) if check else result
 
@@ -300,49 +328,40 @@ class SlurmHook(BaseHook):
             except FileNotFoundError:
                 return None
 
-    def read_from_offset(self, remote_path: str, offset: int, max_bytes: int = 1 << 20) -> bytes:
-        """Bytes of ``remote_path`` from byte ``offset`` (empty if missing or no new data)."""
-        cmd = remote.build_read_from_offset_command(remote_path, offset, max_bytes)
-        return self.run(cmd, check=True).stdout_bytes
-
     def makedirs(self, remote_path: str) -> None:
         """``mkdir -p`` and prove the directory is writable (one-line error if not)."""
-        probe = posixpath.join(remote_path, ".slurm_ray_write_probe")
-        # umask 077: every directory this creates is owner-only (a shared site);
-        # the leaf is made 0700 even if it existed.
-        cmd = (
-            f"umask 077 && mkdir -p -- {quote(remote_path)} && chmod 700 -- {quote(remote_path)} "
-            f"&& : > {quote(probe)} && rm -f -- {quote(probe)}"
-        )
-        res = self.run(cmd)
+        res = self.run(commands.build_makedirs_command(remote_path))
         if res.exit_code != 0:
             reason = (res.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise SlurmSSHError(f"remote run directory {remote_path!r} is not writable: {reason}")
 
     # -- jobs -------------------------------------------------------------------
 
-    def submit(self, script_path: str, *, cwd: str | None = None) -> str:
-        """``sbatch --parsable`` an uploaded script; returns the job id."""
-        directory = cwd or posixpath.dirname(script_path)
-        cmd = f"cd {quote(directory)} && sbatch --parsable {quote(script_path)}"
-        return parse_job_id(self.run(cmd, check=True).stdout)
-
     def states(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
         """States of many jobs with one remote command (squeue → scontrol → sacct)."""
         if not job_ids:
             return {}
-        cmd = remote.build_states_command(job_ids)
-        res = self.run(cmd)
-        return remote.parse_states_output(res.stdout, job_ids)
+        res = self.run(commands.build_states_command(job_ids))
+        return parsers.parse_states_output(res.stdout, job_ids)
+
+    def poll(
+        self, job_ids: Sequence[str], tails: Sequence[TailRequest]
+    ) -> tuple[dict[str, JobInfo], list[TailChunk]]:
+        """States of ``job_ids`` and new bytes of ``tails``: the trigger's one poll command."""
+        poll = build_poll(job_ids, tails)
+        res = self.run(poll.command, stdin=poll.stdin)
+        if res.exit_code != 0:
+            raise SlurmSSHError(f"poll failed (exit {res.exit_code}): {res.stderr.strip()[-500:]}")
+        return parse_poll_output(res.stdout, job_ids, len(tails))
 
     def find_jobs_by_name(self, name: str) -> list[JobInfo]:
         """The current user's jobs named exactly ``name``, any state Slurm still knows."""
-        res = self.run(remote.build_find_jobs_by_name_command(name), check=True)
-        return remote.parse_find_jobs_by_name(res.stdout, name)
+        res = self.run(commands.build_find_jobs_by_name_command(name), check=True)
+        return parsers.parse_find_jobs_by_name(res.stdout, name)
 
     def cancel(self, job_id: str, *, signal: str | None = None) -> None:
         """``scancel`` the job (or send it ``signal``)."""
-        self.run(remote.build_cancel_command(job_id, signal=signal), check=True)
+        self.run(commands.build_cancel_command(job_id, signal=signal), check=True)
 
 
 class AsyncSlurmClient:
@@ -405,9 +424,9 @@ class AsyncSlurmClient:
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
         """Same as :meth:`SlurmHook.states`, async."""
-        res = await self.run(remote.build_states_command(job_ids))
-        return remote.parse_states_output(res.stdout, job_ids)
+        res = await self.run(commands.build_states_command(job_ids))
+        return parsers.parse_states_output(res.stdout, job_ids)
 
     async def cancel(self, job_id: str) -> CommandResult:
         """``scancel`` the job."""
-        return await self.run(remote.build_cancel_command(job_id))
+        return await self.run(commands.build_cancel_command(job_id))

@@ -1,7 +1,7 @@
 """SlurmJobTrigger: follow a Slurm job from the triggerer, without a worker slot.
 
 All triggers of one SSH connection in a triggerer process share one
-connection and one poll loop (:class:`_HostPoller`): every interval it runs a
+connection and one poll loop (:mod:`~slurm_ray.triggers.host_poller`): every interval it runs a
 single remote command that returns the states of all watched jobs and the new
 bytes of their log files.  Each trigger turns its share into task-log lines
 and, when the job ends, exactly one event.
@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,16 +20,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from slurm_ray.hooks.slurm import AsyncSlurmClient, HostKeyError
-from slurm_ray.utils import remote
-from slurm_ray.utils.poll import (
-    MAX_CHUNK,
-    TailChunk,
-    TailRequest,
-    build_poll,
-    parse_poll_output,
-    validate_tail,
-)
+from slurm_ray.hooks.slurm import AsyncSlurmClient
+from slurm_ray.slurm.ids import validate_job_id
+from slurm_ray.slurm.poll import MAX_CHUNK, TailChunk, TailRequest, validate_tail
+from slurm_ray.triggers.host_poller import PollResult, _HostPoller, _Subscription
 from slurm_ray.utils.states import (
     NOT_FOUND_CONFIRMATIONS,
     PENDING_STATES,
@@ -53,232 +46,6 @@ METRICS_LINE_MAX = 1024 * 1024
 LOG_BACKLOG_MAX = 64 * 1024 * 1024
 #: Polls a finished job's files are read for before its event goes out anyway.
 DRAIN_POLLS = 10
-
-
-def _quiet_asyncssh() -> None:
-    """asyncssh logs every command whole at INFO: a poll is up to megabytes of text.
-
-    Left alone when someone set the level explicitly.
-    """
-    logger = logging.getLogger("asyncssh")
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.WARNING)
-
-
-@dataclass
-class PollResult:
-    """What one poll brought a subscriber."""
-
-    info: JobInfo | None = None
-    chunks: dict[str, TailChunk] = field(default_factory=dict)
-    error: str | None = None
-    fatal: bool = False
-
-
-@dataclass
-class _Subscription:
-    job_id: str
-    interval: float
-    files: dict[str, list[Any]]  # name -> [path, offset]
-    # One slot: a subscriber still busy with its last result (a slow MLflow
-    # relay) is left out of the next polls instead of piling results up.
-    queue: asyncio.Queue[PollResult] = field(default_factory=lambda: asyncio.Queue(maxsize=1))
-
-    def deliver(self, result: PollResult, *, replace: bool = False) -> None:
-        if self.queue.full():
-            if not replace:
-                return
-            self.queue.get_nowait()
-        self.queue.put_nowait(result)
-
-
-class _HostPoller:
-    """One connection and one poll loop per (event loop, ssh_conn_id).
-
-    A poller leaves the registry when its last subscriber goes, so the registry
-    holds only hosts being watched (and never a poller of a closed loop).
-    """
-
-    registry: dict[tuple[int, str], _HostPoller] = {}
-
-    def __init__(self, ssh_conn_id: str, key: tuple[int, str] | None = None) -> None:
-        _quiet_asyncssh()
-        self.ssh_conn_id = ssh_conn_id
-        self.key = key
-        self.client = AsyncSlurmClient(ssh_conn_id)
-        self.subs: dict[int, _Subscription] = {}
-        self.task: asyncio.Task[None] | None = None
-        self.wake = asyncio.Event()
-        self.commands_run = 0
-        #: Largest command text and standard input sent so far (bytes).
-        self.max_command = 0
-        self.max_stdin = 0
-
-    @classmethod
-    def get(cls, ssh_conn_id: str) -> _HostPoller:
-        key = (id(asyncio.get_running_loop()), ssh_conn_id)
-        poller = cls.registry.get(key)
-        if poller is None:
-            poller = cls.registry[key] = cls(ssh_conn_id, key)
-        return poller
-
-    def subscribe(self, sub: _Subscription) -> None:
-        if self.key is not None:
-            # Back in the registry if it was pruned between get() and now.
-            self.registry.setdefault(self.key, self)
-        self.subs[id(sub)] = sub
-        self.wake.set()
-        self.ensure_running()
-
-    def ensure_running(self) -> None:
-        """Start the poll loop unless it runs (a loop that is closing restarts itself)."""
-        if self.subs and (self.task is None or self.task.done()):
-            self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    def unsubscribe(self, sub: _Subscription) -> None:
-        self.subs.pop(id(sub), None)
-        self.wake.set()
-
-    async def _loop(self) -> None:
-        try:
-            while True:
-                try:
-                    await self._poll_while_watched()
-                except Exception:
-                    # A bug here must not leave every trigger of the host waiting.
-                    log.exception("poll loop of %s failed; restarting it", self.ssh_conn_id)
-                    await asyncio.sleep(1.0)
-                await self._reset()
-                # A trigger may have subscribed while the connection closed:
-                # it would otherwise wait for a loop that has ended.
-                if not self.subs:
-                    break
-        finally:
-            if not self.subs and self.key is not None and self.registry.get(self.key) is self:
-                del self.registry[self.key]
-
-    def _requests(
-        self, subs: list[_Subscription]
-    ) -> tuple[list[_Subscription], list[TailRequest], list[tuple[_Subscription, str]]]:
-        """The subscriptions that can be polled and their tails; the others get a fatal error.
-
-        One malformed subscription must not fail the poll of every job on the host.
-        """
-        ok: list[_Subscription] = []
-        tails: list[TailRequest] = []
-        owners: list[tuple[_Subscription, str]] = []
-        for s in subs:
-            try:
-                remote.validate_job_id(s.job_id)
-                mine = [
-                    (validate_tail(TailRequest(path, int(offset), MAX_CHUNK)), name)
-                    for name, (path, offset) in s.files.items()
-                ]
-            except (TypeError, ValueError) as exc:
-                s.deliver(PollResult(error=str(exc), fatal=True), replace=True)
-                self.unsubscribe(s)
-                continue
-            ok.append(s)
-            for req, name in mine:
-                tails.append(req)
-                owners.append((s, name))
-        return ok, tails, owners
-
-    async def _poll_while_watched(self) -> None:
-        failures = 0
-        while self.subs:
-            interval = min(s.interval for s in self.subs.values())
-            ready = [s for s in self.subs.values() if not s.queue.full()]
-            subs, tails, owners = self._requests(ready)
-            if not subs:
-                await self._sleep(interval)
-                continue
-            job_ids = sorted({s.job_id for s in subs})
-            poll = build_poll(job_ids, tails)
-            t0 = time.monotonic()
-            try:
-                res = await self.client.run(poll.command, input=poll.stdin)
-            except HostKeyError as exc:
-                for s in subs:
-                    s.deliver(PollResult(error=str(exc), fatal=True), replace=True)
-                await self._sleep(interval)
-                continue
-            except Exception as exc:
-                # Connection-level trouble: drop the connection, tell the
-                # subscribers, back off with jitter and reconnect.
-                failures += 1
-                await self._reset()
-                msg = f"{type(exc).__name__}: {exc}".strip()
-                log.warning("poll %s failed (%s); reconnecting", self.ssh_conn_id, msg[:300])
-                for s in subs:
-                    s.deliver(PollResult(error=msg))
-                delay = min(30.0, 1.0 * 2 ** min(failures - 1, 5)) * random.uniform(0.5, 1.0)
-                await self._sleep(delay)
-                continue
-            failures = 0
-            self.commands_run += 1
-            self.max_command = max(self.max_command, len(poll.command.encode()))
-            self.max_stdin = max(self.max_stdin, len(poll.stdin))
-            log.info(
-                "poll %s: %d jobs, %d files, sent %d B, got %d B, exit %s, %.2fs%s",
-                self.ssh_conn_id,
-                len(job_ids),
-                len(tails),
-                len(poll.command) + len(poll.stdin),
-                len(res.stdout_bytes),
-                res.exit_code,
-                time.monotonic() - t0,
-                f" ({res.stderr.strip()[:200]})" if res.exit_code else "",
-            )
-            self._hand_out(res.stdout, subs, job_ids, owners)
-            await self._sleep(interval)
-
-    def _hand_out(
-        self,
-        stdout: str,
-        subs: list[_Subscription],
-        job_ids: list[str],
-        owners: list[tuple[_Subscription, str]],
-    ) -> None:
-        try:
-            states, chunks = parse_poll_output(stdout, job_ids, len(owners))
-        except Exception as exc:
-            # A parser bug is not connection trouble: every job is UNKNOWN for
-            # this round, and nobody's job gets cancelled for it.
-            log.exception("could not parse the poll output of %s", self.ssh_conn_id)
-            why = f"poll output not understood: {type(exc).__name__}: {exc}"
-            states = {j: JobInfo(j, SlurmState.UNKNOWN, reason=why[:300]) for j in job_ids}
-            chunks = [TailChunk()] * len(owners)
-        per_sub: dict[int, PollResult] = {
-            id(s): PollResult(info=states.get(s.job_id)) for s in subs
-        }
-        for (s, name), chunk in zip(owners, chunks, strict=True):
-            per_sub[id(s)].chunks[name] = chunk
-        for s in subs:
-            s.deliver(per_sub[id(s)])
-
-    async def _sleep(self, seconds: float) -> None:
-        """Wait out the interval; end early only when nobody is watching any more.
-
-        A trigger that subscribes mid-interval waits for the next poll rather
-        than forcing one: one command per interval, however jobs arrive.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self.subs:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self.wake.wait()
-
-    async def _reset(self) -> None:
-        try:
-            await self.client.close()
-        except Exception:
-            self.client._conn = None
 
 
 @dataclass
@@ -379,7 +146,7 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
-            remote.validate_job_id(self.job_id)
+            validate_job_id(self.job_id)
             for path in (self.log_path, self.metrics_path):
                 if path is not None:
                     validate_tail(TailRequest(path, 0))
@@ -387,7 +154,7 @@ class SlurmJobTrigger(BaseTrigger):
             # Only this trigger fails; the other jobs of the host are polled on.
             yield self._event("error", None, str(exc))
             return
-        poller = _HostPoller.get(self.ssh_conn_id)
+        poller = _HostPoller.get(self.ssh_conn_id, AsyncSlurmClient)
         streams = {"log": _Stream("log", self.log_offset)}
         files: dict[str, list[Any]] = {"log": [self.log_path, self.log_offset]}
         if self.metrics_path:

@@ -12,7 +12,6 @@ from slurm_ray.utils.quoting import quote
 from slurm_ray.validation import FieldError, Spec
 
 EnvKind = Literal["conda", "venv", "modules", "none"]
-STAMP_NAME = ".slurm_ray_spec_sha256"
 # venv/conda activation scripts paste the prefix into shell code (unquoted in
 # unpatched Pythons, CVE-2024-9287), so only plain absolute paths are allowed.
 _PREFIX_PATTERN = r"^/[A-Za-z0-9_.+,@%=:/{}-]*$(?!\n)"

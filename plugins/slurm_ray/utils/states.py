@@ -1,13 +1,11 @@
-"""Slurm job states, the sets that classify them, and parsers for squeue/scontrol/sacct.
+"""Slurm job states, the sets that classify them, and what one query says about a job.
 
 Modelled on the Kubernetes provider: a ``str`` Enum plus ``frozenset`` s and
 small predicates. ``UNKNOWN`` (unparseable) and ``NOT_FOUND`` (no source knows
 the job) belong to no set: they are neither active nor terminal, and never a
 success, so a caller cannot mistake a failed query for a finished job.
 
-The parsers accept text exactly as the commands print it (fixtures under
-``tests/fixtures/slurm`` were captured from Slurm 22.05) and skip lines that
-are not records (error messages mixed in through ``2>&1``).
+The parsers of squeue/scontrol/sacct output live in :mod:`slurm_ray.slurm.parsers`.
 """
 
 from __future__ import annotations
@@ -23,10 +21,6 @@ __all__ = [
     "NOT_FOUND_CONFIRMATIONS",
     "PENDING_STATES",
     "RUNNING_STATES",
-    "SACCT_FIELDS",
-    "SACCT_FORMAT",
-    "SQUEUE_FIELDS",
-    "SQUEUE_FORMAT",
     "TERMINAL_STATES",
     "JobInfo",
     "JobSource",
@@ -35,9 +29,6 @@ __all__ = [
     "is_active",
     "is_success",
     "is_terminal",
-    "parse_sacct",
-    "parse_scontrol",
-    "parse_squeue",
     "parse_state",
 ]
 
@@ -234,167 +225,6 @@ class JobInfo:
     def from_dict(cls, d: dict[str, Any]) -> JobInfo:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**d, "state": SlurmState(d["state"])})
-
-
-# Job ids as Slurm prints them: plain, array task (123_4, or a pending range
-# 123_[1-9%2]) and het component (123+1).
-_JOB_ID_RE = re.compile(r"[0-9]+(?:_[0-9]+|_\[[^\]\s]*\]|\+[0-9]+)?", re.ASCII)
-_LEADING_INT_RE = re.compile(r"[0-9]+", re.ASCII)
-
-
-def _int_or_none(text: str) -> int | None:
-    # scontrol prints NumNodes=2-2 (min-max) for a pending job: keep the minimum.
-    m = _LEADING_INT_RE.match(text.strip())
-    return int(m[0]) if m else None
-
-
-def _nodelist(text: str) -> str:
-    text = text.strip()
-    return "" if text in ("", "(null)", "None assigned") else text
-
-
-#: squeue fields, in order; the job name comes last because it is the only field
-#: that may contain the ``|`` delimiter (the parser splits at most 6 times).
-SQUEUE_FIELDS: tuple[str, ...] = ("%i", "%T", "%r", "%D", "%M", "%N", "%j")
-#: For ``squeue -h -t all -o SQUEUE_FORMAT``: id|state|reason|nodes|elapsed|nodelist|name.
-SQUEUE_FORMAT: str = "|".join(SQUEUE_FIELDS)
-
-
-def parse_squeue(text: str) -> dict[str, JobInfo]:
-    """
-    Parse ``squeue -h -t all -o SQUEUE_FORMAT`` output into ``{job_id: JobInfo}``.
-
-    Lines that are not records (blank, error messages) are skipped.
-    """
-    jobs: dict[str, JobInfo] = {}
-    for line in text.splitlines():
-        parts = line.split("|", len(SQUEUE_FIELDS) - 1)
-        if len(parts) != len(SQUEUE_FIELDS) or not _JOB_ID_RE.fullmatch(parts[0]):
-            continue
-        job_id, state, reason, nnodes, elapsed, nodelist, name = parts
-        jobs[job_id] = JobInfo(
-            job_id=job_id,
-            state=parse_state(state),
-            reason=reason,
-            name=name,
-            nodelist=_nodelist(nodelist),
-            num_nodes=_int_or_none(nnodes),
-            elapsed=elapsed or None,
-            source="squeue",
-        )
-    return jobs
-
-
-# scontrol -o prints "Key=value" words separated by single spaces, but several
-# values may contain spaces themselves (JobName, Comment, WorkDir, Command,
-# StdOut…). The job name is cut out first, anchored on the field that always
-# follows it ("UserId=user(uid) GroupId="); in the rest, the FIRST occurrence of
-# each key we need is taken: they all come before Comment/WorkDir/Command/StdOut,
-# so a hostile name or comment cannot forge JobState=COMPLETED.
-_SCONTROL_NAME_RE = re.compile(r"(?:^| )JobName=(?P<name>.*?) UserId=\S*\([0-9]+\) GroupId=")
-_SCONTROL_KEY_RE = re.compile(r"(?:^| )(?P<key>[A-Za-z][A-Za-z0-9_:/]*)=(?P<value>\S*)")
-
-
-def _scontrol_fields(text: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for m in _SCONTROL_KEY_RE.finditer(text):
-        fields.setdefault(m["key"], m["value"])
-    return fields
-
-
-def parse_scontrol(text: str) -> dict[str, JobInfo]:
-    """
-    Parse ``scontrol show job -o ID`` output (one line per job) into ``{job_id: JobInfo}``.
-
-    An array task is keyed by its own ``JobId`` and by ``ArrayJobId_ArrayTaskId``;
-    a het component also by ``HetJobId+HetJobOffset``. Lines that do not start
-    with ``JobId=`` (e.g. ``slurm_load_jobs error: Invalid job id specified``)
-    are skipped.
-    """
-    jobs: dict[str, JobInfo] = {}
-    for line in text.splitlines():
-        if not line.startswith("JobId="):
-            continue
-        m = _SCONTROL_NAME_RE.search(line)
-        if m:
-            name, head, rest = m["name"], line[: m.start()], line[m.end("name") :]
-        else:  # no JobName field at all: parse the line as is
-            name, head, rest = "", line, ""
-        fields = _scontrol_fields(head)
-        for key, value in _scontrol_fields(rest).items():
-            fields.setdefault(key, value)
-        job_id = fields.get("JobId", "")
-        if not _JOB_ID_RE.fullmatch(job_id):
-            continue
-        info = JobInfo(
-            job_id=job_id,
-            state=parse_state(fields.get("JobState")),
-            reason=fields.get("Reason", ""),
-            name=name,
-            nodelist=_nodelist(fields.get("NodeList", "")),
-            num_nodes=_int_or_none(fields.get("NumNodes", "")),
-            exit_code=fields.get("ExitCode") or None,
-            elapsed=fields.get("RunTime") or None,
-            source="scontrol",
-        )
-        jobs[job_id] = info
-        array_id, task_id = fields.get("ArrayJobId"), fields.get("ArrayTaskId")
-        if array_id and task_id and task_id.isdigit():
-            jobs.setdefault(f"{array_id}_{task_id}", info)
-        het_id, het_offset = fields.get("HetJobId"), fields.get("HetJobOffset")
-        if het_id and het_offset and het_offset.isdigit():
-            jobs.setdefault(f"{het_id}+{het_offset}", info)
-    return jobs
-
-
-#: sacct fields, in order. JobName is last for the same reason as in squeue;
-#: JobID (``123_4``, ``123+1``) and JobIDRaw (``123``) are both kept so either
-#: spelling of an array/het id is found. All exist in Slurm 22.05's sacct(1).
-SACCT_FIELDS: tuple[str, ...] = (
-    "JobID",
-    "JobIDRaw",
-    "State",
-    "Reason",
-    "ExitCode",
-    "Elapsed",
-    "NNodes",
-    "NodeList",
-    "JobName",
-)
-#: For ``sacct -n -P -X -j IDS --format=SACCT_FORMAT``.
-SACCT_FORMAT: str = ",".join(SACCT_FIELDS)
-
-
-def parse_sacct(text: str) -> dict[str, JobInfo]:
-    """
-    Parse ``sacct -n -P -X --format=SACCT_FORMAT`` output into ``{job_id: JobInfo}``.
-
-    Keyed by JobID and, when it differs, JobIDRaw. Lines that are not records
-    are skipped.
-    """
-    jobs: dict[str, JobInfo] = {}
-    for line in text.splitlines():
-        parts = line.split("|", len(SACCT_FIELDS) - 1)
-        if len(parts) != len(SACCT_FIELDS):
-            continue
-        job_id, raw_id, state, reason, exit_code, elapsed, nnodes, nodelist, name = parts
-        if not _JOB_ID_RE.fullmatch(job_id):
-            continue  # also drops job steps (123.batch) should -X be missing
-        info = JobInfo(
-            job_id=job_id,
-            state=parse_state(state),
-            reason=reason,
-            name=name,
-            nodelist=_nodelist(nodelist),
-            num_nodes=_int_or_none(nnodes),
-            exit_code=exit_code or None,
-            elapsed=elapsed or None,
-            source="sacct",
-        )
-        jobs[job_id] = info
-        if raw_id != job_id and _JOB_ID_RE.fullmatch(raw_id):
-            jobs.setdefault(raw_id, info)
-    return jobs
 
 
 # The launcher's last log line (include/ray_launch.sh, on_exit): its exit status is the job's.

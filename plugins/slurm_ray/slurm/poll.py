@@ -21,9 +21,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from slurm_ray.utils import remote
+from slurm_ray.slurm.ids import validate_job_id
+from slurm_ray.slurm.parsers import SQUEUE_FORMAT, parse_states_output
+from slurm_ray.slurm.sacct import build_sacct_command
 from slurm_ray.utils.quoting import quote
-from slurm_ray.utils.states import SQUEUE_FORMAT, JobInfo
+from slurm_ray.utils.states import JobInfo
 
 TAIL_MARKER = "@@slurm_ray:tail"
 #: Largest chunk of one file sent per poll; the rest follows next interval.
@@ -35,8 +37,8 @@ MIN_CHUNK = 4 * 1024
 
 _TAIL_HEADER_RE = re.compile(rf"{re.escape(TAIL_MARKER)} ([0-9]+) ([0-9]+) (-1|[0-9]+)", re.ASCII)
 
-# Sections as remote.build_states_command prints them, so that
-# remote.parse_states_output reads both.  squeue lists the SSH user's jobs
+# Sections as commands.build_states_command prints them, so that
+# parsers.parse_states_output reads both.  squeue lists the SSH user's jobs
 # (one line per array task) and awk keeps the watched ones: `-j ID,ID,...`
 # would again grow one argument with the job count.  Ids squeue did not list
 # fall through to scontrol, then sacct, as in build_states_command.
@@ -66,7 +68,7 @@ if [ -n "$ids" ]; then
   done
   if [ -n "$left" ]; then
     if command -v sacct >/dev/null 2>&1; then
-      a=$(sacct -n -P -X -j "$left" --format=__SACCT_FORMAT__ 2>&1); rc=$?
+      a=$(__SACCT__ 2>&1); rc=$?
       echo "$m:sacct rc=$rc"
       printf '%s\n' "$a"
     else
@@ -101,7 +103,7 @@ if [ -n "$t" ]; then
 fi
 exit 0
 """.replace("__SQUEUE_FORMAT__", quote(SQUEUE_FORMAT)).replace(
-    "__SACCT_FORMAT__", quote(remote.SACCT_FORMAT)
+    "__SACCT__", build_sacct_command('"$left"')
 )
 
 
@@ -162,7 +164,7 @@ def build_poll(
 
     :raises ValueError: for an invalid job id or tail request.
     """
-    ids = list(dict.fromkeys(remote.validate_job_id(j) for j in job_ids))
+    ids = list(dict.fromkeys(validate_job_id(j) for j in job_ids))
     share = max(MIN_CHUNK, budget // max(1, len(tails)))
     lines = [f"J {j}" for j in ids]
     for idx, req in enumerate(tails):
@@ -198,5 +200,5 @@ def parse_poll_output(
         except (binascii.Error, ValueError):
             data = b""
         chunks[idx] = TailChunk(start=int(header[2]), size=int(header[3]), data=data)
-    states = remote.parse_states_output("\n".join(lines[:states_end]), job_ids) if job_ids else {}
+    states = parse_states_output("\n".join(lines[:states_end]), job_ids) if job_ids else {}
     return states, chunks

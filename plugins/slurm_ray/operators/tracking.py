@@ -1,0 +1,174 @@
+"""MlflowTracking: the training operator's MLflow side (run, job record, metrics relay).
+
+Every call is a no-op without ``mlflow`` settings. The metrics themselves
+stay in the run directory's ``metrics.jsonl``; this relays them, and at the
+end makes sure MLflow has every row.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowException
+
+from slurm_ray.hooks.slurm import SlurmHook
+from slurm_ray.operators.run_state import RunState
+from slurm_ray.slurm.commands import build_earlier_metrics_command
+
+__all__ = ["MlflowTracking"]
+
+
+class MlflowTracking:
+    """MLflow for one training task.
+
+    :param mlflow: the operator's ``mlflow`` settings (None: no tracking).
+    :param hook: the login node (metrics files are read through it).
+    :param log: the task log.
+    :param wait_s: at completion, how long to wait for an MLflow server that
+        does not answer before failing the task.
+    """
+
+    def __init__(
+        self, mlflow: Mapping[str, Any] | None, hook: SlurmHook, log: Any, *, wait_s: float
+    ) -> None:
+        self.mlflow = mlflow
+        self.hook = hook
+        self.log = log
+        self.wait_s = wait_s
+
+    def settings(self, run: RunState) -> Any:
+        if not self.mlflow:
+            return None
+        from slurm_ray.mlflow_tracking import MlflowSettings
+
+        try:
+            return MlflowSettings.from_dict(
+                self.mlflow, default_experiment=run.context["ti"].dag_id
+            )
+        except ValueError as exc:
+            raise AirflowException(str(exc)) from exc
+
+    @staticmethod
+    def tags(run: RunState) -> dict[str, str]:
+        from slurm_ray.mlflow_tracking import task_identity_tags
+
+        ti = run.context["ti"]
+        return task_identity_tags(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+
+    def start(self, run: RunState, params: Mapping[str, Any]) -> None:
+        """Find or create the task's MLflow run before anything is submitted."""
+        run.mlflow_run_id = None
+        settings = self.settings(run)
+        if settings is None:
+            return
+        from slurm_ray.mlflow_tracking import MlflowUnreachableError, check_reachable, ensure_run
+
+        try:
+            check_reachable(settings)
+        except MlflowUnreachableError:
+            if not settings.relay_later:
+                raise
+            self.log.warning(
+                "MLflow at %s is unreachable; training anyway, metrics are relayed once it is back",
+                settings.tracking_uri,
+            )
+            return
+        run.mlflow_run_id = ensure_run(settings, tags=self.tags(run), params=dict(params))
+        ti = run.context["ti"]
+        ti.xcom_push(key="mlflow_run_id", value=run.mlflow_run_id)
+        ti.xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
+        try:
+            from slurm_ray.mlflow_tracking import client_for
+
+            found = client_for(settings).get_run(run.mlflow_run_id)
+            ti.xcom_push(key="mlflow_experiment_id", value=found.info.experiment_id)
+        except Exception as exc:
+            self.log.warning("could not read the MLflow run's experiment: %s", exc)
+        self.log.info("MLflow run %s at %s", run.mlflow_run_id, settings.tracking_uri)
+
+    def record_job(self, run: RunState, *, cluster: str, num_nodes: Any) -> None:
+        """Tag the run with the job it was submitted as."""
+        settings = self.settings(run)
+        if settings is None or run.mlflow_run_id is None or run.job_id is None:
+            return
+        from slurm_ray.mlflow_tracking import include_files_hash, record_job
+
+        record_job(
+            settings,
+            run.mlflow_run_id,
+            job_id=run.job_id,
+            try_number=run.context["ti"].try_number,
+            cluster=cluster,
+            run_dir=run.run_dir,
+            num_nodes=num_nodes,
+            include_hash=include_files_hash(run.staged),
+        )
+
+    def relay_settings(self, run: RunState) -> dict[str, Any] | None:
+        """What the trigger (or the worker's wait) relays metrics with; None without MLflow."""
+        settings = self.settings(run)
+        if settings is None:
+            return None
+        from slurm_ray.mlflow_tracking import make_relay
+
+        return make_relay(settings, run_id=run.mlflow_run_id, tags=self.tags(run))
+
+    def catch_up_earlier_tries(self, run: RunState) -> None:
+        """Relay the rows earlier tries' jobs wrote that MLflow lacks.
+
+        A try that failed while MLflow was down leaves rows behind; once this
+        try logs later steps, the relay's watermark would pass them for good.
+        """
+        settings = self.settings(run)
+        if run.mlflow_run_id is None or settings is None:
+            return
+        task_dir, me = posixpath.split(run.run_dir)
+        raw = self.hook.run(build_earlier_metrics_command(task_dir, me)).stdout_bytes
+        if not raw.strip():
+            return
+        from slurm_ray.mlflow_tracking import make_relay, parse_metrics_jsonl, relay_rows
+
+        stats = relay_rows(
+            make_relay(settings, run_id=run.mlflow_run_id),
+            parse_metrics_jsonl(raw, self.log),
+            log=self.log,
+            strict=False,
+        )
+        self.log.info("MLflow: rows of earlier tries: %s", stats)
+
+    def relay_live(self, run: RunState, rows: bytes) -> None:
+        """Non-deferrable wait: relay complete new ``metrics.jsonl`` rows."""
+        if not run.relay:
+            return
+        from slurm_ray.mlflow_tracking import MetricsRelay, parse_metrics_jsonl
+
+        if run.live_relay is None:
+            # One relay for the whole wait: rows MLflow refused stay queued in it.
+            run.live_relay = MetricsRelay(run.relay, self.log)
+        run.live_relay.send(parse_metrics_jsonl(rows, self.log))
+
+    def catch_up(self, run: RunState, *, strict: bool = True) -> None:
+        """At completion: relay every metrics row MLflow does not have yet.
+
+        ``strict``: the rows must arrive. While the server does not answer, wait
+        with backoff (up to ``wait_s``: the job is done, its rows are safe in
+        metrics.jsonl, and a retry would submit a new job), then fail the task
+        instead of losing rows.
+        """
+        relay = run.relay
+        if not relay:
+            return
+        from slurm_ray.mlflow_tracking import deliver_rows, parse_metrics_jsonl, relay_rows
+
+        path = posixpath.join(run.run_dir, "metrics.jsonl")
+        raw = self.hook.read_file(path)
+        rows = parse_metrics_jsonl(raw, self.log) if raw else []
+        if strict:
+            stats = deliver_rows(relay, rows, wait_s=self.wait_s, log=self.log, where=path)
+        else:
+            stats = relay_rows(relay, rows, log=self.log, strict=False)
+        # relay_later: the relay found or created the task's run once the server answered
+        run.relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
+        self.log.info("MLflow metrics relay at completion: %s", stats)
