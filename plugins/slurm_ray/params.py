@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slurm_ray.profiles import get_profile, profile_names
+from slurm_ray.slurm.timefmt import parse_time_limit
 from slurm_ray.training_config import SCHEMA, ConfigError, validate_config
 from slurm_ray.utils.batch import JobSpec, JobSpecError
 from slurm_ray.validation import SLURM_TIME_PATTERN
@@ -224,18 +225,8 @@ def training_config_from(
 
 
 def _minutes(time_limit: str) -> float:
-    if time_limit.upper() in ("UNLIMITED", "INFINITE"):
-        return math.inf
-    days, _, rest = time_limit.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        hms = [*parts, 0, 0][:3]
-        return int(days) * 1440 + hms[0] * 60 + hms[1] + hms[2] / 60
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return parts[0] + parts[1] / 60
-    return parts[0] * 60 + parts[1] + parts[2] / 60
+    seconds = parse_time_limit(time_limit)
+    return math.inf if seconds is None else seconds / 60
 
 
 def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -286,7 +277,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         JobSpec.from_dict({**job_spec, "job_name": "validate"})
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
-    from slurm_ray.mlflow_tracking import public_uri
+    from slurm_ray.mlflow.hook import public_uri
 
     # Without credentials: this dict goes to XCom and the rendered fields; the
     # worker and triggerer take them from their own environment again.

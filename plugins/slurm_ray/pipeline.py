@@ -92,7 +92,7 @@ def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
-    from slurm_ray.mlflow_tracking import MlflowSettings
+    from slurm_ray.mlflow.settings import MlflowSettings
 
     return MlflowSettings.from_dict(dict(mlflow), default_experiment=dag_id)
 
@@ -115,7 +115,7 @@ def register_trained_model(
 ) -> dict[str, Any]:
     """Export the pyfunc model on the cluster, log artifacts and register a version."""
     from slurm_ray.hooks.slurm import SlurmHook
-    from slurm_ray.mlflow_tracking import finalize_run
+    from slurm_ray.mlflow.artifacts import finalize_run
 
     hook = SlurmHook(ssh_conn_id, command_timeout=900)
     run_dir = summary["run_dir"]
@@ -144,7 +144,7 @@ def promote_model(
     registered: Mapping[str, Any], mlflow: Mapping[str, Any], dag_id: str
 ) -> dict[str, Any]:
     """Move the ``champion`` alias to the new version if it is better by the margin."""
-    from slurm_ray.mlflow_tracking import promote_if_better
+    from slurm_ray.mlflow.registry import promote_if_better
 
     return promote_if_better(
         _settings(mlflow, dag_id), registered["model_name"], registered["model_version"]

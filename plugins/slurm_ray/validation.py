@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from slurm_ray.slurm.timefmt import TIME_PATTERN
 from slurm_ray.training_config import ENV_ID_PATTERN, ConfigError, check_env_module
 
 __all__ = [
@@ -41,13 +42,9 @@ NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*" + _END
 VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*" + _END
 #: A Python module name (a profile's ``env_modules``).
 MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*" + _END
-#: Slurm ``--time``: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED.
-#: The one time rule of the Params and the job spec until the lead points it at
-#: ``slurm_ray.slurm.timefmt.TIME_PATTERN`` (issue 14, h-slurm's grammar).
-SLURM_TIME_PATTERN = (
-    r"^(?:[0-9]+(?::[0-5]?[0-9]){0,2}|[0-9]+-(?:[01]?[0-9]|2[0-3])(?::[0-5]?[0-9]){0,2}"
-    r"|UNLIMITED|INFINITE|unlimited|infinite)" + _END
-)
+#: Slurm ``--time``: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED
+#: (the one time grammar, :mod:`slurm_ray.slurm.timefmt`).
+SLURM_TIME_PATTERN = TIME_PATTERN
 MEM_PATTERN = r"^[0-9]+[KMGTkmgt]?" + _END
 # --signal=[{R|B}:]<sig_num>[@sig_time]
 SIGNAL_PATTERN = r"^(?:(?:R|B|RB|BR):)?(?:(?:SIG)?[A-Z][A-Z0-9]*|[0-9]+)(?:@[0-9]+)?" + _END

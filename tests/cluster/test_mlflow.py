@@ -24,7 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_ray import mlflow_tracking as mt
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from slurm_ray.mlflow.artifacts import finalize_run
+from slurm_ray.mlflow.compare import PALETTE as _PALETTE
+from slurm_ray.mlflow.compare import compare_runs
+from slurm_ray.mlflow.errors import MlflowError, MlflowUnreachableError
+from slurm_ray.mlflow.keys import task_identity_tags
+from slurm_ray.mlflow.plot import RemotePlotter
+from slurm_ray.mlflow.reachability import check_reachable
+from slurm_ray.mlflow.registry import promote_if_better
+from slurm_ray.mlflow.relay import (
+    MetricsRelay,
+    make_async_sink,
+    make_relay,
+    parse_metrics_jsonl,
+    relay_rows,
+)
+from slurm_ray.mlflow.runs import end_run, ensure_run, record_job
+from slurm_ray.mlflow.settings import MlflowSettings
 
 from tests.conftest import ROOT, DevCluster
 from tests.mlflow_fixtures import MlflowServer
@@ -33,8 +50,8 @@ pytestmark = pytest.mark.cluster
 log = logging.getLogger("test_mlflow")
 
 
-def settings_for(server: MlflowServer, **kw: Any) -> mt.MlflowSettings:
-    return mt.MlflowSettings(
+def settings_for(server: MlflowServer, **kw: Any) -> MlflowSettings:
+    return MlflowSettings(
         tracking_uri=server.url,
         experiment_name=kw.pop("experiment", f"t-{uuid.uuid4().hex[:8]}"),
         **kw,
@@ -67,7 +84,7 @@ def steps_of(server: MlflowServer, run_id: str, key: str) -> list[int]:
 
 
 def task_tags(**kw: Any) -> dict[str, str]:
-    return mt.task_identity_tags(
+    return task_identity_tags(
         kw.get("dag_id", "dag"),
         kw.get("run_id", f"manual__{uuid.uuid4().hex[:6]}"),
         "train",
@@ -103,10 +120,10 @@ def hanging_up_server() -> Iterator[tuple[str, list[int]]]:
 
 
 def test_check_reachable(mlflow_server: MlflowServer) -> None:
-    mt.check_reachable(settings_for(mlflow_server))
+    check_reachable(settings_for(mlflow_server))
     with hanging_up_server() as (dead, accepted):
-        with pytest.raises(mt.MlflowUnreachableError) as err:
-            mt.check_reachable(mt.MlflowSettings(dead, "x", request_timeout=2))
+        with pytest.raises(MlflowUnreachableError) as err:
+            check_reachable(MlflowSettings(dead, "x", request_timeout=2))
         assert dead in str(err.value) and "relay_later" in str(err.value)
         # no retry loop before failing: one connection, counted (not timed)
         assert len(accepted) == 1, accepted
@@ -121,31 +138,31 @@ def test_ensure_run_same_task_same_run_params_truncated(mlflow_server: MlflowSer
         "huge": "x" * 20_000,  # over MLflow's 6000-character param limit
         "bad key/with::chars?": 1,
     }
-    run_id = mt.ensure_run(settings, tags=tags, params=config)
+    run_id = ensure_run(settings, tags=tags, params=config)
     c = client(mlflow_server)
     run = c.get_run(run_id)
     params = run.data.params
     assert params["algo.lr"] == "5e-05"
     assert params["algo.model.fcnet_hiddens"] == "[64, 64]"
-    assert len(params["huge"]) == mt.MAX_PARAM_VAL_LENGTH and params["huge"].endswith("[truncated]")
+    assert len(params["huge"]) == MAX_PARAM_VAL_LENGTH and params["huge"].endswith("[truncated]")
     assert run.data.tags["slurm_ray.params_truncated"] == "true"
     assert "huge" in run.data.tags["slurm_ray.params_truncated_keys"]
     assert run.data.tags["slurm_ray.task_id"] == "train"
 
     # A retry of the same task: the same run, back to RUNNING; a changed value
     # (params are immutable in MLflow) is recorded, not raised.
-    mt.end_run(settings, run_id, "FAILED")
-    again = mt.ensure_run(settings, tags=tags, params={**config, "env": "Acrobot-v1"})
+    end_run(settings, run_id, "FAILED")
+    again = ensure_run(settings, tags=tags, params={**config, "env": "Acrobot-v1"})
     assert again == run_id
     run = c.get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.tags["slurm_ray.params_conflict"] == "env"
 
-    other = mt.ensure_run(settings, tags={**tags, "map_index": "3"}, params=config)
+    other = ensure_run(settings, tags={**tags, "map_index": "3"}, params=config)
     assert other != run_id
 
-    mt.record_job(settings, run_id, job_id="101", try_number=1, nodelist="n[1-2]", num_nodes=2)
-    mt.record_job(settings, run_id, job_id="102", try_number=2, cluster="dev")
+    record_job(settings, run_id, job_id="101", try_number=1, nodelist="n[1-2]", num_nodes=2)
+    record_job(settings, run_id, job_id="102", try_number=2, cluster="dev")
     tags_now = c.get_run(run_id).data.tags
     assert tags_now["slurm_ray.slurm_job_ids"] == "101,102"
     assert tags_now["slurm_ray.slurm_job_id"] == "102"
@@ -157,19 +174,19 @@ def test_ensure_run_same_task_same_run_params_truncated(mlflow_server: MlflowSer
 
 async def test_relay_logs_each_step_once(mlflow_server: MlflowServer) -> None:
     settings = settings_for(mlflow_server)
-    run_id = mt.ensure_run(settings, tags=task_tags())
-    relay = mt.make_relay(settings, run_id=run_id)
+    run_id = ensure_run(settings, tags=task_tags())
+    relay = make_relay(settings, run_id=run_id)
     json.dumps(relay)  # the trigger stores it
 
-    sink = mt.make_async_sink(relay, log)
+    sink = make_async_sink(relay, log)
     await sink(rows(1, 5))
     await sink(rows(3, 8))  # overlap: 3..5 again
     # "Triggerer restart": a new relay re-reads metrics.jsonl from offset 0.
-    await mt.make_async_sink(relay, log)(rows(1, 10))
+    await make_async_sink(relay, log)(rows(1, 10))
     # The operator's catch-up at completion, and a retried task's catch-up.
-    stats = mt.relay_rows(relay, rows(1, 12))
+    stats = relay_rows(relay, rows(1, 12))
     assert stats.sent == 2 and stats.skipped == 10
-    assert mt.relay_rows(relay, rows(1, 12)).sent == 0
+    assert relay_rows(relay, rows(1, 12)).sent == 0
 
     for key in ("episode_return_mean", "env_steps", "policy_loss", "iteration"):
         assert steps_of(mlflow_server, run_id, key) == list(range(1, 13)), key
@@ -192,10 +209,10 @@ async def test_relay_survives_server_outage(
 
     monkeypatch.setattr(rest_utils, "http_request", counting_request)
     settings = settings_for(mlflow_server)
-    run_id = mt.ensure_run(settings, tags=task_tags())
-    relay = mt.make_relay(settings, run_id=run_id)
-    sink = mt.make_async_sink(relay, log)
-    assert isinstance(sink, mt.MetricsRelay)
+    run_id = ensure_run(settings, tags=task_tags())
+    relay = make_relay(settings, run_id=run_id)
+    sink = make_async_sink(relay, log)
+    assert isinstance(sink, MetricsRelay)
     await sink(rows(1, 3))
 
     mlflow_server.stop()
@@ -220,19 +237,19 @@ async def test_relay_later_creates_the_run_when_the_server_is_back(
 ) -> None:
     settings = settings_for(mlflow_server, relay_later=True)
     tags = task_tags()
-    relay = mt.make_relay(settings, run_id=None, tags=tags)
-    sink = mt.make_async_sink(relay, log)
+    relay = make_relay(settings, run_id=None, tags=tags)
+    sink = make_async_sink(relay, log)
     await sink(rows(1, 4))
     assert sink.pending == 0 and sink.run_id
     # At completion the operator finds the same run and adds the params.
-    assert mt.ensure_run(settings, tags=tags, params={"lr": 0.1}) == sink.run_id
+    assert ensure_run(settings, tags=tags, params={"lr": 0.1}) == sink.run_id
     assert steps_of(mlflow_server, sink.run_id, "env_steps") == [1, 2, 3, 4]
 
 
 async def test_sink_does_not_block_the_event_loop(mlflow_server: MlflowServer) -> None:
     settings = settings_for(mlflow_server)
-    run_id = mt.ensure_run(settings, tags=task_tags())
-    sink = mt.make_async_sink(mt.make_relay(settings, run_id=run_id), log)
+    run_id = ensure_run(settings, tags=task_tags())
+    sink = make_async_sink(make_relay(settings, run_id=run_id), log)
     ticks = 0
 
     async def ticker() -> None:
@@ -251,13 +268,11 @@ async def test_sink_does_not_block_the_event_loop(mlflow_server: MlflowServer) -
 # -- promotion ------------------------------------------------------------------------
 
 
-def _version_with(
-    server: MlflowServer, settings: mt.MlflowSettings, name: str, value: float
-) -> str:
+def _version_with(server: MlflowServer, settings: MlflowSettings, name: str, value: float) -> str:
     from mlflow.entities import Metric
 
     c = client(server)
-    run_id = mt.ensure_run(settings, tags=task_tags())
+    run_id = ensure_run(settings, tags=task_tags())
     c.log_batch(run_id, metrics=[Metric("eval_return_mean", value, int(time.time() * 1000), 1)])
     with contextlib.suppress(Exception):  # exists after the first version
         c.create_registered_model(name)
@@ -273,11 +288,11 @@ def test_promotion_moves_alias_only_when_better_by_margin(mlflow_server: MlflowS
     c = client(mlflow_server)
 
     v1 = _version_with(mlflow_server, settings, name, 100.0)
-    d1 = mt.promote_if_better(settings, name, v1)
+    d1 = promote_if_better(settings, name, v1)
     assert d1["promoted"] and d1["champion"] is None and d1["new"] == 100.0
 
     v2 = _version_with(mlflow_server, settings, name, 103.0)  # better, but by < 5
-    d2 = mt.promote_if_better(settings, name, v2)
+    d2 = promote_if_better(settings, name, v2)
     assert not d2["promoted"] and (d2["new"], d2["champion"]) == (103.0, 100.0)
     assert c.get_model_version_by_alias(name, "champion").version == v1
     run2 = c.get_run(c.get_model_version(name, v2).run_id)
@@ -286,17 +301,17 @@ def test_promotion_moves_alias_only_when_better_by_margin(mlflow_server: MlflowS
     assert run2.data.metrics["promotion.new"] == 103.0
 
     v3 = _version_with(mlflow_server, settings, name, 105.0)  # exactly the margin
-    assert mt.promote_if_better(settings, name, v3)["promoted"]
+    assert promote_if_better(settings, name, v3)["promoted"]
     assert c.get_model_version_by_alias(name, "champion").version == v3
 
     v4 = _version_with(mlflow_server, settings, name, 50.0)
-    assert not mt.promote_if_better(settings, name, v4)["promoted"]
+    assert not promote_if_better(settings, name, v4)["promoted"]
     # An explicit margin overrides the settings'.
-    assert mt.promote_if_better(settings, name, v2, min_improvement=0)["promoted"] is False
+    assert promote_if_better(settings, name, v2, min_improvement=0)["promoted"] is False
     v5 = _version_with(mlflow_server, settings, name, 106.0)
-    assert mt.promote_if_better(settings, name, v5, min_improvement=0.5)["promoted"]
+    assert promote_if_better(settings, name, v5, min_improvement=0.5)["promoted"]
     assert c.get_model_version_by_alias(name, "champion").version == v5
-    assert mt.promote_if_better(settings, name, v5)["reason"].endswith("already is the champion")
+    assert promote_if_better(settings, name, v5)["reason"].endswith("already is the champion")
 
 
 # -- comparison -----------------------------------------------------------------------
@@ -360,9 +375,9 @@ def test_compare_runs_plot_table_best(
     c = client(mlflow_server)
     run_ids = []
     for k, final in enumerate((120.0, 310.0, 250.0)):
-        run_id = mt.ensure_run(settings, tags=task_tags(map_index=k), params={"lr": 10.0**-k})
-        mt.relay_rows(
-            mt.make_relay(settings, run_id=run_id),
+        run_id = ensure_run(settings, tags=task_tags(map_index=k), params={"lr": 10.0**-k})
+        relay_rows(
+            make_relay(settings, run_id=run_id),
             [
                 {"iteration": i, "env_steps": 4000 * i, "episode_return_mean": final * i / 8}
                 for i in range(1, 9)
@@ -373,9 +388,9 @@ def test_compare_runs_plot_table_best(
 
     hook = SlurmHook("slurm_dev")
     # the figure is drawn with matplotlib in the cluster venv, over SSH
-    plotter = mt.RemotePlotter(hook, {"kind": "venv", "prefix": str(cluster.venv)})
+    plotter = RemotePlotter(hook, {"kind": "venv", "prefix": str(cluster.venv)})
     try:
-        out = mt.compare_runs(
+        out = compare_runs(
             settings,
             run_ids,
             parent_run_name="sweep",
@@ -395,7 +410,7 @@ def test_compare_runs_plot_table_best(
     assert 10_000 < png.stat().st_size < 1_000_000, png.stat().st_size
     width, height, colors = _png_info(png.read_bytes())
     assert (width, height) == (960, 600)
-    palette = {bytes(rgb) for rgb in mt._PALETTE[:3]}
+    palette = {bytes(rgb) for rgb in _PALETTE[:3]}
     assert palette <= colors, "one coloured line per run"
     csv_text = Path(c.download_artifacts(parent, "comparison/runs.csv", str(tmp_path))).read_text()
     assert csv_text.count("\n") == 4 and "310.0" in csv_text
@@ -499,14 +514,12 @@ def test_export_finalize_register_load_and_play(
     name = f"cartpole-{uuid.uuid4().hex[:6]}"
     settings = settings_for(mlflow_server, registered_model_name=name)
     tags = task_tags()
-    run_id = mt.ensure_run(settings, tags=tags, params={"env": "CartPole-v1"})
-    metrics = mt.parse_metrics_jsonl(
-        hook.read_file(posixpath.join(run_dir, "metrics.jsonl")) or b""
-    )
-    assert mt.relay_rows(mt.make_relay(settings, run_id=run_id), metrics).sent == 2
+    run_id = ensure_run(settings, tags=tags, params={"env": "CartPole-v1"})
+    metrics = parse_metrics_jsonl(hook.read_file(posixpath.join(run_dir, "metrics.jsonl")) or b"")
+    assert relay_rows(make_relay(settings, run_id=run_id), metrics).sent == 2
 
     started = time.monotonic()
-    out = mt.finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="4242", result=None)
+    out = finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="4242", result=None)
     log.info("finalize_run %.1fs", time.monotonic() - started)
     assert out["mlflow_run_id"] == run_id and out["model_name"] == name
     assert out["model_uri"] == f"models:/{name}/{out['model_version']}"
@@ -530,14 +543,12 @@ def test_export_finalize_register_load_and_play(
     assert mv.run_id == run_id and mv.status == "READY"
 
     # A retried finalize: same version, no second one.
-    again = mt.finalize_run(
-        settings, run_id, hook=hook, run_dir=run_dir, job_id="4242", result=None
-    )
+    again = finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="4242", result=None)
     assert again["model_version"] == out["model_version"]
     assert len(c.search_model_versions(f"name = '{name}'")) == 1
 
     # Promotion of the first version: no champion yet.
-    assert mt.promote_if_better(settings, name, out["model_version"])["promoted"]
+    assert promote_if_better(settings, name, out["model_version"])["promoted"]
 
     # Load it back on the cluster side (ray + torch live only there) and play.
     hook.upload_bytes(PLAY.encode(), posixpath.join(run_dir, "play.py"))
@@ -566,16 +577,16 @@ def test_finalize_without_model_fails_clearly_after_logging(
     )
     hook.upload_bytes(b"log\n", posixpath.join(run_dir, "slurm-7.out"))
     settings = settings_for(mlflow_server, registered_model_name=f"m-{uuid.uuid4().hex[:6]}")
-    run_id = mt.ensure_run(settings, tags=task_tags())
-    with pytest.raises(mt.MlflowError, match=r"export_model\.py"):
-        mt.finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="7", result=None)
+    run_id = ensure_run(settings, tags=task_tags())
+    with pytest.raises(MlflowError, match=r"export_model\.py"):
+        finalize_run(settings, run_id, hook=hook, run_dir=run_dir, job_id="7", result=None)
     c = client(mlflow_server)
     assert {a.path for a in c.list_artifacts(run_id)} == {"result.json", "slurm"}
     assert c.get_run(run_id).info.status == "FAILED"
 
     # Without a model name the same run directory finalizes fine.
     plain = settings_for(mlflow_server)
-    run2 = mt.ensure_run(plain, tags=task_tags())
-    out = mt.finalize_run(plain, run2, hook=hook, run_dir=run_dir, job_id="7", result=None)
+    run2 = ensure_run(plain, tags=task_tags())
+    out = finalize_run(plain, run2, hook=hook, run_dir=run_dir, job_id="7", result=None)
     assert out["model_version"] is None and out["model_uri"] is None
     hook.close()

@@ -142,7 +142,7 @@ def test_tracking_server_from_an_airflow_connection(
     import uuid
 
     from mlflow.tracking import MlflowClient
-    from slurm_ray import mlflow_tracking as mt
+    from slurm_ray.mlflow.hook import _CREDENTIALS, credentialed_uri
 
     from tests.faults.helpers import first_event, tap
 
@@ -176,15 +176,15 @@ def test_tracking_server_from_an_airflow_connection(
     )
     capfd.readouterr()
     op_log = tap(op)
-    mt._CREDENTIALS.clear()
+    _CREDENTIALS.clear()
     with pytest.raises(TaskDeferred) as deferred:
         op.execute({"ti": ti})
     trigger = deferred.value.trigger
     trig_log = tap(trigger)
     kwargs_json = json.dumps(trigger.serialize(), default=str)
-    mt._CREDENTIALS.clear()  # the triggerer: another process
+    _CREDENTIALS.clear()  # the triggerer: another process
     event = asyncio.run(first_event(trigger, 300))
-    mt._CREDENTIALS.clear()  # the worker that runs execute_complete
+    _CREDENTIALS.clear()  # the worker that runs execute_complete
     summary = op.execute_complete({"ti": ti}, event.payload, **(deferred.value.kwargs or {}))
     assert summary["state"] == "COMPLETED", summary
     assert ti.xcom["mlflow_tracking_uri"] == mlflow_server.url
@@ -192,7 +192,7 @@ def test_tracking_server_from_an_airflow_connection(
     run_id = ti.xcom["mlflow_run_id"]
     history = client.get_metric_history(run_id, "episode_return_mean")
     assert sorted((m.step, m.value) for m in history) == [(1, 5.0), (2, 10.0), (3, 15.0)]
-    assert mt.credentialed_uri(mlflow_server.url, "mlflow_test") == (
+    assert credentialed_uri(mlflow_server.url, "mlflow_test") == (
         f"http://sruser:{password}@127.0.0.1:{mlflow_server.port}"
     )
     run = client.get_run(run_id)

@@ -174,7 +174,8 @@ def test_canary_secrets_nowhere_in_logs_xcom_trigger_or_mlflow(
     from airflow.sdk.exceptions import TaskDeferred
     from mlflow import MlflowClient
     from slurm_ray.hooks.slurm import SlurmHook
-    from slurm_ray.mlflow_tracking import MlflowSettings, finalize_run
+    from slurm_ray.mlflow.artifacts import finalize_run
+    from slurm_ray.mlflow.settings import MlflowSettings
     from slurm_ray.params import param_specs, resolve_run
 
     from tests.faults.helpers import SMALL_CONFIG, first_event, tap
@@ -284,7 +285,9 @@ def test_finalize_uploads_nothing_from_outside_the_run(
     """result.json naming a directory outside the run (directly or by a symlink): not uploaded."""
     from mlflow import MlflowClient
     from slurm_ray.hooks.slurm import SlurmHook
-    from slurm_ray.mlflow_tracking import MlflowSettings, ensure_run, finalize_run
+    from slurm_ray.mlflow.artifacts import finalize_run
+    from slurm_ray.mlflow.runs import ensure_run
+    from slurm_ray.mlflow.settings import MlflowSettings
 
     base = cluster.new_dir("outside")
     secret = _canary("OUT")

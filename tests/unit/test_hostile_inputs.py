@@ -289,13 +289,9 @@ def test_harmless_values_of_those_extras_pass_the_check(
 
 
 def test_tracking_uri_credentials_never_stored(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slurm_ray.mlflow_tracking import (
-        MlflowSettings,
-        credentialed_uri,
-        make_relay,
-        public_uri,
-        scrub,
-    )
+    from slurm_ray.mlflow.hook import credentialed_uri, public_uri, scrub
+    from slurm_ray.mlflow.relay import make_relay
+    from slurm_ray.mlflow.settings import MlflowSettings
 
     secret_uri = "https://alice:S3cr%2Ft@mlflow.example.org:5000/"
     assert public_uri(secret_uri) == "https://mlflow.example.org:5000"
@@ -378,23 +374,23 @@ def _outside_and_run(tmp_path: Path, links: bool = True) -> tuple[Path, Path]:
 def test_bundle_never_takes_anything_from_outside_the_run(
     tmp_path: Path, checkpoint: str, links: bool
 ) -> None:
-    from slurm_ray import mlflow_tracking as mt
+    from slurm_ray.mlflow.artifacts import MODEL_DIRNAME, RUN_DIR_ARTIFACTS, _fetch_bundle
 
     from tests.unit.test_mlflow_pure import LocalHook
 
     outside, run_dir = _outside_and_run(tmp_path, links)
     dest = tmp_path / "dest"
     dest.mkdir()
-    names = [*mt.RUN_DIR_ARTIFACTS, mt.MODEL_DIRNAME]
+    names = [*RUN_DIR_ARTIFACTS, MODEL_DIRNAME]
     ckpt = checkpoint.format(outside=outside, run=run_dir)
-    got_ckpt = mt._fetch_bundle(LocalHook(), str(run_dir), names, ckpt, dest)
+    got_ckpt = _fetch_bundle(LocalHook(), str(run_dir), names, ckpt, dest)
     assert got_ckpt is None
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
     assert files == ["result.json"], files
 
 
 def test_bundle_takes_the_checkpoint_inside_without_its_links(tmp_path: Path) -> None:
-    from slurm_ray import mlflow_tracking as mt
+    from slurm_ray.mlflow.artifacts import _fetch_bundle
 
     from tests.unit.test_mlflow_pure import LocalHook
 
@@ -402,7 +398,7 @@ def test_bundle_takes_the_checkpoint_inside_without_its_links(tmp_path: Path) ->
     dest = tmp_path / "dest"
     dest.mkdir()
     ckpt = run_dir / "checkpoints" / "iter_000002"
-    got = mt._fetch_bundle(LocalHook(), str(run_dir), ["result.json"], str(ckpt), dest)
+    got = _fetch_bundle(LocalHook(), str(run_dir), ["result.json"], str(ckpt), dest)
     assert got == "checkpoints/iter_000002"
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir())
     assert files == ["checkpoints/iter_000002/state.pkl", "result.json"], files

@@ -25,16 +25,15 @@ def test_task_log_url_is_a_same_site_http_link(monkeypatch, map_index: int, tail
 
 def test_a_profiles_job_page_reaches_the_link_of_the_dags_train_task(monkeypatch) -> None:
     """job_url_template end to end: profile → resolve → the DAG's train task → XCom → link."""
-    import dataclasses
-
     from slurm_ray import profiles
     from slurm_ray.params import param_specs, resolve_run
     from slurm_ray.pipeline import plan_sweep_runs
 
-    site = dataclasses.replace(
-        profiles.get_profile("local"),
-        name="ood_site",
-        job_url_template="https://ood.example/jobs/{cluster}/{job_id}",
+    site = profiles.get_profile("local").model_copy(
+        update={
+            "name": "ood_site",
+            "job_url_template": "https://ood.example/jobs/{cluster}/{job_id}",
+        }
     )
     monkeypatch.setitem(profiles._REGISTERED, "ood_site", site)
     defaults = {name: spec["default"] for name, spec in param_specs().items()}

@@ -1,4 +1,4 @@
-"""Pure parts of slurm_ray.mlflow (through the mlflow_tracking shim): no server, no cluster.
+"""Pure parts of slurm_ray.mlflow: no server, no cluster.
 
 The real-server behaviour (runs, relay idempotence, outages, registry,
 promotion, comparison) is covered in tests/cluster/test_mlflow.py.
@@ -20,8 +20,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_ray import mlflow_tracking as mt
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+)
 from slurm_ray.mlflow import relay as relay_mod
+from slurm_ray.mlflow.accounting import slurm_efficiency
+from slurm_ray.mlflow.artifacts import MODEL_DIRNAME, RUN_DIR_ARTIFACTS, RemoteFiles, _fetch_bundle
+from slurm_ray.mlflow.errors import MlflowError, MlflowUnreachableError
+from slurm_ray.mlflow.hook import _CREDENTIALS, credentialed_uri
+from slurm_ray.mlflow.keys import flatten_params, limit_params, task_identity_tags
+from slurm_ray.mlflow.keys import task_key as _task_key
+from slurm_ray.mlflow.reachability import check_reachable
+from slurm_ray.mlflow.relay import (
+    SENTINEL_METRIC,
+    MetricsRelay,
+    RelayStats,
+    deliver_rows,
+    make_async_sink,
+    make_relay,
+    metrics_from_row,
+    parse_metrics_jsonl,
+    relay_rows,
+)
+from slurm_ray.mlflow.runs import include_files_hash
+from slurm_ray.mlflow.settings import MlflowSettings
+from slurm_ray.slurm.timefmt import parse_elapsed
 
 
 def closed_port_uri() -> str:
@@ -34,18 +59,8 @@ def closed_port_uri() -> str:
 # -- limits and names -----------------------------------------------------------------
 
 
-def test_limits_match_installed_mlflow() -> None:
-    from mlflow.utils import validation as v
-
-    assert mt.MAX_PARAM_VAL_LENGTH == v.MAX_PARAM_VAL_LENGTH
-    assert mt.MAX_TAG_VAL_LENGTH == v.MAX_TAG_VAL_LENGTH
-    assert mt.MAX_ENTITY_KEY_LENGTH == v.MAX_ENTITY_KEY_LENGTH
-    assert mt.MAX_PARAMS_TAGS_PER_BATCH == v.MAX_PARAMS_TAGS_PER_BATCH
-    assert mt.MAX_METRICS_PER_BATCH == v.MAX_METRICS_PER_BATCH
-
-
 def test_flatten_params() -> None:
-    flat = mt.flatten_params(
+    flat = flatten_params(
         {
             "env": "CartPole-v1",
             "algo": {"lr": 5e-5, "model": {"hidden": [64, 64], "act": None}},
@@ -77,43 +92,43 @@ def test_limit_params_truncates_and_sanitises_without_raising() -> None:
         "bad!key": "2",  # sanitises to the same key as the one above: both kept
         "..": "dots",
     }
-    out, changed = mt.limit_params(params)
+    out, changed = limit_params(params)
     assert out["ok"] == "1"
-    assert len(out["huge"]) == mt.MAX_PARAM_VAL_LENGTH and out["huge"].endswith("[truncated]")
+    assert len(out["huge"]) == MAX_PARAM_VAL_LENGTH and out["huge"].endswith("[truncated]")
     assert set(changed) == set(params) - {"ok"}
     assert len(out) == len(params)
     for key in out:
-        assert len(key) <= mt.MAX_ENTITY_KEY_LENGTH
+        assert len(key) <= MAX_ENTITY_KEY_LENGTH
         assert validate_param_and_metric_name(key) and not path_not_unique(key), key
 
 
 def test_task_key_ignores_order_and_identity_tags_have_no_try() -> None:
-    a = mt.task_identity_tags("d", "manual__2024-01-01T00:00:00+00:00", "t", 2)
+    a = task_identity_tags("d", "manual__2024-01-01T00:00:00+00:00", "t", 2)
     assert "try_number" not in a and a["map_index"] == "2"
-    assert mt.task_identity_tags("d", "r", "t")["map_index"] == "-1"
-    assert mt._task_key(a) == mt._task_key(dict(reversed(list(a.items()))))
-    assert mt._task_key(a) != mt._task_key({**a, "map_index": "3"})
-    assert all(c in "0123456789abcdef" for c in mt._task_key(a))  # safe inside a filter string
+    assert task_identity_tags("d", "r", "t")["map_index"] == "-1"
+    assert _task_key(a) == _task_key(dict(reversed(list(a.items()))))
+    assert _task_key(a) != _task_key({**a, "map_index": "3"})
+    assert all(c in "0123456789abcdef" for c in _task_key(a))  # safe inside a filter string
 
 
 def test_include_files_hash() -> None:
     files = {"train.py": b"print(1)", "launch.sh": b"#!/bin/bash"}
-    assert mt.include_files_hash(files) == mt.include_files_hash(dict(reversed(files.items())))
-    assert mt.include_files_hash(files) != mt.include_files_hash({**files, "train.py": b"print(2)"})
+    assert include_files_hash(files) == include_files_hash(dict(reversed(files.items())))
+    assert include_files_hash(files) != include_files_hash({**files, "train.py": b"print(2)"})
     # name/content boundaries are part of the hash
-    assert mt.include_files_hash({"ab": b"c"}) != mt.include_files_hash({"a": b"bc"})
+    assert include_files_hash({"ab": b"c"}) != include_files_hash({"a": b"bc"})
 
 
 # -- settings ------------------------------------------------------------------------
 
 
 def test_settings_round_trip_and_defaults() -> None:
-    s = mt.MlflowSettings.from_dict(
+    s = MlflowSettings.from_dict(
         {"tracking_uri": "http://127.0.0.1:5055/", "min_improvement": 5}, default_experiment="dag"
     )
     assert s.tracking_uri == "http://127.0.0.1:5055" and s.experiment_name == "dag"
     assert s.min_improvement == 5.0 and s.relay_later is False
-    assert mt.MlflowSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert MlflowSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
 @pytest.mark.parametrize(
@@ -140,14 +155,14 @@ def test_settings_round_trip_and_defaults() -> None:
 )
 def test_settings_bad_input_names_the_field(data: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        mt.MlflowSettings.from_dict(data)
+        MlflowSettings.from_dict(data)
 
 
 # -- relay ----------------------------------------------------------------------------
 
 
 def test_metrics_from_row() -> None:
-    step, ts, metrics = mt.metrics_from_row(
+    step, ts, metrics = metrics_from_row(
         {
             "iteration": 7,
             "timestamp": 1_700_000_000.25,
@@ -168,22 +183,20 @@ def test_metrics_from_row() -> None:
         "env_steps": 4000.0,
         "bad key_": 1.0,
     }
-    assert mt.metrics_from_row({"env_steps": 1}) is None
-    assert mt.metrics_from_row({"iteration": "3"}) is None
-    assert mt.metrics_from_row({"iteration": 2})[1] is None  # type: ignore[index]
+    assert metrics_from_row({"env_steps": 1}) is None
+    assert metrics_from_row({"iteration": "3"}) is None
+    assert metrics_from_row({"iteration": 2})[1] is None  # type: ignore[index]
 
 
 def test_parse_metrics_jsonl_skips_torn_lines() -> None:
     data = b'{"iteration": 1}\n\nnot json\n{"iteration": 2}\n[1]\n{"iteration": 3'
-    assert [r["iteration"] for r in mt.parse_metrics_jsonl(data)] == [1, 2]
+    assert [r["iteration"] for r in parse_metrics_jsonl(data)] == [1, 2]
 
 
 def test_relay_unreachable_keeps_rows_and_never_raises() -> None:
-    relay = mt.make_relay(
-        mt.MlflowSettings(closed_port_uri(), "e", request_timeout=2), run_id="abc"
-    )
+    relay = make_relay(MlflowSettings(closed_port_uri(), "e", request_timeout=2), run_id="abc")
     json.dumps(relay)
-    r = mt.MetricsRelay(relay)
+    r = MetricsRelay(relay)
     started = time.monotonic()
     stats = r.send([{"iteration": i, "x": i} for i in range(1, 4)])
     assert time.monotonic() - started < 5, "no MLflow retry loop on a dead server"
@@ -192,14 +205,14 @@ def test_relay_unreachable_keeps_rows_and_never_raises() -> None:
     assert stats.pending == 4  # step 3 kept once, its first copy
     assert r._pending[3][1]["x"] == 3.0
 
-    with pytest.raises(mt.MlflowError, match="could not log 1 metrics row"):
-        mt.relay_rows(relay, [{"iteration": 1}])
-    assert mt.relay_rows(relay, [{"iteration": 1}], strict=False).pending == 1
+    with pytest.raises(MlflowError, match="could not log 1 metrics row"):
+        relay_rows(relay, [{"iteration": 1}])
+    assert relay_rows(relay, [{"iteration": 1}], strict=False).pending == 1
 
 
 def test_relay_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(relay_mod, "MAX_PENDING_ROWS", 5)
-    r = mt.MetricsRelay({"tracking_uri": closed_port_uri(), "run_id": "x", "timeout": 1})
+    r = MetricsRelay({"tracking_uri": closed_port_uri(), "run_id": "x", "timeout": 1})
     r._add([{"iteration": i} for i in range(10)])
     assert sorted(r._pending) == [5, 6, 7, 8, 9]
 
@@ -208,7 +221,7 @@ async def test_async_sink_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatc
     calls: list[int] = []
     ticks = 0
 
-    def slow_send(self: mt.MetricsRelay, rows: list[dict[str, Any]]) -> mt.RelayStats:
+    def slow_send(self: MetricsRelay, rows: list[dict[str, Any]]) -> RelayStats:
         # A slow HTTP call that ends only once the event loop has ticked meanwhile:
         # run on the loop itself it could never see a tick (counted, not timed).
         seen = ticks
@@ -217,10 +230,10 @@ async def test_async_sink_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatc
             assert time.monotonic() < deadline, "event loop starved while sending"
             time.sleep(0.01)
         calls.append(len(rows))
-        return mt.RelayStats(sent=len(rows))
+        return RelayStats(sent=len(rows))
 
-    monkeypatch.setattr(mt.MetricsRelay, "send", slow_send)
-    sink = mt.make_async_sink({"tracking_uri": "http://x", "run_id": "r"})
+    monkeypatch.setattr(MetricsRelay, "send", slow_send)
+    sink = make_async_sink({"tracking_uri": "http://x", "run_id": "r"})
 
     async def ticker() -> None:
         nonlocal ticks
@@ -236,8 +249,8 @@ async def test_async_sink_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatc
 
 def test_check_reachable_names_the_uri() -> None:
     uri = closed_port_uri()
-    with pytest.raises(mt.MlflowUnreachableError, match=uri.replace(".", r"\.")):
-        mt.check_reachable(mt.MlflowSettings(uri, "e", request_timeout=1))
+    with pytest.raises(MlflowUnreachableError, match=uri.replace(".", r"\.")):
+        check_reachable(MlflowSettings(uri, "e", request_timeout=1))
 
 
 # -- finalize helpers -------------------------------------------------------------------
@@ -280,8 +293,8 @@ def test_bundle_with_hostile_paths(tmp_path: Path) -> None:
     hook = LocalHook()
     dest = tmp_path / "dest"
     dest.mkdir()
-    names = [*mt.RUN_DIR_ARTIFACTS, "slurm-9.out", mt.MODEL_DIRNAME]
-    assert mt._fetch_bundle(hook, str(run_dir), names, str(ckpt), dest) == "checkpoints/iter 2 'q'"
+    names = [*RUN_DIR_ARTIFACTS, "slurm-9.out", MODEL_DIRNAME]
+    assert _fetch_bundle(hook, str(run_dir), names, str(ckpt), dest) == "checkpoints/iter 2 'q'"
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert got == [
         "checkpoints/iter 2 'q'/sub/state.pkl",
@@ -298,7 +311,7 @@ def test_bundle_with_hostile_paths(tmp_path: Path) -> None:
 def test_bundle_of_nothing(tmp_path: Path) -> None:
     dest = tmp_path / "d"
     dest.mkdir()
-    mt._fetch_bundle(LocalHook(), str(tmp_path), ["result.json"], str(tmp_path / "nope"), dest)
+    _fetch_bundle(LocalHook(), str(tmp_path), ["result.json"], str(tmp_path / "nope"), dest)
     assert list(dest.iterdir()) == []
 
 
@@ -342,9 +355,9 @@ def test_bundle_extraction_refuses_escapes(tmp_path: Path, member: str, refused:
     hook = EvilBundleHook(evil)
     if refused:
         with pytest.raises(tarfile.FilterError):
-            mt._fetch_bundle(hook, str(run_dir), ["result.json"], None, dest)
+            _fetch_bundle(hook, str(run_dir), ["result.json"], None, dest)
     else:
-        mt._fetch_bundle(hook, str(run_dir), ["result.json"], None, dest)
+        _fetch_bundle(hook, str(run_dir), ["result.json"], None, dest)
     escaped = [p for p in tmp_path.rglob("escaped*") if dest not in p.parents]
     assert not escaped, escaped
     # the remote temp dir is removed even when extraction fails
@@ -357,30 +370,30 @@ def test_bundle_extraction_refuses_escapes(tmp_path: Path, member: str, refused:
     [("0:05", 5), ("01:13", 73), ("00:01:13", 73), ("1-02:00:00", 93600), ("12:34.5", 754.5)],
 )
 def test_elapsed_seconds(text: str, seconds: float) -> None:
-    assert mt._elapsed_seconds(text) == seconds
+    assert parse_elapsed(text) == seconds
 
 
 def test_elapsed_seconds_bad() -> None:
-    assert mt._elapsed_seconds(None) is None
-    assert mt._elapsed_seconds("x-1:00") is None
-    assert mt._elapsed_seconds("INVALID") is None
+    assert parse_elapsed(None) is None
+    assert parse_elapsed("x-1:00") is None
+    assert parse_elapsed("INVALID") is None
 
 
 def test_slurm_efficiency_from_sacct_and_fallbacks() -> None:
     sacct = "77|3600|2|8|02:00:00\n77.batch|3600|1|4|01:00:00\n"
-    eff = mt.slurm_efficiency(LocalHook(sacct=sacct), "77")
+    eff = slurm_efficiency(LocalHook(sacct=sacct), "77")
     assert eff == {
         "slurm.elapsed_s": 3600.0,
         "slurm.node_hours": 2.0,
         "slurm.cpu_efficiency": 0.25,
     }
-    assert mt.slurm_efficiency(LocalHook(sacct=None), "77") == {}
+    assert slurm_efficiency(LocalHook(sacct=None), "77") == {}
 
     class WithStates(LocalHook):
         def states(self, ids: list[str]) -> dict[str, Any]:
             return {"77": type("I", (), {"elapsed": "00:30:00", "num_nodes": 2})()}
 
-    assert mt.slurm_efficiency(WithStates(sacct=None), "77") == {
+    assert slurm_efficiency(WithStates(sacct=None), "77") == {
         "slurm.elapsed_s": 1800.0,
         "slurm.node_hours": 1.0,
     }
@@ -388,7 +401,9 @@ def test_slurm_efficiency_from_sacct_and_fallbacks() -> None:
 
 def test_module_stays_light() -> None:
     code = (
-        "import sys, slurm_ray.mlflow_tracking, slurm_ray.mlflow.compare as c\n"
+        "import importlib, pkgutil, sys, slurm_ray.mlflow as pkg\n"
+        "for m in pkgutil.iter_modules(pkg.__path__): importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "import slurm_ray.mlflow.compare as c\n"
         "c.plot_spec('t', 'env_steps', 'episode_return_mean', [('a', [(0, 1), (1, 2)])], [{}])\n"
         "bad = [n for n in ('ray', 'torch', 'numpy', 'pandas', 'mlflow') if n in sys.modules]\n"
         "print(bad)\n"
@@ -405,10 +420,10 @@ def test_remote_files_protocol_matches_slurm_hook() -> None:
     from slurm_ray.hooks.slurm import SlurmHook
 
     for name in ("run", "read_file", "download"):
-        want = inspect.signature(getattr(mt.RemoteFiles, name)).parameters
+        want = inspect.signature(getattr(RemoteFiles, name)).parameters
         have = inspect.signature(getattr(SlurmHook, name)).parameters
         assert list(want) == list(have)[: len(want)], name
-    assert posixpath.basename(mt.MODEL_DIRNAME) == "mlflow_model"
+    assert posixpath.basename(MODEL_DIRNAME) == "mlflow_model"
 
 
 class FakeClient:
@@ -437,7 +452,7 @@ def test_relay_batches_whole_rows_sentinel_last(monkeypatch: pytest.MonkeyPatch)
     fake = FakeClient(fail_on_call=2)
     monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: None)
     monkeypatch.setattr(relay_mod, "_client", lambda uri: fake)
-    relay = mt.MetricsRelay({"tracking_uri": "http://x", "run_id": "r"})
+    relay = MetricsRelay({"tracking_uri": "http://x", "run_id": "r"})
     wide = [{"iteration": i, **{f"m{k}": float(k) for k in range(299)}} for i in range(1, 8)]
 
     stats = relay.send(wide)  # 300 metrics per row: 3 rows per batch; batch 2 fails
@@ -448,17 +463,17 @@ def test_relay_batches_whole_rows_sentinel_last(monkeypatch: pytest.MonkeyPatch)
 
     steps_logged = []
     for batch in fake.calls:
-        assert len(batch) <= mt.MAX_METRICS_PER_BATCH
-        assert batch[-1].key == mt.SENTINEL_METRIC
+        assert len(batch) <= MAX_METRICS_PER_BATCH
+        assert batch[-1].key == SENTINEL_METRIC
         rows_in_batch = sorted({m.step for m in batch})
         steps_logged += rows_in_batch
         for step in rows_in_batch:
             keys = [m.key for m in batch if m.step == step]
-            assert len(keys) == 300 and keys[-1] == mt.SENTINEL_METRIC
+            assert len(keys) == 300 and keys[-1] == SENTINEL_METRIC
     assert steps_logged == list(range(1, 8))
 
     # A restarted relay reads the watermark (7) and sends nothing again.
-    again = mt.MetricsRelay({"tracking_uri": "http://x", "run_id": "r"}).send(wide)
+    again = MetricsRelay({"tracking_uri": "http://x", "run_id": "r"}).send(wide)
     assert (again.sent, again.skipped) == (0, 7)
 
 
@@ -550,7 +565,7 @@ def test_connection_uri_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     assert MlflowHook("m_plain").tracking_uri == "http://10.1.2.3:5055"
     hook = MlflowHook("m_auth")
     assert hook.tracking_uri == "https://mlflow.example.org/prefix"
-    assert mt.credentialed_uri(hook.tracking_uri) == (
+    assert credentialed_uri(hook.tracking_uri) == (
         "https://al%20ice:p%40ss%3Aw%2Frd@mlflow.example.org/prefix"
     )
     assert MlflowHook("m_url").tracking_uri == "https://x.org:8443/ml"
@@ -573,23 +588,23 @@ def test_settings_from_a_connection_keep_its_password_out(
     )
     monkeypatch.delenv("SLURM_RAY_MLFLOW_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mt._CREDENTIALS.clear()
-    s = mt.MlflowSettings.from_dict({}, default_experiment="dag")  # mlflow_default
+    _CREDENTIALS.clear()
+    s = MlflowSettings.from_dict({}, default_experiment="dag")  # mlflow_default
     # the DAGs' resolve step gives "" when no URI is in the environment: the same
-    assert mt.MlflowSettings.from_dict({"tracking_uri": ""}, default_experiment="dag") == s
+    assert MlflowSettings.from_dict({"tracking_uri": ""}, default_experiment="dag") == s
     assert (s.tracking_uri, s.conn_id) == ("http://10.9.9.9:5099", "mlflow_default")
-    stored = json.dumps([s.to_dict(), mt.make_relay(s, run_id="r")])
+    stored = json.dumps([s.to_dict(), make_relay(s, run_id="r")])
     assert password not in stored and "bob" not in stored
-    assert mt.MlflowSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert MlflowSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     # another process (the triggerer) gets the credentials back from the connection
-    mt._CREDENTIALS.clear()
-    assert mt.credentialed_uri(s.tracking_uri) == s.tracking_uri  # not without the conn id
-    assert mt.credentialed_uri(s.tracking_uri, "mlflow_default") == (
+    _CREDENTIALS.clear()
+    assert credentialed_uri(s.tracking_uri) == s.tracking_uri  # not without the conn id
+    assert credentialed_uri(s.tracking_uri, "mlflow_default") == (
         f"http://bob:{password}@10.9.9.9:5099"
     )
     # a named connection that does not exist: the error names the field and the connection
     with pytest.raises(ValueError, match=r"mlflow\.tracking_uri: required .*'nope'"):
-        mt.MlflowSettings.from_dict({"experiment_name": "e", "conn_id": "nope"})
+        MlflowSettings.from_dict({"experiment_name": "e", "conn_id": "nope"})
 
 
 async def test_relay_reads_the_connection_asynchronously(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -605,13 +620,13 @@ async def test_relay_reads_the_connection_asynchronously(monkeypatch: pytest.Mon
     )
     seen: list[str] = []
 
-    def fake_send(self: mt.MetricsRelay, rows: list[dict[str, Any]]) -> mt.RelayStats:
-        seen.append(mt.credentialed_uri(self.tracking_uri))
-        return mt.RelayStats()
+    def fake_send(self: MetricsRelay, rows: list[dict[str, Any]]) -> RelayStats:
+        seen.append(credentialed_uri(self.tracking_uri))
+        return RelayStats()
 
-    monkeypatch.setattr(mt.MetricsRelay, "send", fake_send)
-    mt._CREDENTIALS.clear()
-    sink = mt.make_async_sink(
+    monkeypatch.setattr(MetricsRelay, "send", fake_send)
+    _CREDENTIALS.clear()
+    sink = make_async_sink(
         {"tracking_uri": "http://10.7.7.7:1", "run_id": "r", "conn_id": "m_trig"}
     )
     await sink([{"iteration": 1}])
@@ -656,7 +671,7 @@ def test_deliver_rows_waits_for_the_server_then_sends(monkeypatch: pytest.Monkey
     monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: next(answers))
     monkeypatch.setattr(relay_mod, "_client", lambda uri: fake)
     monkeypatch.setattr(time, "sleep", naps.append)  # tenacity's nap
-    stats = mt.deliver_rows(
+    stats = deliver_rows(
         {"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": i} for i in (1, 2)], wait_s=600
     )
     assert (stats.sent, stats.pending) == (2, 0)
@@ -665,10 +680,8 @@ def test_deliver_rows_waits_for_the_server_then_sends(monkeypatch: pytest.Monkey
 
 def test_deliver_rows_gives_up_after_wait_s_and_on_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: "Connection refused")
-    with pytest.raises(
-        mt.MlflowError, match=r"waited \d+s\): Connection refused; they are in /r/m"
-    ):
-        mt.deliver_rows(
+    with pytest.raises(MlflowError, match=r"waited \d+s\): Connection refused; they are in /r/m"):
+        deliver_rows(
             {"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": 1}], wait_s=0, where="/r/m"
         )
 
@@ -679,6 +692,6 @@ def test_deliver_rows_gives_up_after_wait_s_and_on_refusal(monkeypatch: pytest.M
     calls: list[int] = []
     monkeypatch.setattr(relay_mod, "_probe", lambda uri, timeout: calls.append(1))
     monkeypatch.setattr(relay_mod, "_client", lambda uri: Refusing())
-    with pytest.raises(mt.MlflowError, match="INVALID_PARAMETER_VALUE"):
-        mt.deliver_rows({"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": 1}], wait_s=600)
+    with pytest.raises(MlflowError, match="INVALID_PARAMETER_VALUE"):
+        deliver_rows({"tracking_uri": "http://x", "run_id": "r"}, [{"iteration": 1}], wait_s=600)
     assert calls == [1]  # a refusal is not retried

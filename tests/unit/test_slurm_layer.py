@@ -77,10 +77,6 @@ def test_the_grammar_agrees_with_the_job_spec_check() -> None:
 )
 def test_elapsed_times_as_slurm_prints_them(text: str | None, seconds: float | None) -> None:
     assert parse_elapsed(text) == pytest.approx(seconds) if seconds else parse_elapsed(text) is None
-    from slurm_ray.mlflow_tracking import _elapsed_seconds  # the copy the lead repoints here
-
-    if seconds is not None:
-        assert _elapsed_seconds(text) == pytest.approx(seconds)
 
 
 def test_sacct_columns_are_read_by_header_name() -> None:

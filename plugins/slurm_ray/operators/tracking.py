@@ -41,7 +41,7 @@ class MlflowTracking:
     def settings(self, run: RunState) -> Any:
         if not self.mlflow:
             return None
-        from slurm_ray.mlflow_tracking import MlflowSettings
+        from slurm_ray.mlflow.settings import MlflowSettings
 
         try:
             return MlflowSettings.from_dict(
@@ -52,7 +52,7 @@ class MlflowTracking:
 
     @staticmethod
     def tags(run: RunState) -> dict[str, str]:
-        from slurm_ray.mlflow_tracking import task_identity_tags
+        from slurm_ray.mlflow.keys import task_identity_tags
 
         ti = run.context["ti"]
         return task_identity_tags(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
@@ -63,7 +63,9 @@ class MlflowTracking:
         settings = self.settings(run)
         if settings is None:
             return
-        from slurm_ray.mlflow_tracking import MlflowUnreachableError, check_reachable, ensure_run
+        from slurm_ray.mlflow.errors import MlflowUnreachableError
+        from slurm_ray.mlflow.reachability import check_reachable
+        from slurm_ray.mlflow.runs import ensure_run
 
         try:
             check_reachable(settings)
@@ -80,7 +82,7 @@ class MlflowTracking:
         ti.xcom_push(key="mlflow_run_id", value=run.mlflow_run_id)
         ti.xcom_push(key="mlflow_tracking_uri", value=settings.tracking_uri)
         try:
-            from slurm_ray.mlflow_tracking import client_for
+            from slurm_ray.mlflow.runs import client_for
 
             found = client_for(settings).get_run(run.mlflow_run_id)
             ti.xcom_push(key="mlflow_experiment_id", value=found.info.experiment_id)
@@ -93,7 +95,7 @@ class MlflowTracking:
         settings = self.settings(run)
         if settings is None or run.mlflow_run_id is None or run.job_id is None:
             return
-        from slurm_ray.mlflow_tracking import include_files_hash, record_job
+        from slurm_ray.mlflow.runs import include_files_hash, record_job
 
         record_job(
             settings,
@@ -111,7 +113,7 @@ class MlflowTracking:
         settings = self.settings(run)
         if settings is None:
             return None
-        from slurm_ray.mlflow_tracking import make_relay
+        from slurm_ray.mlflow.relay import make_relay
 
         return make_relay(settings, run_id=run.mlflow_run_id, tags=self.tags(run))
 
@@ -128,7 +130,7 @@ class MlflowTracking:
         raw = self.hook.run(build_earlier_metrics_command(task_dir, me)).stdout_bytes
         if not raw.strip():
             return
-        from slurm_ray.mlflow_tracking import make_relay, parse_metrics_jsonl, relay_rows
+        from slurm_ray.mlflow.relay import make_relay, parse_metrics_jsonl, relay_rows
 
         stats = relay_rows(
             make_relay(settings, run_id=run.mlflow_run_id),
@@ -142,7 +144,7 @@ class MlflowTracking:
         """Non-deferrable wait: relay complete new ``metrics.jsonl`` rows."""
         if not run.relay:
             return
-        from slurm_ray.mlflow_tracking import MetricsRelay, parse_metrics_jsonl
+        from slurm_ray.mlflow.relay import MetricsRelay, parse_metrics_jsonl
 
         if run.live_relay is None:
             # One relay for the whole wait: rows MLflow refused stay queued in it.
@@ -160,7 +162,7 @@ class MlflowTracking:
         relay = run.relay
         if not relay:
             return
-        from slurm_ray.mlflow_tracking import deliver_rows, parse_metrics_jsonl, relay_rows
+        from slurm_ray.mlflow.relay import deliver_rows, parse_metrics_jsonl, relay_rows
 
         path = posixpath.join(run.run_dir, "metrics.jsonl")
         raw = self.hook.read_file(path)

@@ -105,7 +105,7 @@ class SlurmRayOperator(BaseOperator):
     :param join_timeout: seconds the launcher waits for all Ray nodes.
     :param checkpoint_signal_s: Slurm sends SIGUSR1 this many seconds before the
         time limit so the driver can checkpoint (0 disables).
-    :param mlflow: MLflow settings for the live metrics relay (:mod:`slurm_ray.mlflow_tracking`).
+    :param mlflow: MLflow settings for the live metrics relay (:mod:`slurm_ray.mlflow`).
     :param mlflow_conn_id: Airflow connection (type ``mlflow``) of the tracking
         server: its URI when ``mlflow`` names none, and its credentials.
     :param mlflow_wait_s: at completion, how long to wait for an MLflow server

@@ -123,7 +123,7 @@ class SlurmJobTrigger(BaseTrigger):
     def _make_sink(self) -> MetricsSink | None:
         if not self.relay:
             return None
-        from slurm_ray.mlflow_tracking import make_async_sink
+        from slurm_ray.mlflow.relay import make_async_sink
 
         return make_async_sink(self.relay, log=self.log)
 
