@@ -11,7 +11,6 @@ A's failure message carries a bounded tail that says what was cut.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
 from tests.cluster.test_operator import FakeTI, make_op
 from tests.conftest import DevCluster
+from tests.faults.helpers import tap
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -70,17 +70,6 @@ class RssPeak:
         return self.peak - self.base
 
 
-class Lines(logging.Handler):
-    """Every log record of the run, with the moment it was emitted."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[tuple[float, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((time.monotonic(), record.getMessage()[:300]))
-
-
 def test_a_200mb_line_keeps_memory_bounded_and_others_streaming(cluster: DevCluster) -> None:
     spec = {"nodes": 1, "cpus_per_task": 1, "time": "10"}
     flood_ti, tick_ti = FakeTI(task_id="flood"), FakeTI(task_id="ticks")
@@ -93,8 +82,7 @@ def test_a_200mb_line_keeps_memory_bounded_and_others_streaming(cluster: DevClus
         deferred[name] = err.value
     flood_id, tick_id = flood_ti.xcom["slurm_job_id"], tick_ti.xcom["slurm_job_id"]
 
-    lines = Lines()
-    logging.getLogger().addHandler(lines)
+    taps = {name: tap(d.trigger) for name, d in deferred.items()}
     ended: dict[str, float] = {}
 
     async def watch(name: str) -> Any:
@@ -118,7 +106,6 @@ def test_a_200mb_line_keeps_memory_bounded_and_others_streaming(cluster: DevClus
                 {"ti": tick_ti}, tick_event.payload, **(deferred["ticks"].kwargs or {})
             )
     finally:
-        logging.getLogger().removeHandler(lines)
         cluster.ssh(f"scancel {flood_id} {tick_id}", check=False)
 
     # The flood really happened: the whole 200 MB are in the job's log.
@@ -133,11 +120,13 @@ def test_a_200mb_line_keeps_memory_bounded_and_others_streaming(cluster: DevClus
     )
 
     # B streamed while A was still being read: ticks logged before A's event.
-    ticks_seen = [t for t, msg in lines.records if f"[slurm {tick_id}] tick-" in msg]
+    # (LogTap stamps records with time.time(); the events with monotonic time)
+    flood_end = time.time() - (time.monotonic() - ended["flood"])
+    ticks_seen = [t for t, _, msg in taps["ticks"].records if f"[slurm {tick_id}] tick-" in msg]
     assert len(ticks_seen) == 40, len(ticks_seen)
-    assert sum(1 for t in ticks_seen if t < ended["flood"]) >= 5, "B stalled behind A's flood"
+    assert sum(1 for t in ticks_seen if t < flood_end) >= 5, "B stalled behind A's flood"
     # The task log says what was cut instead of carrying 200 MB.
-    flood_lines = [msg for _, msg in lines.records if f"job {flood_id}" in msg]
+    flood_lines = [msg for _, _, msg in taps["flood"].records if f"job {flood_id}" in msg]
     assert any("cut" in m or "skipping" in m for m in flood_lines), flood_lines[-5:]
 
     # A's failure names the job's end and carries a bounded tail of its log.

@@ -126,5 +126,8 @@ def test_log_tail_is_capped_in_bytes(tmp_path: Path, shell: str) -> None:
 
 def test_last_lines_caps_one_huge_line() -> None:
     text = "start\n" + "y" * (10 << 20)
-    assert len(last_lines(text, 40)) == 64 * 1024
+    assert len(last_lines(text, 40, line_chars=10 << 20)) == 64 * 1024
+    # each line keeps its end and says how much was cut: a readable error message
+    tail = last_lines(text + "z\nend", 40)
+    assert tail == f"[{64 * 1024 - 4 - 1000} characters cut] {'y' * 999}z\nend", tail[:80]
     assert last_lines("a\nb\nc\n", 2) == "b\nc"

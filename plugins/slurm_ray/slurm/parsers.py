@@ -263,13 +263,23 @@ def parse_claim_output(text: str) -> ClaimOutcome:
     raise ValueError(f"the submit command did not say what it did: {text[-500:]!r}")
 
 
-def last_lines(text: str, lines: int = 40, max_chars: int = 64 * 1024) -> str:
+def last_lines(
+    text: str, lines: int = 40, max_chars: int = 64 * 1024, line_chars: int = 1000
+) -> str:
     """The last ``lines`` lines of the last ``max_chars`` characters of ``text``.
 
     Capped in size first: one line without a newline (a progress bar) can be
-    as long as the whole output. The first line may then be a cut one.
+    as long as the whole output. Each line keeps its last ``line_chars``
+    characters (the latest of a progress line), saying how many were cut, so
+    an error message stays readable.
     """
-    return "\n".join(text[-max_chars:].rstrip().splitlines()[-lines:])
+    kept = text[-max_chars:].rstrip().splitlines()[-lines:]
+    return "\n".join(
+        f"[{len(line) - line_chars} characters cut] {line[-line_chars:]}"
+        if len(line) > line_chars
+        else line
+        for line in kept
+    )
 
 
 def parse_node_states(text: str) -> list[str]:
