@@ -163,7 +163,7 @@ def worker_start(argv: list[str]) -> int:
             log(f"head has not written its session name to GCS {address} after {timeout:g}s")
             return 99
         time.sleep(0.05)
-    log(f"head is up after {time.monotonic() - t0:.2f}s; ray {' '.join(ray_argv)}")
+    log(f"head GCS ready after {time.monotonic() - t0:.2f}s; ray {' '.join(ray_argv)}")
     sys.argv = ["ray", *ray_argv]
     return ray_main()
 
