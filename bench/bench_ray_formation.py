@@ -144,8 +144,27 @@ def job_info(jobid: str) -> dict[str, str]:
     return info
 
 
+#: The entrypoint: its start time, then the CPU seconds the job's processes
+#: (Ray's daemons, `ray start`, the launcher) have used so far: formation's
+#: cost, which the shared machine's load does not change (much).
+ENTRYPOINT = """\
+import os, time
+print("BENCH_T_EP %.6f" % time.time(), flush=True)
+tag, total = ("SLURM_JOB_ID=" + os.environ["SLURM_JOB_ID"]).encode(), 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if tag not in f.read().split(b"\\0") or int(pid) == os.getpid():
+                continue
+        with open(f"/proc/{pid}/stat") as f:
+            total += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
+    except OSError:
+        pass
+print("BENCH_CPU_S %.2f" % (total / os.sysconf("SC_CLK_TCK")), flush=True)
+"""
+
+
 def batch_script(nodes: int, cpus: int, env: dict[str, str] | None = None) -> str:
-    ep = "import time; print('BENCH_T_EP %.6f' % time.time(), flush=True)"
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
     return (
         "#!/bin/bash\n"
@@ -154,7 +173,7 @@ def batch_script(nodes: int, cpus: int, env: dict[str, str] | None = None) -> st
         'echo "BENCH_T_BATCH $(date +%s.%N)"\n'
         f"source {VENV}/bin/activate\n"
         f"{exports}"
-        f'bash ./ray_launch.sh python -c "{ep}"\n'
+        "bash ./ray_launch.sh python ep.py\n"
         "rc=$?\n"
         'echo "BENCH_T_END $(date +%s.%N)"\n'
         "exit $rc\n"
@@ -220,6 +239,7 @@ def run_one(run_dir: Path, nodes: int, breakdown: bool = False) -> dict:
         "start_to_ready_s": round(marks["EP"] - marks["BATCH"], 3),
         "slurm_start_to_ready_s": round(marks["EP"] - start, 3),
         "teardown_s": round(marks["END"] - marks["EP"], 3) if "END" in marks else None,
+        "cpu_s": float(c.group(1)) if (c := re.search(r"BENCH_CPU_S ([\d.]+)", out)) else None,
         "slurm_start_time": info["StartTime"],
         # The dev nodes share this machine's cores with everything else on it:
         # formation is CPU-bound (~4-5 CPU-seconds of Ray startup for 2 nodes).
@@ -275,6 +295,7 @@ def body(start_machine: dict, a: argparse.Namespace) -> int:
         env = {**v.env, **({"SLURM_RAY_KEEP_TMP": "1"} if a.breakdown else {})}
         files = {n: v.script(n) for n in ("ray_launch.sh", "ray_wait.py")}
         files["job.sbatch"] = batch_script(a.nodes, a.cpus_per_task, env)
+        files["ep.py"] = ENTRYPOINT
         for name, text in files.items():
             ssh(f"cat > {shlex.quote(str(vdir / name))}", stdin=text)
 
@@ -331,7 +352,7 @@ def body(start_machine: dict, a: argparse.Namespace) -> int:
 
     hdr = (
         f"{'variant':>16} {'job':>6} {'submit>start':>12} {'launcher':>9} {'start>ready':>11} "
-        f"{'slurm>ready':>11} {'teardown':>9} {'load1':>6}"
+        f"{'slurm>ready':>11} {'teardown':>9} {'load1':>6} {'CPU s':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -340,7 +361,7 @@ def body(start_machine: dict, a: argparse.Namespace) -> int:
             f"{r['variant']:>16} {r['jobid']:>6} {r['submit_to_start_s']:>12.2f} "
             f"{r['launcher_ready_s']:>9.2f} {r['start_to_ready_s']:>11.2f} "
             f"{r['slurm_start_to_ready_s']:>11.2f} {(r['teardown_s'] or 0):>9.2f} "
-            f"{r['loadavg_1min_before']:>6.2f}"
+            f"{r['loadavg_1min_before']:>6.2f} {fmt(r['cpu_s']):>6}"
         )
     if len(variants) > 1:
         print()
@@ -388,9 +409,15 @@ def variant_summary(variants: list[Variant], by_v: dict[str, list[dict]], rounds
             "saved_vs_first_s": round(med0 - med, 3),
             "per_round_ratio": pairs,
             "median_per_round_ratio": round(statistics.median(pairs), 3),
+            "median_cpu_s": stat_or_none([r.get("cpu_s") for r in by_v[v.name]]),
             "load1": [r["loadavg_1min_before"] for r in by_v[v.name]],
         }
     return out
+
+
+def stat_or_none(vals: list[float | None]) -> float | None:
+    got = [v for v in vals if v is not None]
+    return round(statistics.median(got), 2) if got else None
 
 
 def variants_text(result: dict) -> str:
@@ -398,14 +425,14 @@ def variants_text(result: dict) -> str:
     first = result["variants"][0]["name"]
     lines = [
         f"{'variant':>16} {'median s':>9} {'min':>6} {'max':>6} {'vs ' + first:>10} "
-        f"{'saved s':>8} {'per-round ratios':>24}"
+        f"{'saved s':>8} {'CPU s':>6} {'per-round ratios':>24}"
     ]
     for v in result["variants"]:
         x = vs[v["name"]]
         lines.append(
             f"{v['name']:>16} {x['median_s']:>9.2f} {x['min_s']:>6.2f} {x['max_s']:>6.2f} "
             f"{x['ratio_to_first']:>10.3f} {x['saved_vs_first_s']:>8.2f} "
-            f"{', '.join(f'{p:.2f}' for p in x['per_round_ratio']):>24}"
+            f"{fmt(x['median_cpu_s']):>6} {', '.join(f'{p:.2f}' for p in x['per_round_ratio']):>24}"
         )
     return "\n".join(lines)
 
@@ -451,7 +478,10 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
         f"{len(rows)} jobs one after another, {nodes} nodes x {result['cpus_per_task']} CPU, "
         "each running `include/ray_launch.sh` with a one-line entrypoint. *start->ready*: "
         "the batch script's first line (before the venv is activated) -> the entrypoint's "
-        "first line, i.e. every node joined (the launcher checks, no fixed sleeps).",
+        "first line, i.e. every node joined (the launcher checks, no fixed sleeps). "
+        "*job CPU s at ready*: user+system CPU seconds of the job's live processes when "
+        "the entrypoint starts (Ray's daemons, `ray start`): formation's cost, which the "
+        "load of the shared machine changes little.",
         "",
         table(
             [
@@ -462,6 +492,7 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
                 "Slurm StartTime->ready s",
                 "teardown s",
                 "load1 before",
+                "job CPU s at ready",
             ],
             [
                 [
@@ -472,6 +503,7 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
                     fmt(r["slurm_start_to_ready_s"]),
                     fmt(r["teardown_s"]),
                     fmt(r["loadavg_1min_before"]),
+                    fmt(r.get("cpu_s")),
                 ]
                 for r in rows
             ],
@@ -499,6 +531,7 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
                     "min-max s",
                     f"ratio to {first}",
                     "saved s",
+                    "job CPU s at ready (median)",
                     "per-round ratios",
                     "load1 before",
                 ],
@@ -511,6 +544,7 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
                         f"{vs[v['name']]['min_s']:.2f}-{vs[v['name']]['max_s']:.2f}",
                         fmt(vs[v["name"]]["ratio_to_first"], ".3f"),
                         fmt(vs[v["name"]]["saved_vs_first_s"]),
+                        fmt(vs[v["name"]]["median_cpu_s"]),
                         ", ".join(f"{p:.2f}" for p in vs[v["name"]]["per_round_ratio"]),
                         ", ".join(f"{x:.1f}" for x in vs[v["name"]]["load1"]),
                     ]
