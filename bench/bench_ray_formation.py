@@ -475,7 +475,9 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
     lines = [
         machine_line(start_machine),
         "",
-        f"{len(rows)} jobs one after another, {nodes} nodes x {result['cpus_per_task']} CPU, "
+        f"{len(rows)} jobs"
+        + (" per variant" if len(result["variants"]) > 1 else "")
+        + f" one after another, {nodes} nodes x {result['cpus_per_task']} CPU, "
         "each running `include/ray_launch.sh` with a one-line entrypoint. *start->ready*: "
         "the batch script's first line (before the venv is activated) -> the entrypoint's "
         "first line, i.e. every node joined (the launcher checks, no fixed sleeps). "
@@ -552,6 +554,18 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
                 ],
             ),
         ]
+    lines += [
+        "",
+        "What the launcher leaves out (Ray 2.60): the dashboard (`--include-dashboard=false`), "
+        "usage stats (`--disable-usage-stats`, `RAY_USAGE_STATS_ENABLED=0`), the autoscaler "
+        "monitor (`--no-monitor`; `SLURM_RAY_AUTOSCALER=1` puts it back); a worker runs "
+        "`ray start` as soon as the head's GCS holds its session name instead of after the "
+        "head's raylet registered. Log monitors stay (they carry Ray workers' output to the "
+        "entrypoint's; `SLURM_RAY_LOG_MONITOR=0` drops them). Not removable through `ray start` "
+        "or environment variables: the head's API-server process (`dashboard.py`, started even "
+        "without the dashboard; `ray start` waits until it registers) and each raylet's "
+        "dashboard agent and runtime-env agent (the raylet starts them itself).",
+    ]
     if breakdown:
         lines += [
             "",
