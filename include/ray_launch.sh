@@ -13,6 +13,10 @@
 #      `srun --export=ALL --nodes=1 --ntasks=1 -w NODE ... ray start --block`
 #      step (the batch script itself runs on the first node; the batch step
 #      does not count against step resources, so no --overlap is needed);
+#      Only what a batch job needs: no dashboard, no usage stats, no
+#      autoscaler monitor (the allocation is fixed); a worker runs `ray start`
+#      as soon as the head's GCS holds its session name, beside the head's
+#      own raylet start-up (no fixed sleeps; bench/bench_ray_formation.py);
 #   2. waits until every node has joined (GCS port first, then the GCS node
 #      table; no fixed sleeps) and prints
 #        ray_launch: cluster ready nodes=N cpus=C gpus=G in X.XXs (address=IP:PORT)
