@@ -144,9 +144,8 @@ def job_info(jobid: str) -> dict[str, str]:
     return info
 
 
-#: The entrypoint: its start time, then the CPU seconds the job's processes
-#: (Ray's daemons, `ray start`, the launcher) have used so far: formation's
-#: cost, which the shared machine's load does not change (much).
+#: The entrypoint: its start time, then the CPU seconds the job's live processes
+#: (Ray's daemons, `ray start`, prestarted idle Ray workers) have used so far.
 ENTRYPOINT = """\
 import os, time
 print("BENCH_T_EP %.6f" % time.time(), flush=True)
@@ -482,8 +481,8 @@ def save_section(result: dict, start_machine: dict, breakdown: str | bool = Fals
         "the batch script's first line (before the venv is activated) -> the entrypoint's "
         "first line, i.e. every node joined (the launcher checks, no fixed sleeps). "
         "*job CPU s at ready*: user+system CPU seconds of the job's live processes when "
-        "the entrypoint starts (Ray's daemons, `ray start`): formation's cost, which the "
-        "load of the shared machine changes little.",
+        "the entrypoint starts (Ray's daemons, `ray start`, and the idle Ray workers the raylets "
+        "have prestarted by then, whose number varies: +-1 s between runs).",
         "",
         table(
             [
