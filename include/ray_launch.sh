@@ -13,6 +13,10 @@
 #      `srun --export=ALL --nodes=1 --ntasks=1 -w NODE ... ray start --block`
 #      step (the batch script itself runs on the first node; the batch step
 #      does not count against step resources, so no --overlap is needed);
+#      Only what a batch job needs: no dashboard, no usage stats, no
+#      autoscaler monitor (the allocation is fixed); a worker runs `ray start`
+#      as soon as the head's GCS holds its session name, beside the head's
+#      own raylet start-up (no fixed sleeps; bench/bench_ray_formation.py);
 #   2. waits until every node has joined (GCS port first, then the GCS node
 #      table; no fixed sleeps) and prints
 #        ray_launch: cluster ready nodes=N cpus=C gpus=G in X.XXs (address=IP:PORT)
@@ -42,6 +46,11 @@
 #   SLURM_RAY_IFACE                take each node's address from this interface
 #                                  (default: getent ahostsv4 "$(hostname)")
 #   SLURM_RAY_DASHBOARD            1 = start the dashboard on the head (port base+7)
+#   SLURM_RAY_AUTOSCALER           1 = start Ray's autoscaler monitor on the head
+#                                  (default: not started, `ray start --no-monitor`;
+#                                  the allocation never grows)
+#   SLURM_RAY_LOG_MONITOR          0 = no log monitor: Ray workers' output stays
+#                                  in Ray's logs instead of the entrypoint's
 #   SLURM_RAY_KEEP_TMP             1 = keep the nodes' temp dirs in place
 # plus Slurm's SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_JOB_CPUS_PER_NODE,
 # SLURM_CPUS_ON_NODE, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE,
@@ -373,12 +382,20 @@ node_main() {
     --disable-usage-stats
     --block
   )
+  # Ray's log monitor streams workers' stdout/stderr to the driver (the
+  # entrypoint's output); without it they stay in Ray's logs on the node.
+  if [[ ${SLURM_RAY_LOG_MONITOR:-1} == 0 ]]; then
+    args+=(--include-log-monitor=false)
+  fi
   if [[ $role == head ]]; then
     if tcp_open "$ip" "$GCS_PORT"; then
       err "port $GCS_PORT on $ip is already in use (another job's Ray?); set SLURM_RAY_PORT_BASE"
       exit 98
     fi
     args+=(--head --port="$GCS_PORT")
+    # The allocation is fixed: Ray's autoscaler monitor has nothing to scale
+    # and only costs CPU while the cluster forms.
+    [[ ${SLURM_RAY_AUTOSCALER:-0} == 1 ]] || args+=(--no-monitor)
     if [[ ${SLURM_RAY_DASHBOARD:-0} == 1 ]]; then
       args+=(--include-dashboard=true --dashboard-host=0.0.0.0 --dashboard-port="$DASHBOARD_PORT")
     else
@@ -390,7 +407,8 @@ node_main() {
     args+=(--address="$_RL_HEAD_IP:$GCS_PORT")
     printf 'ray start %s\n' "${args[*]}"
     # `ray start` via ray_wait.py: imports Ray while the head is starting,
-    # then waits (no fixed sleep) until the head is registered in the GCS.
+    # then starts (no fixed sleep) as soon as the head's GCS holds its
+    # session name, while the head's own raylet is still starting.
     python "$_RL_SELF_DIR/ray_wait.py" worker-start "$_RL_HEAD_IP:$GCS_PORT" \
       "${SLURM_RAY_JOIN_TIMEOUT:-180}" start "${args[@]}" &
   fi
@@ -648,7 +666,7 @@ main() {
 
   log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)) (probed in $(elapsed "$tp")s), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
 
-  # Start every node at once; workers wait for the head's GCS port themselves.
+  # Start every node at once; workers wait for the head's GCS themselves.
   # srun's own messages go to the node's log next to `ray start`'s output.
   local i role
   for ((i = 0; i < NUM_NODES; i++)); do

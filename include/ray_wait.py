@@ -18,9 +18,11 @@ Exit status: 0 all nodes joined; 3 timeout; 4 a watched step exited;
 5 unexpected error talking to Ray.
 
 The ``worker-start`` form is `ray start` for a worker node: it imports Ray
-(about a second) while the head is still starting, waits until the head
-node is ALIVE in the GCS (a worker that connects earlier falls into Ray's
-own 2-second retry sleeps), then runs the `ray` console script in-process.
+(about a second) while the head is still starting, waits until the head has
+written its session name to the GCS (a worker that reads it earlier falls
+into Ray's own 2-second retry sleeps; the head writes it right after the GCS
+starts, before its dashboard process and raylet), then runs the `ray`
+console script in-process, so the worker's raylet starts beside the head's.
 
 The ``ports`` form runs on every node of the job (one srun task per node)
 before Ray starts: for each candidate port block (BASE .. BASE+SIZE-1, SIZE
@@ -146,24 +148,22 @@ def worker_start(argv: list[str]) -> int:
         time.sleep(0.1)
     try:
         from ray._raylet import GcsClient
-        from ray.core.generated import gcs_pb2
 
         client = GcsClient(address=address)
     except Exception as e:  # private API moved: Ray's own retries take over
-        log(f"cannot read the node table ({e!r}); starting anyway")
+        log(f"cannot read the GCS ({e!r}); starting anyway")
         client = None
     while client is not None:
         try:
-            infos = client.get_all_node_info(timeout=2).values()
-            if any(i.is_head_node and i.state == gcs_pb2.GcsNodeInfo.ALIVE for i in infos):
+            if client.internal_kv_get(b"session_name", b"session", timeout=2):
                 break
         except Exception:  # GCS still starting
             pass
         if time.monotonic() >= deadline:
-            log(f"head node not registered in GCS {address} after {timeout:g}s")
+            log(f"head has not written its session name to GCS {address} after {timeout:g}s")
             return 99
-        time.sleep(0.1)
-    log(f"head is up after {time.monotonic() - t0:.2f}s; ray {' '.join(ray_argv)}")
+        time.sleep(0.05)
+    log(f"head GCS ready after {time.monotonic() - t0:.2f}s; ray {' '.join(ray_argv)}")
     sys.argv = ["ray", *ray_argv]
     return ray_main()
 

@@ -322,6 +322,36 @@ def test_scancel_leaves_no_ray_process(job):
     ssh(f"test -s {j.dir}/ray-logs/{jobid}.n2.ray/raylet.out")
 
 
+def ray_components(procs: list[str]) -> dict[str, int]:
+    """How many of each Ray daemon a job runs (from ray_procs lines)."""
+    kinds = {
+        "gcs_server": r"/gcs_server ",
+        "raylet": r"/raylet ",
+        "autoscaler monitor": r"/autoscaler/(_private|v2)/monitor\.py ",
+        "log monitor": r"/log_monitor\.py ",
+    }
+    return {k: sum(1 for p in procs if re.search(rx, p)) for k, rx in kinds.items()}
+
+
+@pytest.mark.cluster
+def test_only_the_ray_daemons_a_batch_job_needs(job):
+    """No autoscaler monitor (the allocation is fixed); log monitors unless
+    SLURM_RAY_LOG_MONITOR=0. Both jobs run at once on the same two nodes."""
+    j = job("daemons")
+    j.put("sleeper.py", SLEEPER)
+    full = j.submit("python -u sleeper.py")
+    lean = j.submit("python -u sleeper.py", env="export SLURM_RAY_LOG_MONITOR=0\n")
+    for jobid in (full, lean):
+        j.wait_output(jobid, r"RUNNING 2")
+    got = {jobid: ray_components(ray_procs(jobid)) for jobid in (full, lean)}
+    j.cancel()
+    base = {"gcs_server": 1, "raylet": 2, "autoscaler monitor": 0}
+    assert got[full] == {**base, "log monitor": 2}, got
+    assert got[lean] == {**base, "log monitor": 0}, got
+    for jobid in (full, lean):
+        wait_no_ray(jobid, timeout=30)
+
+
 @pytest.mark.cluster
 def test_usr1_reaches_entrypoint(job):
     j = job("usr1")
