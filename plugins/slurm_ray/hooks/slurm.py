@@ -127,6 +127,33 @@ class _TailBuffer:
             self.cut += over
 
 
+def _drain(chan: paramiko.Channel, out: _TailBuffer, err: _TailBuffer, deadline: float) -> bool:
+    """Read stdout and stderr until the command exited; False when ``deadline`` passed.
+
+    Both streams as they come: reading one to the end first deadlocks once the
+    other fills its window.
+    """
+    while True:
+        busy = False
+        if chan.recv_ready():
+            out.add(chan.recv(1 << 16))
+            busy = True
+        if chan.recv_stderr_ready():
+            err.add(chan.recv_stderr(1 << 16))
+            busy = True
+        if (
+            not busy
+            and chan.exit_status_ready()
+            and not chan.recv_ready()
+            and not chan.recv_stderr_ready()
+        ):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        if not busy:
+            time.sleep(0.005)
+
+
 class SlurmHook(BaseHook):
     """
     Talk to a Slurm cluster through its login node over SSH.
@@ -227,28 +254,8 @@ class SlurmHook(BaseHook):
                 chan.sendall(stdin)
             chan.shutdown_write()
             out, err = _TailBuffer(self.max_output), _TailBuffer(self.max_output)
-            deadline = time.monotonic() + limit
-            # Drain both streams as they come: reading one to the end first
-            # deadlocks once the other fills its window.
-            while True:
-                busy = False
-                if chan.recv_ready():
-                    out.add(chan.recv(1 << 16))
-                    busy = True
-                if chan.recv_stderr_ready():
-                    err.add(chan.recv_stderr(1 << 16))
-                    busy = True
-                if (
-                    not busy
-                    and chan.exit_status_ready()
-                    and not chan.recv_ready()
-                    and not chan.recv_stderr_ready()
-                ):
-                    break
-                if time.monotonic() > deadline:
-                    raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
-                if not busy:
-                    time.sleep(0.005)
+            if not _drain(chan, out, err, time.monotonic() + limit):
+                raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
             code = chan.recv_exit_status()
         finally:
             chan.close()
