@@ -12,7 +12,6 @@ reaches the cluster.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -224,11 +223,6 @@ def training_config_from(
         raise RunParamError(str(exc)) from exc
 
 
-def _minutes(time_limit: str) -> float:
-    seconds = parse_time_limit(time_limit)
-    return math.inf if seconds is None else seconds / 60
-
-
 def _job_spec(
     params: Mapping[str, Any], profile: ClusterProfile, config: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -246,7 +240,8 @@ def _job_spec(
         )
     time_limit = str(params.get("time_limit") or "00:30:00")
     stop_minutes = config["stop"].get("minutes")
-    if stop_minutes and stop_minutes >= _minutes(time_limit):
+    seconds = parse_time_limit(time_limit)  # None: UNLIMITED
+    if stop_minutes and seconds is not None and stop_minutes >= seconds / 60:
         raise RunParamError(
             f"stop_minutes: {stop_minutes} does not fit in time_limit {time_limit}; leave time to checkpoint"
         )

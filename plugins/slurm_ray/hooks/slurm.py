@@ -7,7 +7,6 @@ pure builders in :mod:`slurm_ray.slurm`; this module only transports.
 
 from __future__ import annotations
 
-import stat
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -308,18 +307,6 @@ class SlurmHook(BaseHook):
                     fh.set_pipelined(True)
                     fh.write(data)
                 sftp.posix_rename(tmp, remote_path)
-
-    def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
-        """Copy a local file to the cluster, keeping its mode unless ``mode`` is given."""
-        import os
-
-        with open(local_path, "rb") as fh:
-            data = fh.read()
-        self.upload_bytes(
-            data,
-            remote_path,
-            mode=mode if mode is not None else stat.S_IMODE(os.stat(local_path).st_mode),
-        )
 
     def download(self, remote_path: str, local_path: str) -> None:
         """Copy a remote file to ``local_path``."""

@@ -7,9 +7,9 @@ import io
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from slurm_ray.mlflow.keys import finite, safe_key, tag_items
 from slurm_ray.mlflow.relay import SENTINEL_METRIC
@@ -49,11 +49,8 @@ PLOT_ARTIFACT = "comparison/learning_curves.png"
 LABEL_SKIP = ("checkpoint_every", "eval_episodes", "stop.")
 
 
-class CurvePlotter(Protocol):
-    """Turns a plot spec (see ``include/plot_curves.py``) into PNG bytes."""
-
-    def __call__(self, spec: Mapping[str, Any]) -> bytes:
-        """The PNG."""
+#: Turns a plot spec (see ``include/plot_curves.py``) into PNG bytes.
+CurvePlotter = Callable[[Mapping[str, Any]], bytes]
 
 
 def _curve(

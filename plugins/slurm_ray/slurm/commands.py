@@ -80,7 +80,6 @@ def build_states_command(job_ids: Sequence[str]) -> str:
     squeue = quote_args(
         ["squeue", "-h", "-a", "-t", "all", "-j", ",".join(ids), "-o", SQUEUE_FORMAT]
     )
-    sacct = build_sacct_command('"$left"')  # $left: validated ids
     m = MARKER
     parts = [
         f"q=$({squeue} 2>&1); rc=$?",
@@ -100,17 +99,25 @@ def build_states_command(job_ids: Sequence[str]) -> str:
         " fi;"
         ' left="${left:+$left,}$i";'
         " done",
-        'if [ -n "$left" ]; then'
-        " if command -v sacct >/dev/null 2>&1; then"
-        f" a=$({sacct} 2>&1); rc=$?;"
-        f' echo "{m}:sacct rc=$rc";'
-        " printf '%s\\n' \"$a\";"
-        f" else echo {quote(m + ':sacct absent')};"
-        " fi;"
-        " fi",
+        _sacct_section(),
         f"echo {quote(m + ':end')}",
     ]
     return "; ".join(parts)
+
+
+def _sacct_section() -> str:
+    """Shell text: the sacct section for the ids in ``$left`` (scontrol did not know them)."""
+    sacct = build_sacct_command('"$left"')  # $left: validated ids
+    return (
+        'if [ -n "$left" ]; then'
+        " if command -v sacct >/dev/null 2>&1; then"
+        f" a=$({sacct} 2>&1); rc=$?;"
+        f' echo "{MARKER}:sacct rc=$rc";'
+        " printf '%s\\n' \"$a\";"
+        f" else echo {quote(MARKER + ':sacct absent')};"
+        " fi;"
+        " fi"
+    )
 
 
 def build_find_jobs_by_name_command(name: str) -> str:
