@@ -23,14 +23,7 @@ from slurm_ray.utils.quoting import quote
 if TYPE_CHECKING:
     from slurm_ray.operators.training import SlurmRayOperator
 
-__all__ = [
-    "JOB_ENV_FILE",
-    "env_modules",
-    "job_env_file",
-    "render_script",
-    "run_dir_files",
-    "validate_job",
-]
+__all__ = ["JOB_ENV_FILE", "job_env_file", "render_script", "run_dir_files", "validate_job"]
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 #: Cluster-side files staged into every run directory.
@@ -74,7 +67,7 @@ def validate_job(
         from slurm_ray.training_config import ConfigError, validate_config
 
         try:
-            config = validate_config(op.config, env_modules=env_modules(op.env_modules)).to_dict()
+            config = validate_config(op.config, env_modules=_env_modules(op.env_modules)).to_dict()
         except ConfigError as exc:
             raise AirflowException(str(exc)) from exc
     for key, value in op.env_vars.items():
@@ -85,7 +78,7 @@ def validate_job(
     return spec, env, config
 
 
-def env_modules(mods: Any) -> tuple[str, ...]:
+def _env_modules(mods: Any) -> tuple[str, ...]:
     """The rendered ``env_modules`` argument as module names."""
     if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
         raise AirflowException(f"env_modules: expected a list of module names, got {mods!r}")
@@ -113,8 +106,8 @@ def render_script(
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONUNBUFFERED": "1",
     }
-    if env_modules(op.env_modules):
-        env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(env_modules(op.env_modules))
+    if _env_modules(op.env_modules):
+        env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(_env_modules(op.env_modules))
     setup = [f"cd {quote(run_dir)}"]
     if op.env_vars:
         # env_vars may hold secrets: they live in the 0600 job.env (NUL-separated
