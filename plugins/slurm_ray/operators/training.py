@@ -156,8 +156,8 @@ class SlurmRayOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        # The plain placement keywords, merged into job_spec at run time (job_spec
-        # may be an XComArg until then).
+        # The plain placement keywords (nodes, cpus_per_node, time_limit, partition,
+        # account), merged into job_spec at run time (job_spec may be an XComArg until then).
         given = locals()
         self.placement = {kwarg: given[kwarg] for kwarg in PLACEMENT_KWARGS}
         site = operator_defaults(profile)
