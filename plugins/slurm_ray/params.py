@@ -12,12 +12,11 @@ reaches the cluster.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from slurm_ray.profiles import get_profile, profile_names
+from slurm_ray.profiles import ClusterProfile, get_profile, profile_names
 from slurm_ray.slurm.timefmt import parse_time_limit
 from slurm_ray.training_config import SCHEMA, ConfigError, validate_config
 from slurm_ray.utils.batch import JobSpec, JobSpecError
@@ -224,24 +223,10 @@ def training_config_from(
         raise RunParamError(str(exc)) from exc
 
 
-def _minutes(time_limit: str) -> float:
-    seconds = parse_time_limit(time_limit)
-    return math.inf if seconds is None else seconds / 60
-
-
-def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    Everything the training tasks need, from the Params, or a RunParamError.
-
-    Returns operator kwargs: ``ssh_conn_id``, ``remote_base_dir``, ``environment``,
-    ``job_spec``, ``config``, ``mlflow``, ``profile``, ``deferrable``.
-    """
-    check_params(params)
-    try:
-        profile = get_profile(str(params.get("profile", "local")))
-    except ValueError as exc:
-        raise RunParamError(str(exc)) from exc
-    config = training_config_from(params, profile.env_modules)
+def _job_spec(
+    params: Mapping[str, Any], profile: ClusterProfile, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The training job's ``job_spec``: the placement Params checked against the profile."""
     nodes = int(params.get("nodes", 1))
     cpus = int(params.get("cpus_per_node") or profile.cores_per_node)
     if cpus > profile.cores_per_node:
@@ -255,7 +240,8 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         )
     time_limit = str(params.get("time_limit") or "00:30:00")
     stop_minutes = config["stop"].get("minutes")
-    if stop_minutes and stop_minutes >= _minutes(time_limit):
+    seconds = parse_time_limit(time_limit)  # None: UNLIMITED
+    if stop_minutes and seconds is not None and stop_minutes >= seconds / 60:
         raise RunParamError(
             f"stop_minutes: {stop_minutes} does not fit in time_limit {time_limit}; leave time to checkpoint"
         )
@@ -277,6 +263,23 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         JobSpec.from_dict({**job_spec, "job_name": "validate"})
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
+    return job_spec
+
+
+def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Everything the training tasks need, from the Params, or a RunParamError.
+
+    Returns operator kwargs: ``ssh_conn_id``, ``remote_base_dir``, ``environment``,
+    ``job_spec``, ``config``, ``mlflow``, ``profile``, ``deferrable``.
+    """
+    check_params(params)
+    try:
+        profile = get_profile(str(params.get("profile", "local")))
+    except ValueError as exc:
+        raise RunParamError(str(exc)) from exc
+    config = training_config_from(params, profile.env_modules)
+    job_spec = _job_spec(params, profile, config)
     from slurm_ray.mlflow.hook import public_uri
 
     # Without credentials: this dict goes to XCom and the rendered fields; the

@@ -43,6 +43,18 @@ def resolve_or_fail(params: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+#: :func:`resolve_run` keys that are training operator arguments of the same name.
+_TRAIN_KEYS = (
+    "ssh_conn_id",
+    "remote_base_dir",
+    "job_spec",
+    "environment",
+    "config",
+    "mlflow",
+    "job_url_template",
+    "env_modules",
+)
+
 #: Params one sweep shares: a configuration may not override them.
 SWEEP_FIXED = frozenset({"profile", "experiment_name", "register_model_name"})
 
@@ -75,20 +87,13 @@ def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
             resolved = resolve_or_fail({**base, **overrides})
         except AirflowFailException as exc:
             raise AirflowFailException(f"{where}: {exc}") from exc
-        runs.append(
-            {
-                "ssh_conn_id": resolved["ssh_conn_id"],
-                "remote_base_dir": resolved["remote_base_dir"],
-                "job_spec": resolved["job_spec"],
-                "environment": resolved["environment"],
-                "config": resolved["config"],
-                "mlflow": resolved["mlflow"],
-                "cluster_name": resolved["profile"],
-                "job_url_template": resolved["job_url_template"],
-                "env_modules": resolved["env_modules"],
-            }
-        )
+        runs.append(train_kwargs(resolved))
     return runs
+
+
+def train_kwargs(resolved: Any) -> dict[str, Any]:
+    """The training operator's run arguments from :func:`resolve_run`'s result (or its XCom)."""
+    return {**{key: resolved[key] for key in _TRAIN_KEYS}, "cluster_name": resolved["profile"]}
 
 
 def _settings(mlflow: Mapping[str, Any], dag_id: str) -> Any:
@@ -188,15 +193,7 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
     env, sanity = environment_tasks(resolved)
     train = SlurmRayOperator(
         task_id="train",
-        ssh_conn_id=resolved["ssh_conn_id"],
-        remote_base_dir=resolved["remote_base_dir"],
-        job_spec=resolved["job_spec"],
-        environment=resolved["environment"],
-        config=resolved["config"],
-        mlflow=resolved["mlflow"],
-        cluster_name=resolved["profile"],
-        job_url_template=resolved["job_url_template"],
-        env_modules=resolved["env_modules"],
+        **train_kwargs(resolved),
         retries=TRAIN_RETRIES,
         retry_delay=timedelta(seconds=10),
         execution_timeout=train_timeout,

@@ -72,10 +72,6 @@ class ClusterProfile(Spec):
         """A profile from JSON (``environment`` may be a plain mapping)."""
         return cls(**{**data, "name": name})
 
-    def base_dir_for(self, user: str) -> str:
-        """``remote_base_dir`` with ``{user}`` filled in."""
-        return self.remote_base_dir.replace("{user}", user)
-
 
 _LOCAL_STATE = os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev")
 

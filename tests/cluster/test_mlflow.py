@@ -482,8 +482,9 @@ def trained_run(cluster: DevCluster) -> Iterator[tuple[str, Any]]:
     hook = SlurmHook("slurm_dev")
     run_dir = cluster.new_dir("mlflow-run")
     hook.upload_bytes(TINY_PPO.encode(), posixpath.join(run_dir, "tiny_ppo.py"))
-    hook.upload(
-        str(ROOT / "include" / "export_model.py"), posixpath.join(run_dir, "export_model.py")
+    hook.upload_bytes(
+        (ROOT / "include" / "export_model.py").read_bytes(),
+        posixpath.join(run_dir, "export_model.py"),
     )
     hook.upload_bytes(
         b"#!/bin/bash\n#SBATCH --nodes=1\necho hi\n", posixpath.join(run_dir, "job.sbatch")

@@ -169,6 +169,7 @@ def test_module_env_id_refused_by_the_operator_and_sanity_check() -> None:
     from airflow.sdk.exceptions import AirflowException
     from slurm_ray.operators.remote_env import validate_env_id
     from slurm_ray.operators.training import SlurmRayOperator
+    from slurm_ray.operators.training_job import validate_job
 
     with pytest.raises(AirflowException, match=r"^env_id: .*not allowed"):
         validate_env_id("os:Evil-v0")
@@ -177,7 +178,7 @@ def test_module_env_id_refused_by_the_operator_and_sanity_check() -> None:
         task_id="t", ssh_conn_id="x", remote_base_dir="/r", config={"env_id": "os:Evil-v0"}
     )
     with pytest.raises(AirflowException, match=r"^config\.env_id: .*not allowed"):
-        op._validated("job", "slurm-%j.out")
+        validate_job(op, "job", "slurm-%j.out")
 
 
 def test_profiles_allow_no_env_module_by_default() -> None:

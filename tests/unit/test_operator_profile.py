@@ -40,7 +40,9 @@ def test_docstring_example_parses_as_a_user_dag(tmp_path: Path) -> None:
 
 
 def _spec(op):
-    spec, env, _ = op._validated("job", "slurm-%j.out")
+    from slurm_ray.operators.training_job import validate_job
+
+    spec, env, _ = validate_job(op, "job", "slurm-%j.out")
     return spec, env
 
 
@@ -102,11 +104,12 @@ def test_plain_keywords_and_job_spec_agree_or_fail_naming_the_field() -> None:
 
 
 def test_without_a_profile_runs_go_under_the_remote_home() -> None:
+    from slurm_ray.operators.identity import fill_placeholders
     from slurm_ray.operators.training import SlurmRayOperator
 
     op = SlurmRayOperator(task_id="t", ssh_conn_id="c", entrypoint="true")
     assert op.remote_base_dir == "{home}/slurm_ray/runs"
-    assert op._resolve_user(op.remote_base_dir, {"{home}": "/home/u", "{user}": "u"}) == (
+    assert fill_placeholders(op.remote_base_dir, {"{home}": "/home/u", "{user}": "u"}) == (
         "/home/u/slurm_ray/runs"
     )
     with pytest.raises(ValueError, match="ssh_conn_id: give ssh_conn_id or profile"):

@@ -7,7 +7,7 @@ import re
 import subprocess
 
 import pytest
-from slurm_ray.operators.identity import run_identity, sanitize
+from slurm_ray.operators.identity import fill_placeholders, run_identity, sanitize
 from slurm_ray.profiles import (
     ClusterProfile,
     ProfileError,
@@ -83,8 +83,9 @@ def test_profiles() -> None:
     assert get_profile("eagle").cores_per_node == 36
     assert get_profile("kestrel").cores_per_node == 104
     assert get_profile("eagle").environment.unset_ld_preload
-    assert get_profile("local").base_dir_for("u").endswith("/scratch/runs")
-    assert get_profile("kestrel").base_dir_for("alice") == "/scratch/alice/slurm_ray"
+    assert get_profile("local").remote_base_dir.endswith("/scratch/runs")
+    kestrel = get_profile("kestrel").remote_base_dir
+    assert fill_placeholders(kestrel, {"{user}": "alice"}) == "/scratch/alice/slurm_ray"
     with pytest.raises(ProfileError, match="valid profiles are"):
         get_profile("summit")
     register_profile(ClusterProfile(name="mysite", ssh_conn_id="slurm_mysite", cores_per_node=64))

@@ -7,7 +7,6 @@ pure builders in :mod:`slurm_ray.slurm`; this module only transports.
 
 from __future__ import annotations
 
-import stat
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -127,6 +126,33 @@ class _TailBuffer:
             self.cut += over
 
 
+def _drain(chan: paramiko.Channel, out: _TailBuffer, err: _TailBuffer, deadline: float) -> bool:
+    """Read stdout and stderr until the command exited; False when ``deadline`` passed.
+
+    Both streams as they come: reading one to the end first deadlocks once the
+    other fills its window.
+    """
+    while True:
+        busy = False
+        if chan.recv_ready():
+            out.add(chan.recv(1 << 16))
+            busy = True
+        if chan.recv_stderr_ready():
+            err.add(chan.recv_stderr(1 << 16))
+            busy = True
+        if (
+            not busy
+            and chan.exit_status_ready()
+            and not chan.recv_ready()
+            and not chan.recv_stderr_ready()
+        ):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        if not busy:
+            time.sleep(0.005)
+
+
 class SlurmHook(BaseHook):
     """
     Talk to a Slurm cluster through its login node over SSH.
@@ -227,28 +253,8 @@ class SlurmHook(BaseHook):
                 chan.sendall(stdin)
             chan.shutdown_write()
             out, err = _TailBuffer(self.max_output), _TailBuffer(self.max_output)
-            deadline = time.monotonic() + limit
-            # Drain both streams as they come: reading one to the end first
-            # deadlocks once the other fills its window.
-            while True:
-                busy = False
-                if chan.recv_ready():
-                    out.add(chan.recv(1 << 16))
-                    busy = True
-                if chan.recv_stderr_ready():
-                    err.add(chan.recv_stderr(1 << 16))
-                    busy = True
-                if (
-                    not busy
-                    and chan.exit_status_ready()
-                    and not chan.recv_ready()
-                    and not chan.recv_stderr_ready()
-                ):
-                    break
-                if time.monotonic() > deadline:
-                    raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
-                if not busy:
-                    time.sleep(0.005)
+            if not _drain(chan, out, err, time.monotonic() + limit):
+                raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
             code = chan.recv_exit_status()
         finally:
             chan.close()
@@ -301,18 +307,6 @@ class SlurmHook(BaseHook):
                     fh.set_pipelined(True)
                     fh.write(data)
                 sftp.posix_rename(tmp, remote_path)
-
-    def upload(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
-        """Copy a local file to the cluster, keeping its mode unless ``mode`` is given."""
-        import os
-
-        with open(local_path, "rb") as fh:
-            data = fh.read()
-        self.upload_bytes(
-            data,
-            remote_path,
-            mode=mode if mode is not None else stat.S_IMODE(os.stat(local_path).st_mode),
-        )
 
     def download(self, remote_path: str, local_path: str) -> None:
         """Copy a remote file to ``local_path``."""

@@ -7,9 +7,9 @@ import io
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from slurm_ray.mlflow.keys import finite, safe_key, tag_items
 from slurm_ray.mlflow.relay import SENTINEL_METRIC
@@ -49,11 +49,8 @@ PLOT_ARTIFACT = "comparison/learning_curves.png"
 LABEL_SKIP = ("checkpoint_every", "eval_episodes", "stop.")
 
 
-class CurvePlotter(Protocol):
-    """Turns a plot spec (see ``include/plot_curves.py``) into PNG bytes."""
-
-    def __call__(self, spec: Mapping[str, Any]) -> bytes:
-        """The PNG."""
+#: Turns a plot spec (see ``include/plot_curves.py``) into PNG bytes.
+CurvePlotter = Callable[[Mapping[str, Any]], bytes]
 
 
 def _curve(
@@ -156,8 +153,8 @@ def _row(run: Any, metric: str, fallback_metric: str) -> dict[str, Any]:
     }
 
 
-def _tables(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None) -> tuple[str, str]:
-    """``runs.csv`` and ``runs.md`` text."""
+def _tables(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None) -> dict[str, bytes]:
+    """``runs.csv`` and ``runs.md``."""
     columns = list(rows[0])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
@@ -174,7 +171,7 @@ def _tables(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None) -
             f"\nbest: {best['run_name']} ({best['run_id']}), "
             f"{best['score_metric']} = {best['score']:.4g}"
         )
-    return buf.getvalue(), "\n".join(md) + "\n"
+    return {"runs.csv": buf.getvalue().encode(), "runs.md": ("\n".join(md) + "\n").encode()}
 
 
 def _log_summary(
@@ -196,6 +193,14 @@ def _log_summary(
     client.log_batch(
         parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tag_items(run_tags)]
     )
+
+
+def _log_files(client: MlflowClient, run_id: str, files: Mapping[str, bytes]) -> None:
+    """``{name: data}`` as the run's ``comparison/`` artifacts."""
+    with tempfile.TemporaryDirectory(prefix="slurm-ray-compare-") as tmp_name:
+        for name, data in files.items():
+            (Path(tmp_name) / name).write_bytes(data)
+        client.log_artifacts(run_id, tmp_name, "comparison")
 
 
 def _parent_run(
@@ -258,12 +263,7 @@ def compare_runs(
     best = max(scored, key=lambda r: r["score"]) if scored else None
     title = f"Learning curves: {curve_metric} vs {x_metric} ({settings.experiment_name})"
     png = plotter(plot_spec(title, x_metric, curve_metric, series, params))
-    csv_text, md_text = _tables(rows, best)
-    files = {"learning_curves.png": png, "runs.csv": csv_text.encode(), "runs.md": md_text.encode()}
-    with tempfile.TemporaryDirectory(prefix="slurm-ray-compare-") as tmp_name:
-        for name, data in files.items():
-            (Path(tmp_name) / name).write_bytes(data)
-        client.log_artifacts(parent_id, tmp_name, "comparison")
+    _log_files(client, parent_id, {"learning_curves.png": png, **_tables(rows, best)})
     _log_summary(client, parent_id, rows, best, metric)
     client.set_terminated(parent_id, status="FINISHED")
     return {

@@ -1,12 +1,22 @@
-"""Names derived from a task try: the Slurm job name and the run directory."""
+"""Names derived from a task try (the Slurm job name, the run directory) and the remote user."""
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
 import re
+from typing import TYPE_CHECKING
 
-__all__ = ["run_identity", "sanitize", "task_key"]
+from slurm_ray.slurm.commands import IDENTITY_COMMAND
+from slurm_ray.utils.environment import EnvironmentSpec
+
+if TYPE_CHECKING:
+    from slurm_ray.hooks.slurm import SlurmHook
+
+__all__ = ["fill_placeholders", "resolve_remote_paths", "run_identity", "sanitize", "task_key"]
+
+#: Placeholders of a run base dir or environment prefix, filled in on the cluster.
+PLACEHOLDERS = ("{user}", "{home}")
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # 64 bits: finding two run ids with one directory takes ~2**32 hashes.
@@ -45,3 +55,27 @@ def run_identity(
     job_name = f"{task_key(dag_id, run_id, task_id, map_index)}{try_number}"
     suffix = posixpath.join(sanitize(dag_id), sanitize(run_id), sanitize(task), f"try_{try_number}")
     return job_name, suffix
+
+
+def fill_placeholders(text: str, identity: dict[str, str]) -> str:
+    """``text`` with each placeholder of ``identity`` replaced by its value."""
+    for key, value in identity.items():
+        text = text.replace(key, value)
+    return text
+
+
+def resolve_remote_paths(
+    hook: SlurmHook, base: str, env: EnvironmentSpec
+) -> tuple[str, EnvironmentSpec]:
+    """``base`` and the env prefix with ``{user}``/``{home}`` of the remote account.
+
+    One SSH command, and only when a placeholder is used.
+    """
+    if not any(k in base or k in (env.prefix or "") for k in PLACEHOLDERS):
+        return base, env
+    out = hook.run(IDENTITY_COMMAND, check=True).stdout.split("\n")
+    identity = {"{user}": out[0].strip(), "{home}": out[1].strip().rstrip("/")}
+    if env.prefix:
+        prefix = fill_placeholders(env.prefix, identity)
+        env = EnvironmentSpec.from_dict({**env.to_dict(), "prefix": prefix})
+    return fill_placeholders(base, identity), env

@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
+from slurm_ray.operators import job_outcome
 from slurm_ray.slurm import commands
 from slurm_ray.slurm.parsers import last_lines, parse_claim_output, parse_node_states
 from slurm_ray.slurm.poll import TailChunk, TailRequest
@@ -240,6 +241,30 @@ class SlurmJobManager:
             ended.reason,
         )
         return ended
+
+    def failure(
+        self,
+        job_id: str,
+        run_dir: str,
+        info: JobInfo,
+        result: dict[str, Any] | None,
+        *,
+        driver: bool,
+    ) -> str:
+        """The error of a job that did not complete (``driver``: it ran our training driver)."""
+        tail = self.log_tail(run_dir, job_id)
+        # exit 75 means "checkpointed on the pre-timeout signal" only for our driver
+        if job_outcome.hit_time_limit(info, result) and (
+            info.state == SlurmState.TIMEOUT or driver
+        ):
+            iteration = self.newest_checkpoint_iteration(run_dir)
+            return job_outcome.time_limit_message(job_id, run_dir, info, iteration, tail)
+        failed = (
+            self.failed_nodes(info.nodelist)
+            if info.state == SlurmState.NODE_FAIL and info.nodelist
+            else None
+        )
+        return job_outcome.failure_message(job_id, run_dir, info, tail, failed_nodes=failed)
 
     def failed_nodes(self, nodelist: str) -> list[str]:
         """The nodes of ``nodelist`` Slurm considers down or not responding."""

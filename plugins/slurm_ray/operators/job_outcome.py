@@ -14,6 +14,7 @@ __all__ = [
     "EXIT_CHECKPOINTED",
     "failure_message",
     "hit_time_limit",
+    "info_from_event",
     "summary",
     "time_limit_message",
 ]
@@ -48,6 +49,18 @@ def hit_time_limit(info: JobInfo, result: dict[str, Any] | None) -> bool:
     if str(info.exit_code or "").split(":")[0] == str(EXIT_CHECKPOINTED):
         return True
     return bool(result and str(result.get("stop_reason", "")) == "signal:SIGUSR1")
+
+
+def info_from_event(event: dict[str, Any]) -> JobInfo:
+    """The job's end as the trigger's ``terminal`` event reports it."""
+    return JobInfo(
+        job_id=str(event.get("job_id", "")),
+        state=SlurmState(event["state"]),
+        reason=event.get("reason") or "",
+        nodelist=event.get("nodelist") or "",
+        exit_code=event.get("exit_code"),
+        source="trigger",
+    )
 
 
 def _log_part(job_id: str, run_dir: str, tail: str) -> str:

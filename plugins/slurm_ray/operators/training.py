@@ -9,12 +9,9 @@ MLflow. What one execution knows lives in a
 
 from __future__ import annotations
 
-import json
 import posixpath
-import re
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, conf
@@ -22,22 +19,14 @@ from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import HostKeyError, SlurmHook, SlurmSSHError
 from slurm_ray.links import MlflowRunLink, SlurmJobLink
-from slurm_ray.operators import job_outcome
-from slurm_ray.operators.identity import run_identity
+from slurm_ray.operators import job_outcome, training_job
+from slurm_ray.operators.identity import resolve_remote_paths, run_identity
 from slurm_ray.operators.job_manager import SlurmJobManager
-from slurm_ray.operators.remote_env import include_dir
 from slurm_ray.operators.run_state import RunState
 from slurm_ray.operators.tracking import MlflowTracking
-from slurm_ray.profiles import (
-    DEFAULT_REMOTE_BASE_DIR,
-    ProfileError,
-    merge_placement,
-    operator_defaults,
-)
-from slurm_ray.slurm.commands import IDENTITY_COMMAND
-from slurm_ray.utils.batch import JobSpec, render_batch_script
+from slurm_ray.profiles import DEFAULT_REMOTE_BASE_DIR, PLACEMENT_KWARGS, operator_defaults
+from slurm_ray.utils.batch import JobSpec
 from slurm_ray.utils.environment import EnvironmentSpec
-from slurm_ray.utils.quoting import quote
 from slurm_ray.utils.states import JobInfo, SlurmState, is_active, is_terminal
 
 if TYPE_CHECKING:
@@ -45,11 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SlurmRayOperator"]
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-#: Cluster-side files staged into every run directory.
-DEFAULT_FILES = ("ray_launch.sh", "ray_wait.py", "train.py", "sanity_check.py", "export_model.py")
-#: The job's env_vars, 0600, read by job.sbatch (never uploaded anywhere).
-JOB_ENV_FILE = "job.env"
+
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless it is None ("is None", not "or": an XComArg or template is kept)."""
+    return value if value is not None else default
 
 
 def _as_bool(value: Any, field: str) -> bool:
@@ -135,6 +123,7 @@ class SlurmRayOperator(BaseOperator):
     template_fields_renderers = {"config": "json", "job_spec": "json", "environment": "json"}
     operator_extra_links = (SlurmJobLink(), MlflowRunLink())
     ui_color = "#d8ecf7"
+    _run: RunState | None = None
 
     def __init__(
         self,
@@ -167,36 +156,27 @@ class SlurmRayOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # The plain placement keywords (nodes, cpus_per_node, time_limit, partition,
+        # account), merged into job_spec at run time (job_spec may be an XComArg until then).
+        given = locals()
+        self.placement = {kwarg: given[kwarg] for kwarg in PLACEMENT_KWARGS}
         site = operator_defaults(profile)
         # Templated (an XComArg in the DAGs); a profile's list when none is given.
         self.env_modules = env_modules or site.get("env_modules", ())
-        # "is None", not "or": an XComArg or a template is kept as given.
         if ssh_conn_id is None and not site:
             raise ValueError("ssh_conn_id: give ssh_conn_id or profile")
-        self.ssh_conn_id = ssh_conn_id if ssh_conn_id is not None else site["ssh_conn_id"]
-        if remote_base_dir is None:
-            remote_base_dir = site.get("remote_base_dir", DEFAULT_REMOTE_BASE_DIR)
-        self.remote_base_dir = remote_base_dir
+        self.ssh_conn_id = _given(ssh_conn_id, site.get("ssh_conn_id"))
+        base_dir = site.get("remote_base_dir", DEFAULT_REMOTE_BASE_DIR)
+        self.remote_base_dir = _given(remote_base_dir, base_dir)
         self.profile = profile
-        # Merged into job_spec at run time (job_spec may be an XComArg until then).
-        self.placement = {
-            "nodes": nodes,
-            "cpus_per_node": cpus_per_node,
-            "time_limit": time_limit,
-            "partition": partition,
-            "account": account,
-        }
         self.profile_placement = site.get("placement", {})
-        # Templated arguments are kept as given: XComArgs resolve at run time.
-        self.job_spec = job_spec if job_spec is not None else {}
-        if environment is None:
-            environment = site.get("environment", {})
-        self.environment = environment
+        self.job_spec = _given(job_spec, {})
+        self.environment = _given(environment, site.get("environment", {}))
         self.entrypoint = entrypoint
-        self.config = config if config is not None else {}
+        self.config = _given(config, {})
         self.poll_interval = poll_interval
         self.deferrable = deferrable
-        self.env_vars = env_vars if env_vars is not None else {}
+        self.env_vars = _given(env_vars, {})
         self.extra_files = dict(extra_files or {})
         self.join_timeout = join_timeout
         self.checkpoint_signal_s = checkpoint_signal_s
@@ -206,7 +186,6 @@ class SlurmRayOperator(BaseOperator):
         self.export_model = export_model
         self.mlflow_wait_s = mlflow_wait_s
         self.mlflow_conn_id = mlflow_conn_id
-        self._run: RunState | None = None
 
     # -- collaborators -------------------------------------------------------------
 
@@ -229,118 +208,11 @@ class SlurmRayOperator(BaseOperator):
             mlflow = {**(mlflow or {}), "conn_id": self.mlflow_conn_id}
         return MlflowTracking(mlflow, self.hook, self.log, wait_s=self.mlflow_wait_s)
 
-    # -- validation and the remote layout --------------------------------------------
-
-    def _validated(
-        self, job_name: str, log_path: str
-    ) -> tuple[JobSpec, EnvironmentSpec, dict[str, Any] | None]:
-        """Validate everything before the cluster is touched; errors name the field."""
-        try:
-            merged = merge_placement(
-                self.profile_placement, self.job_spec, self.placement, profile=self.profile or ""
-            )
-        except ProfileError as exc:
-            raise AirflowException(str(exc)) from exc
-        spec_dict = {k: v for k, v in merged.items() if v is not None}
-        if "job_name" in spec_dict:
-            raise AirflowException("job_spec.job_name: derived from the task; do not set it")
-        for key in ("output", "error", "chdir"):
-            value = spec_dict.get(key)
-            if isinstance(value, str) and (
-                value.startswith("/") or ".." in value.replace("\\", "/").split("/")
-            ):
-                raise AirflowException(
-                    f"job_spec.{key}: {value[:80]!r} must be a path inside the run directory "
-                    "(relative, no '..')"
-                )
-        spec_dict.setdefault("output", log_path)
-        if self.checkpoint_signal_s and self.entrypoint is None:
-            spec_dict.setdefault("signal", f"B:USR1@{int(self.checkpoint_signal_s)}")
-        try:
-            spec = JobSpec.from_dict({**spec_dict, "job_name": job_name})
-            env = EnvironmentSpec.from_dict(self.environment)
-        except ValueError as exc:
-            raise AirflowException(str(exc)) from exc
-        config: dict[str, Any] | None = None
-        if self.entrypoint is None:
-            from slurm_ray.training_config import ConfigError, validate_config
-
-            try:
-                config = validate_config(self.config, env_modules=self._env_modules()).to_dict()
-            except ConfigError as exc:
-                raise AirflowException(str(exc)) from exc
-        for key, value in self.env_vars.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise AirflowException(f"env_vars: {key!r} is not a valid variable name")
-            if not isinstance(value, str) or "\0" in value:
-                raise AirflowException(f"env_vars[{key!r}]: expected a string without NUL bytes")
-        return spec, env, config
-
-    def _env_modules(self) -> tuple[str, ...]:
-        mods = self.env_modules
-        if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
-            raise AirflowException(f"env_modules: expected a list of module names, got {mods!r}")
-        return tuple(mods)
-
-    def _remote_identity(self) -> dict[str, str]:
-        """``{user}`` and ``{home}`` of the remote account (one SSH command)."""
-        out = self.hook.run(IDENTITY_COMMAND, check=True).stdout.split("\n")
-        return {"{user}": out[0].strip(), "{home}": out[1].strip().rstrip("/")}
-
-    @staticmethod
-    def _resolve_user(text: str, identity: Mapping[str, str] | None) -> str:
-        for key, value in (identity or {}).items():
-            text = text.replace(key, value)
-        return text
-
     def render_script(
         self, spec: JobSpec, env: EnvironmentSpec, run_dir: str, config: dict[str, Any] | None
     ) -> str:
         """The batch script: environment, then the Ray launcher running the entrypoint."""
-        if config is not None:
-            command = f"python -u train.py --config config.json --run-dir {quote(run_dir)}"
-            if self.export_model:
-                command += " --export-model"
-        else:
-            command = f"bash -c {quote(self.entrypoint or 'true')}"
-        env_vars = {
-            "SLURM_RAY_RUN_DIR": run_dir,
-            "SLURM_RAY_JOIN_TIMEOUT": str(self.join_timeout),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "PYTHONUNBUFFERED": "1",
-        }
-        if self._env_modules():
-            env_vars["SLURM_RAY_ENV_MODULES"] = ",".join(self._env_modules())
-        setup = [f"cd {quote(run_dir)}"]
-        if self.env_vars:
-            # env_vars may hold secrets: they live in the 0600 job.env (NUL-separated
-            # records, read as data, never sourced), not in this script, which is
-            # kept for audit and uploaded to MLflow.
-            setup.append(f"while IFS= read -r -d '' kv; do export \"$kv\"; done < {JOB_ENV_FILE}")
-        setup += env.activation_lines()
-        return render_batch_script(
-            spec,
-            command=f"exec bash ray_launch.sh {command}",
-            setup_lines=setup,
-            env=env_vars,
-            header_comment=f"slurm_ray {self.task_id}: rendered by SlurmRayOperator",
-        )
-
-    def _staged_files(self, config: dict[str, Any] | None, script: str) -> dict[str, bytes]:
-        """The run directory's files: cluster-side scripts, ``config.json``, ``job.sbatch``."""
-        files: dict[str, Path] = {name: include_dir() / name for name in DEFAULT_FILES}
-        files["training_config.py"] = PLUGIN_DIR / "training_config.py"
-        files.update({name: Path(path) for name, path in self.extra_files.items()})
-        out: dict[str, bytes] = {}
-        for name, local in files.items():
-            if "/" in name or name in ("", ".", ".."):
-                raise AirflowException(f"extra_files: {name!r} must be a plain file name")
-            out[name] = local.read_bytes()
-        payload = config if config is not None else self.config
-        out["config.json"] = json.dumps(payload, indent=2, sort_keys=True).encode()
-        out["job.sbatch"] = script.encode()
-        return out
+        return training_job.render_script(self, spec, env, run_dir, config)
 
     # -- execute ------------------------------------------------------------------
 
@@ -350,19 +222,10 @@ class SlurmRayOperator(BaseOperator):
         job_name, suffix = run_identity(
             ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), ti.try_number
         )
-        base = self.remote_base_dir
-        prefix = str(self.environment.get("prefix", ""))
-        needs_user = any(k in base or k in prefix for k in ("{user}", "{home}"))
-        spec, env, config = self._validated(job_name, "slurm-%j.out")
+        spec, env, config = training_job.validate_job(self, job_name, "slurm-%j.out")
         # Before MLflow is touched: a refused connection must leave nothing behind.
         self.hook.check_connection()
-        if needs_user:
-            user = self._remote_identity()
-            base = self._resolve_user(base, user)
-            if env.prefix:
-                env = EnvironmentSpec.from_dict(
-                    {**env.to_dict(), "prefix": self._resolve_user(env.prefix, user)}
-                )
+        base, env = resolve_remote_paths(self.hook, self.remote_base_dir, env)
         run = self._run = RunState(context=context, run_dir=posixpath.join(base, suffix))
         manager, tracking = self.manager, self.tracking
         tracking.start(run, config if config is not None else dict(self.config))
@@ -410,13 +273,14 @@ class SlurmRayOperator(BaseOperator):
         resume = manager.previous_checkpoint(run.run_dir) if config is not None else None
         if resume:
             self.log.info("Resuming from checkpoint of an earlier try: %s", resume)
-        run.staged = self._staged_files(config, self.render_script(spec, env, run.run_dir, config))
+        script = self.render_script(spec, env, run.run_dir, config)
+        run.staged = training_job.run_dir_files(
+            self.extra_files, config if config is not None else self.config, script
+        )
         # Owner only: on a shared site nobody else reads a run directory.
         files = dict(run.staged)
         if self.env_vars:
-            files[JOB_ENV_FILE] = b"".join(
-                f"{k}={v}".encode() + b"\0" for k, v in self.env_vars.items()
-            )
+            files[training_job.JOB_ENV_FILE] = training_job.job_env_file(self.env_vars)
         manager.stage(run.run_dir, files, {n: 0o700 if n.endswith(".sh") else 0o600 for n in files})
         if resume:
             # The driver resumes from the newest checkpoint in its own run dir.
@@ -499,14 +363,7 @@ class SlurmRayOperator(BaseOperator):
                 f"lost track of Slurm job {job_id}: {event.get('message')} (a cancel was attempted)"
             )
         run.relay = event.get("relay")
-        info = JobInfo(
-            job_id=job_id,
-            state=SlurmState(event["state"]),
-            reason=event.get("reason") or "",
-            nodelist=event.get("nodelist") or "",
-            exit_code=event.get("exit_code"),
-            source="trigger",
-        )
+        info = job_outcome.info_from_event(event)
         return self._finish(run, info, self.manager.read_result(run_dir))
 
     def _finish(self, run: RunState, info: JobInfo | None, result: dict[str, Any] | None) -> Any:
@@ -519,22 +376,8 @@ class SlurmRayOperator(BaseOperator):
             self.tracking.catch_up(run, strict=False)
         except Exception as exc:
             self.log.warning("MLflow catch-up failed: %s", exc)
-        tail = manager.log_tail(run.run_dir, run.job_id)
-        # exit 75 means "checkpointed on the pre-timeout signal" only for our driver
-        if job_outcome.hit_time_limit(info, result) and (
-            info.state == SlurmState.TIMEOUT or self.entrypoint is None
-        ):
-            iteration = manager.newest_checkpoint_iteration(run.run_dir)
-            raise AirflowException(
-                job_outcome.time_limit_message(run.job_id, run.run_dir, info, iteration, tail)
-            )
-        failed = (
-            manager.failed_nodes(info.nodelist)
-            if info.state == SlurmState.NODE_FAIL and info.nodelist
-            else None
-        )
         raise AirflowException(
-            job_outcome.failure_message(run.job_id, run.run_dir, info, tail, failed_nodes=failed)
+            manager.failure(run.job_id, run.run_dir, info, result, driver=self.entrypoint is None)
         )
 
     def _summary(

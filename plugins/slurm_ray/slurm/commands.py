@@ -80,7 +80,6 @@ def build_states_command(job_ids: Sequence[str]) -> str:
     squeue = quote_args(
         ["squeue", "-h", "-a", "-t", "all", "-j", ",".join(ids), "-o", SQUEUE_FORMAT]
     )
-    sacct = build_sacct_command('"$left"')  # $left: validated ids
     m = MARKER
     parts = [
         f"q=$({squeue} 2>&1); rc=$?",
@@ -100,17 +99,25 @@ def build_states_command(job_ids: Sequence[str]) -> str:
         " fi;"
         ' left="${left:+$left,}$i";'
         " done",
-        'if [ -n "$left" ]; then'
-        " if command -v sacct >/dev/null 2>&1; then"
-        f" a=$({sacct} 2>&1); rc=$?;"
-        f' echo "{m}:sacct rc=$rc";'
-        " printf '%s\\n' \"$a\";"
-        f" else echo {quote(m + ':sacct absent')};"
-        " fi;"
-        " fi",
+        _sacct_section(),
         f"echo {quote(m + ':end')}",
     ]
     return "; ".join(parts)
+
+
+def _sacct_section() -> str:
+    """Shell text: the sacct section for the ids in ``$left`` (scontrol did not know them)."""
+    sacct = build_sacct_command('"$left"')  # $left: validated ids
+    return (
+        'if [ -n "$left" ]; then'
+        " if command -v sacct >/dev/null 2>&1; then"
+        f" a=$({sacct} 2>&1); rc=$?;"
+        f' echo "{MARKER}:sacct rc=$rc";'
+        " printf '%s\\n' \"$a\";"
+        f" else echo {quote(MARKER + ':sacct absent')};"
+        " fi;"
+        " fi"
+    )
 
 
 def build_find_jobs_by_name_command(name: str) -> str:
@@ -163,6 +170,48 @@ def build_cancel_command(
     return quote_args(args)
 
 
+def _task_jobs_function() -> str:
+    """Shell function ``task_jobs own|newer|older``: the ids of the user's active jobs
+    named ``$key`` + a try number equal to, above or below ``$try``, on one line.
+
+    It exits 3 (in its subshell) when squeue fails: a failed query is never "no job".
+    """
+    active = "|".join(sorted(state.value for state in ACTIVE_STATES))
+    # id|state|...|name (SQUEUE_FORMAT): the name is everything after the 6th "|".
+    classify = (
+        '{ i = $1; n = $0; for (k = 0; k < 6; k++) sub(/^[^|]*[|]/, "", n);'
+        f" if (i !~ /^[0-9]+(_[0-9]+)?$/ || $2 !~ /^({active})$/ || index(n, key) != 1) next;"
+        " t = substr(n, length(key) + 1); if (t !~ /^[0-9]+$/) next;"
+        ' c = (t + 0 == try) ? "own" : ((t + 0 > try) ? "newer" : "older");'
+        ' if (c == want) { printf "%s%s", (m++ ? " " : ""), i } }'
+        ' END { if (m) print "" }'
+    )
+    squeue = quote_args(["squeue", "-h", "-a", "-t", "all", "-o", SQUEUE_FORMAT])
+    return (
+        "task_jobs() { q=$(" + squeue + ' -u "$(id -un)" 2>&1)'
+        ' || { printf "slurm_ray: squeue failed: %s\\n" "$q" >&2; exit 3; };'
+        ' printf "%s\\n" "$q" | awk -F"|" -v key="$key" -v try="$try" -v want="$1" '
+        + quote(classify)
+        + "; }"
+    )
+
+
+def _cancel_older(wait_s: int) -> str:
+    """Shell text: scancel ``$older`` and wait up to ``wait_s`` until they left the queue."""
+    return (
+        'if [ -n "$older" ]; then'
+        ' scancel $older || { echo "slurm_ray: scancel $older failed" >&2; exit 3; };'
+        " n=0; left=$older;"
+        ' while [ -n "$left" ]; do'
+        f' if [ "$n" -ge {int(wait_s)} ]; then'
+        f' echo "slurm_ray: jobs $left of earlier tries still queued after {int(wait_s)}s" >&2; exit 4; fi;'
+        " sleep 1; n=$((n + 1)); left=$(task_jobs older) || exit 3;"
+        " done;"
+        ' echo "cancelled:$older";'
+        " fi"
+    )
+
+
 def build_claim_command(
     task_dir: str,
     try_dir: str,
@@ -198,17 +247,6 @@ def build_claim_command(
     for label, value in (("try_number", try_number), ("wait_s", wait_s)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    active = "|".join(sorted(state.value for state in ACTIVE_STATES))
-    # id|state|...|name (SQUEUE_FORMAT): the name is everything after the 6th "|".
-    classify = (
-        '{ i = $1; n = $0; for (k = 0; k < 6; k++) sub(/^[^|]*[|]/, "", n);'
-        f" if (i !~ /^[0-9]+(_[0-9]+)?$/ || $2 !~ /^({active})$/ || index(n, key) != 1) next;"
-        " t = substr(n, length(key) + 1); if (t !~ /^[0-9]+$/) next;"
-        ' c = (t + 0 == try) ? "own" : ((t + 0 > try) ? "newer" : "older");'
-        ' if (c == want) { printf "%s%s", (m++ ? " " : ""), i } }'
-        ' END { if (m) print "" }'
-    )
-    squeue = quote_args(["squeue", "-h", "-a", "-t", "all", "-o", SQUEUE_FORMAT])
     lock = quote(posixpath.join(task_dir, ".submit.lock"))
     parts = [
         # umask 077: the lock and every file the job creates (Slurm's log,
@@ -217,25 +255,11 @@ def build_claim_command(
         f"mkdir -p -- {quote(task_dir)} && exec 9>>{lock} && flock -w 120 9"
         f" || {{ echo {quote('slurm_ray: could not take the task lock ' + task_dir)} >&2; exit 3; }}",
         f"key={quote(task_key)}; try={int(try_number)}",
-        # $1: own | newer | older; exits 3 (in its subshell) when squeue fails
-        "task_jobs() { q=$(" + squeue + ' -u "$(id -un)" 2>&1)'
-        ' || { printf "slurm_ray: squeue failed: %s\\n" "$q" >&2; exit 3; };'
-        ' printf "%s\\n" "$q" | awk -F"|" -v key="$key" -v try="$try" -v want="$1" '
-        + quote(classify)
-        + "; }",
+        _task_jobs_function(),
         "newer=$(task_jobs newer) || exit 3",
         'if [ -n "$newer" ]; then echo "superseded:${newer%% *}"; exit 0; fi',
         "older=$(task_jobs older) || exit 3",
-        'if [ -n "$older" ]; then'
-        ' scancel $older || { echo "slurm_ray: scancel $older failed" >&2; exit 3; };'
-        " n=0; left=$older;"
-        ' while [ -n "$left" ]; do'
-        f' if [ "$n" -ge {int(wait_s)} ]; then'
-        f' echo "slurm_ray: jobs $left of earlier tries still queued after {int(wait_s)}s" >&2; exit 4; fi;'
-        " sleep 1; n=$((n + 1)); left=$(task_jobs older) || exit 3;"
-        " done;"
-        ' echo "cancelled:$older";'
-        " fi",
+        _cancel_older(wait_s),
         "own=$(task_jobs own) || exit 3",
         'if [ -n "$own" ]; then echo "attach:${own%% *}"; exit 0; fi',
     ]

@@ -309,6 +309,20 @@ def _check_no_nul(what: str, text: str) -> None:
         raise ValueError(f"{what} contains a NUL byte")
 
 
+def _export_line(name: str, value: str) -> str:
+    """``export NAME='value'``; the error names ``env[NAME]``."""
+    if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+        raise ValueError(f"env: {name!r} is not a valid shell variable name")
+    if name in _BASH_READONLY:
+        raise ValueError(f"env: {name!r} is read-only in bash and cannot be exported")
+    if not isinstance(value, str):
+        raise ValueError(f"env[{name!r}]: expected a string, got {type(value).__name__}")
+    try:
+        return f"export {name}={quote(value)}"
+    except ValueError as exc:
+        raise ValueError(f"env[{name!r}]: {exc}") from None
+
+
 def render_batch_script(
     spec: JobSpec,
     *,
@@ -357,17 +371,7 @@ def render_batch_script(
     for option, value in spec.directives():
         lines.append(f"#SBATCH --{option}" + ("" if value is None else f"={sbatch_word(value)}"))
     lines += ["", _PREAMBLE]
-    for name, value in (env or {}).items():
-        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
-            raise ValueError(f"env: {name!r} is not a valid shell variable name")
-        if name in _BASH_READONLY:
-            raise ValueError(f"env: {name!r} is read-only in bash and cannot be exported")
-        if not isinstance(value, str):
-            raise ValueError(f"env[{name!r}]: expected a string, got {type(value).__name__}")
-        try:
-            lines.append(f"export {name}={quote(value)}")
-        except ValueError as exc:
-            raise ValueError(f"env[{name!r}]: {exc}") from None
+    lines += [_export_line(name, value) for name, value in (env or {}).items()]
     if setup_lines:
         lines.append("set +o nounset  # activation scripts read unset variables")
         for i, line in enumerate(setup_lines):
