@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 #: The blocker's time limit: the backfill scheduler's start estimate for the job behind it.
 BLOCK_MINUTES = 5
+#: The least time the job is held behind the blocker.
+MIN_HOLD_S = 15
 
 
 def _squeue(cluster: DevCluster, job_id: str, fmt: str) -> str:
@@ -90,6 +92,8 @@ def test_pending_reason_estimate_and_queue_wait(
                         break
                     await asyncio.sleep(0.5)
                 assert line in logs.text, logs.text[-3000:]
+            # held long enough that the wait is clearly more than scheduling latency
+            await asyncio.sleep(max(0.0, MIN_HOLD_S - (time.time() - submitted_by)))
             held = time.time() - submitted_by
             assert _squeue(cluster, job_id, "%T") == "PENDING"
             cluster.ssh(f"scancel {blocker}")
