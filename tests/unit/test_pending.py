@@ -97,6 +97,10 @@ NOW = datetime(2026, 12, 1, 14, 20, 5, tzinfo=UTC)
         ),
         (JobInfo("123", S.PENDING, reason="Priority"), "Slurm job 123 is PENDING (Priority)"),
         (
+            JobInfo("123", S.CONFIGURING, nodelist="n1", start_time="2026-12-01T14:19:00"),
+            "Slurm job 123 is CONFIGURING",
+        ),
+        (
             JobInfo("123", S.PENDING, reason="Resources", start_time="2026-12-02T09:00:00"),
             "Slurm job 123 is PENDING (Resources), estimated start 2026-12-02 09:00 UTC, "
             "in 18 h 40 min",

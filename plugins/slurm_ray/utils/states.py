@@ -314,7 +314,8 @@ def describe(info: JobInfo, now: datetime) -> tuple[str, tuple[str, ...]]:
     if info.reason and info.reason != "None":
         text += f" ({info.reason})"
     estimate = ""
-    if info.state in PENDING_STATES:
+    # CONFIGURING has its nodes (booting): its StartTime is no estimate
+    if info.state in PENDING_STATES and not info.nodelist:
         start = slurm_time(info.start_time)
         if start is not None:
             same_day = start.date() == now.astimezone(UTC).date()
