@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_ray.slurm.fields import SLURM_TIME_ENV, slurm_time, time_or_none
@@ -172,3 +173,44 @@ def test_trigger_logs_pending_only_when_it_changes(monkeypatch) -> None:
     )
     assert lines[3].endswith("Slurm job 7 is RUNNING, after 40 s in the queue")
     assert lines[4].endswith("Slurm job 7 is COMPLETED, after 40 s in the queue")
+
+
+def test_worker_wait_logs_pending_only_when_it_changes(caplog, monkeypatch) -> None:
+    """The non-deferrable wait (SlurmJobManager.follow) logs as the trigger does."""
+    import logging
+
+    from slurm_ray.operators import job_manager
+    from slurm_ray.operators.job_manager import SlurmJobManager
+    from slurm_ray.slurm.parsers import parse_states_output
+    from slurm_ray.slurm.poll import TailChunk
+
+    sub = "2026-12-01T13:00:00"
+    pend = f"7|PENDING|Resources|1|0:00||{sub}|{{}}|sr-job"
+    plan = [
+        pend.format("N/A"),
+        pend.format("2099-12-01T13:28:56"),
+        pend.format("2099-12-01T13:28:56"),
+        f"7|RUNNING|None|1|0:01|n1|{sub}|2026-12-01T13:02:00|sr-job",
+        f"7|COMPLETED|None|1|0:02|n1|{sub}|2026-12-01T13:02:00|sr-job",
+    ]
+
+    class Hook:
+        def poll(self, job_ids: list[str], tails: list[Any]) -> tuple[dict, list[TailChunk]]:
+            states = parse_states_output(poll_output(plan.pop(0)), job_ids)
+            return states, [TailChunk(0, 0, b"")] * len(tails)
+
+    monkeypatch.setattr(job_manager.time, "sleep", lambda s: None)
+    manager = SlurmJobManager(Hook(), logging.getLogger("t.follow"))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="t.follow"):
+        ended = manager.follow("7", "/x/slurm-7.out", 0.01)
+    assert ended.state is S.COMPLETED and ended.queue_wait_s() == 120
+    lines = [r.getMessage() for r in caplog.records if "Slurm job 7 is" in r.getMessage()]
+    assert lines == [
+        "Slurm job 7 is PENDING (Resources)",
+        lines[1],
+        "Slurm job 7 is RUNNING, after 2 min in the queue",
+        "Slurm job 7 is COMPLETED, after 2 min in the queue",
+    ]
+    assert lines[1].startswith(
+        "Slurm job 7 is PENDING (Resources), estimated start 2099-12-01 13:28 UTC, in "
+    )
