@@ -36,7 +36,7 @@ class LocalShell:
         squeue.write_text(
             "#!/bin/sh\n"
             f'for f in "{tmp}"/state/*; do [ -e "$f" ] || continue; '
-            'echo "${f##*/}|$(cat "$f")|None|1|0:05|n1|job"; done\n'
+            'echo "${f##*/}|$(cat "$f")|None|1|0:05|n1|2026-12-01T13:00:00|2026-12-01T13:00:00|job"; done\n'
         )
         squeue.chmod(0o755)
         (tmp / "state").mkdir(exist_ok=True)

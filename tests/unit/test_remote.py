@@ -133,7 +133,7 @@ def fake(tmp_path: Path) -> FakeSlurm:
 
 
 def squeue_line(job_id: str, state: str, name: str = "job") -> str:
-    return f"{job_id}|{state}|None|1|0:01|n1|{name}"
+    return f"{job_id}|{state}|None|1|0:01|n1|2026-12-01T13:00:00|N/A|{name}"
 
 
 def scontrol_line(job_id: str, state: str) -> str:
@@ -154,9 +154,13 @@ def states(result: dict) -> dict[str, tuple[SlurmState, str]]:
 # --- states: real output captured from the dev cluster ----------------------------
 
 
+#: The squeue fields of the committed states_output capture (fixtures/slurm/README.md).
+CAPTURED_FIELDS = ("%i", "%T", "%r", "%D", "%M", "%N", "%j")
+
+
 def test_parse_real_states_output() -> None:
     text = (FIXTURES / "states_output_8_10_999999_9.txt").read_text()
-    result = parse_states_output(text, ["8", "10", "999999", "9"])
+    result = parse_states_output(text, ["8", "10", "999999", "9"], CAPTURED_FIELDS)
     assert states(result) == {
         "8": (S.COMPLETED, "squeue"),
         "10": (S.COMPLETED, "squeue"),
@@ -171,7 +175,7 @@ def test_parse_real_states_output() -> None:
 
 def test_parse_real_single_unknown_id() -> None:
     text = (FIXTURES / "states_output_999999.txt").read_text()
-    assert parse_states_output(text, ["999999"])["999999"].state is S.NOT_FOUND
+    assert parse_states_output(text, ["999999"], CAPTURED_FIELDS)["999999"].state is S.NOT_FOUND
 
 
 # --- states: the built command in real shells with fake tools -----------------------
@@ -287,9 +291,7 @@ def test_many_ids_one_command(fake: FakeSlurm) -> None:
 
 
 def test_squeue_noise_lines_are_not_records(fake: FakeSlurm) -> None:
-    text = (
-        "@@slurm_ray:squeue rc=0\nsqueue: warning: x\n1|RUNNING|None|1|0:01|n1|a\n@@slurm_ray:end\n"
-    )
+    text = "@@slurm_ray:squeue rc=0\nsqueue: warning: x\n1|RUNNING|None|1|0:01|n1|2026-12-01T13:00:00|2026-12-01T13:00:00|a\n@@slurm_ray:end\n"
     assert parse_states_output(text, ["1"])["1"].state is S.RUNNING
 
 

@@ -94,13 +94,17 @@ def test_state_is_a_str_for_serialisation() -> None:
 # --- squeue -------------------------------------------------------------------
 
 
-def test_squeue_format_is_what_the_fixtures_were_captured_with() -> None:
-    assert SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%j"
+#: The squeue fields of the committed 7-field capture (fixtures/slurm/README.md).
+CAPTURED_FIELDS = ("%i", "%T", "%r", "%D", "%M", "%N", "%j")
+
+
+def test_squeue_format_is_what_capture_sh_prints() -> None:
+    assert SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%V|%S|%j"
     assert "FMT='" + SQUEUE_FORMAT + "'" in fixture("capture.sh")
 
 
 def test_parse_squeue_real_mixed_states() -> None:
-    jobs = parse_squeue(fixture("squeue_mixed.txt"))
+    jobs = parse_squeue(fixture("squeue_mixed.txt"), CAPTURED_FIELDS)
     assert {k: v.state for k, v in jobs.items()} == {
         "8": S.COMPLETED,
         "9": S.FAILED,
@@ -123,12 +127,12 @@ def test_parse_squeue_real_mixed_states() -> None:
     )
     pending = jobs["11"]
     assert (pending.reason, pending.nodelist, pending.num_nodes) == ("BeginTime", "", 2)
-    timeout = parse_squeue(fixture("squeue_timeout.txt"))["12"]
+    timeout = parse_squeue(fixture("squeue_timeout.txt"), CAPTURED_FIELDS)["12"]
     assert (timeout.state, timeout.reason, timeout.elapsed) == (S.TIMEOUT, "TimeLimit", "1:13")
 
 
 def test_parse_squeue_hostile_name_and_array() -> None:
-    jobs = parse_squeue(fixture("squeue_hostile_and_array.txt"))
+    jobs = parse_squeue(fixture("squeue_hostile_and_array.txt"), CAPTURED_FIELDS)
     assert set(jobs) == {"25", "26_0", "26_1"}
     evil = jobs["25"]
     assert evil.name == "evil| UserId=x(1) JobState=COMPLETED NodeList=zz"
@@ -137,8 +141,11 @@ def test_parse_squeue_hostile_name_and_array() -> None:
 
 
 def test_parse_squeue_skips_noise() -> None:
-    text = "slurm_load_jobs error: Invalid job id specified\n\n7|RUNNING|None|1|0:01|n1|x\n"
-    text += "garbage|line\nabc|RUNNING|None|1|0:01|n1|x\n"
+    t = "2026-12-01T13:00:00"
+    text = (
+        f"slurm_load_jobs error: Invalid job id specified\n\n7|RUNNING|None|1|0:01|n1|{t}|{t}|x\n"
+    )
+    text += f"garbage|line\nabc|RUNNING|None|1|0:01|n1|{t}|{t}|x\n8|RUNNING|None|1|0:01|n1|x\n"
     assert list(parse_squeue(text)) == ["7"]
     assert parse_squeue("") == {}
 

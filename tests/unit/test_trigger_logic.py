@@ -44,8 +44,11 @@ class FakeClient:
 
 def squeue_output(*jobs: tuple[str, str]) -> str:
     """What build_states_command prints when squeue knows every job."""
-    assert SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%j"
-    rows = "".join(f"{job_id}|{state}|None|2|0:05|n[1-2]|sr-job\n" for job_id, state in jobs)
+    assert SQUEUE_FORMAT == "%i|%T|%r|%D|%M|%N|%V|%S|%j"
+    rows = "".join(
+        f"{job_id}|{state}|None|2|0:05|n[1-2]|2026-12-01T13:00:00|2026-12-01T13:00:00|sr-job\n"
+        for job_id, state in jobs
+    )
     return f"@@slurm_ray:squeue rc=0\n{rows}@@slurm_ray:end\n"
 
 

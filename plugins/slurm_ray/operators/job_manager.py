@@ -14,6 +14,7 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
@@ -28,6 +29,7 @@ from slurm_ray.utils.states import (
     NOT_FOUND_CONFIRMATIONS,
     JobInfo,
     SlurmState,
+    describe,
     end_from_run_dir,
     is_active,
     is_terminal,
@@ -169,6 +171,7 @@ class SlurmJobManager:
         log_stream = _LogStream(self.log, job_id)
         m_path, m_offset = metrics or ("", 0)
         last_state: SlurmState | None = None
+        last_note: tuple[str, ...] | None = None
         not_found = 0
         ended: JobInfo | None = None
         drained = 0
@@ -187,9 +190,11 @@ class SlurmJobManager:
                         on_metrics(complete)
                 info = states.get(job_id)
                 if ended is None and info is not None:
-                    if info.state != last_state:
-                        self.log.info("Slurm job %s is %s", job_id, info.state.value)
-                        last_state = info.state
+                    # as the trigger: a line when the state, reason or start estimate changed
+                    text, note = describe(info, datetime.now(UTC))
+                    if note != last_note:
+                        self.log.info("%s", text)
+                    last_state, last_note = info.state, note
                     not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
                     if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
                         ended = info

@@ -17,7 +17,10 @@ from slurm_ray.hooks.slurm import SlurmHook
 from slurm_ray.operators.run_state import RunState
 from slurm_ray.slurm.commands import build_earlier_metrics_command
 
-__all__ = ["MlflowTracking"]
+__all__ = ["QUEUE_WAIT_METRIC", "MlflowTracking"]
+
+#: Seconds the job waited in Slurm's queue (SubmitTime to StartTime).
+QUEUE_WAIT_METRIC = "slurm_queue_wait_s"
 
 
 class MlflowTracking:
@@ -174,3 +177,29 @@ class MlflowTracking:
         # relay_later: the relay found or created the task's run once the server answered
         run.relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
         self.log.info("MLflow metrics relay at completion: %s", stats)
+        self.record_queue_wait(run)
+
+    def record_queue_wait(self, run: RunState) -> None:
+        """Log ``slurm_queue_wait_s`` (SubmitTime to StartTime, as Slurm reports them).
+
+        Asked of Slurm once at completion (squeue, else scontrol, while it
+        remembers the job): the trigger's event does not carry the times. Best
+        effort: a job Slurm forgot, or never started, gets no metric.
+        """
+        run_id, settings = (run.relay or {}).get("run_id"), self.settings(run)
+        if not run_id or settings is None or not run.job_id:
+            return
+        try:
+            info = self.hook.states([run.job_id]).get(run.job_id)
+            wait = info.queue_wait_s() if info is not None else None
+            if wait is None:
+                self.log.info(
+                    "MLflow: no queue wait for job %s (Slurm no longer reports it)", run.job_id
+                )
+                return
+            from slurm_ray.mlflow.runs import client_for
+
+            client_for(settings).log_metric(run_id, QUEUE_WAIT_METRIC, wait)
+            self.log.info("MLflow: %s = %.0f", QUEUE_WAIT_METRIC, wait)
+        except Exception as exc:
+            self.log.warning("MLflow: could not log %s: %s", QUEUE_WAIT_METRIC, exc)

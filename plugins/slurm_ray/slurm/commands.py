@@ -14,8 +14,9 @@ import posixpath
 import re
 from collections.abc import Sequence
 
+from slurm_ray.slurm.fields import SLURM_TIME_ENV
 from slurm_ray.slurm.ids import validate_job_id, validate_job_ids
-from slurm_ray.slurm.parsers import INVALID_JOB_ID, MARKER, SQUEUE_FORMAT
+from slurm_ray.slurm.parsers import INVALID_JOB_ID, MARKER, SQUEUE_FIELDS, SQUEUE_FORMAT
 from slurm_ray.slurm.sacct import build_sacct_command
 from slurm_ray.utils.quoting import quote, quote_args
 from slurm_ray.utils.states import ACTIVE_STATES
@@ -82,6 +83,8 @@ def build_states_command(job_ids: Sequence[str]) -> str:
     )
     m = MARKER
     parts = [
+        # times in UTC ISO form, whatever the user's environment (fields.slurm_time)
+        f"export {SLURM_TIME_ENV}",
         f"q=$({squeue} 2>&1); rc=$?",
         f'echo "{m}:squeue rc=$rc"',
         "printf '%s\\n' \"$q\"",
@@ -177,9 +180,9 @@ def _task_jobs_function() -> str:
     It exits 3 (in its subshell) when squeue fails: a failed query is never "no job".
     """
     active = "|".join(sorted(state.value for state in ACTIVE_STATES))
-    # id|state|...|name (SQUEUE_FORMAT): the name is everything after the 6th "|".
+    # id|state|...|name (SQUEUE_FORMAT): the name is everything after the last field's "|".
     classify = (
-        '{ i = $1; n = $0; for (k = 0; k < 6; k++) sub(/^[^|]*[|]/, "", n);'
+        f'{{ i = $1; n = $0; for (k = 0; k < {len(SQUEUE_FIELDS) - 1}; k++) sub(/^[^|]*[|]/, "", n);'
         f" if (i !~ /^[0-9]+(_[0-9]+)?$/ || $2 !~ /^({active})$/ || index(n, key) != 1) next;"
         " t = substr(n, length(key) + 1); if (t !~ /^[0-9]+$/) next;"
         ' c = (t + 0 == try) ? "own" : ((t + 0 > try) ? "newer" : "older");'

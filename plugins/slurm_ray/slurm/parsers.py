@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from slurm_ray.slurm.fields import JOB_ID_RE, int_or_none, node_list
+from slurm_ray.slurm.fields import JOB_ID_RE, int_or_none, node_list, time_or_none
 from slurm_ray.slurm.ids import validate_job_id, validate_job_ids
 from slurm_ray.slurm.sacct import parse_sacct
 from slurm_ray.utils.states import JobInfo, SlurmState, parse_state
@@ -43,32 +43,42 @@ _NO_ACCOUNTING = "accounting storage is disabled"
 
 
 #: squeue fields, in order; the job name comes last because it is the only field
-#: that may contain the ``|`` delimiter (the parser splits at most 6 times).
-SQUEUE_FIELDS: tuple[str, ...] = ("%i", "%T", "%r", "%D", "%M", "%N", "%j")
-#: For ``squeue -h -t all -o SQUEUE_FORMAT``: id|state|reason|nodes|elapsed|nodelist|name.
+#: that may contain the ``|`` delimiter (the parser splits at most len - 1 times).
+#: ``%V`` is the submit time; ``%S`` the start time: Slurm's estimate while
+#: pending (``N/A`` until the backfill scheduler computed one), the real one after.
+SQUEUE_FIELDS: tuple[str, ...] = ("%i", "%T", "%r", "%D", "%M", "%N", "%V", "%S", "%j")
+#: For ``squeue -h -t all -o SQUEUE_FORMAT``:
+#: id|state|reason|nodes|elapsed|nodelist|submit|start|name.
 SQUEUE_FORMAT: str = "|".join(SQUEUE_FIELDS)
 
 
-def parse_squeue(text: str) -> dict[str, JobInfo]:
+def parse_squeue(text: str, fields: Sequence[str] = SQUEUE_FIELDS) -> dict[str, JobInfo]:
     """
-    Parse ``squeue -h -t all -o SQUEUE_FORMAT`` output into ``{job_id: JobInfo}``.
+    Parse ``squeue -h -t all -o "|".join(fields)`` output into ``{job_id: JobInfo}``.
 
-    Lines that are not records (blank, error messages) are skipped.
+    Values are read by field code, so output of an older field list (``fields``
+    without ``%V``/``%S``) still parses. ``fields`` must start with ``%i`` and
+    end with ``%j``. Lines that are not records (blank, error messages) are skipped.
     """
+    if fields[0] != "%i" or fields[-1] != "%j":
+        raise ValueError(f"squeue fields {fields!r}: must start with %i and end with %j")
     jobs: dict[str, JobInfo] = {}
     for line in text.splitlines():
-        parts = line.split("|", len(SQUEUE_FIELDS) - 1)
-        if len(parts) != len(SQUEUE_FIELDS) or not JOB_ID_RE.fullmatch(parts[0]):
+        parts = line.split("|", len(fields) - 1)
+        if len(parts) != len(fields) or not JOB_ID_RE.fullmatch(parts[0]):
             continue
-        job_id, state, reason, nnodes, elapsed, nodelist, name = parts
+        f = dict(zip(fields, parts, strict=True))
+        job_id = f["%i"]
         jobs[job_id] = JobInfo(
             job_id=job_id,
-            state=parse_state(state),
-            reason=reason,
-            name=name,
-            nodelist=node_list(nodelist),
-            num_nodes=int_or_none(nnodes),
-            elapsed=elapsed or None,
+            state=parse_state(f.get("%T")),
+            reason=f.get("%r", ""),
+            name=f["%j"],
+            nodelist=node_list(f.get("%N", "")),
+            num_nodes=int_or_none(f.get("%D", "")),
+            elapsed=f.get("%M") or None,
+            submit_time=time_or_none(f.get("%V")),
+            start_time=time_or_none(f.get("%S")),
             source="squeue",
         )
     return jobs
@@ -124,6 +134,8 @@ def parse_scontrol(text: str) -> dict[str, JobInfo]:
             num_nodes=int_or_none(fields.get("NumNodes", "")),
             exit_code=fields.get("ExitCode") or None,
             elapsed=fields.get("RunTime") or None,
+            submit_time=time_or_none(fields.get("SubmitTime")),
+            start_time=time_or_none(fields.get("StartTime")),
             source="scontrol",
         )
         jobs[job_id] = info
@@ -141,7 +153,9 @@ def _brief(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_states_output(text: str, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+def parse_states_output(
+    text: str, job_ids: Sequence[str], squeue_fields: Sequence[str] = SQUEUE_FIELDS
+) -> dict[str, JobInfo]:
     """
     Parse the output of :func:`~slurm_ray.slurm.commands.build_states_command` for the same ``job_ids``.
 
@@ -151,7 +165,7 @@ def parse_states_output(text: str, job_ids: Sequence[str]) -> dict[str, JobInfo]
     and sacct either is absent, has no accounting storage, or succeeded
     without listing it. Otherwise (squeue or sacct failed, output cut short)
     it is UNKNOWN with the evidence in ``reason``: a failed query is never
-    read as a finished job.
+    read as a finished job. ``squeue_fields``: the field list squeue printed.
 
     :raises ValueError: for invalid ids, as :func:`~slurm_ray.slurm.commands.build_states_command`.
     """
@@ -175,7 +189,7 @@ def parse_states_output(text: str, job_ids: Sequence[str]) -> dict[str, JobInfo]
         kind, rc, joined = header["kind"], int(header["rc"] or 0), "\n".join(body)
         if kind == "squeue":
             # records are trusted even when rc != 0 (other ids may be unknown)
-            squeue.update(parse_squeue(joined))
+            squeue.update(parse_squeue(joined, squeue_fields))
             if rc != 0 and INVALID_JOB_ID not in joined:
                 squeue_error = f"squeue failed (rc={rc}): {_brief(joined)}"
         elif kind == "scontrol":

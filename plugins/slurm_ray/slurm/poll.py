@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from slurm_ray.slurm.fields import SLURM_TIME_ENV
 from slurm_ray.slurm.ids import validate_job_id
 from slurm_ray.slurm.parsers import SQUEUE_FORMAT, parse_states_output
 from slurm_ray.slurm.sacct import build_sacct_command
@@ -42,7 +43,9 @@ _TAIL_HEADER_RE = re.compile(rf"{re.escape(TAIL_MARKER)} ([0-9]+) ([0-9]+) (-1|[
 # (one line per array task) and awk keeps the watched ones: `-j ID,ID,...`
 # would again grow one argument with the job count.  Ids squeue did not list
 # fall through to scontrol, then sacct, as in build_states_command.
-_SCRIPT = r"""
+_SCRIPT = (
+    r"""
+export __TIME_ENV__
 m=@@slurm_ray
 d=$(cat)
 ids=$(printf '%s\n' "$d" | awk '$1 == "J" { print $2 }')
@@ -102,8 +105,9 @@ if [ -n "$t" ]; then
   done
 fi
 exit 0
-""".replace("__SQUEUE_FORMAT__", quote(SQUEUE_FORMAT)).replace(
-    "__SACCT__", build_sacct_command('"$left"')
+""".replace("__TIME_ENV__", SLURM_TIME_ENV)
+    .replace("__SQUEUE_FORMAT__", quote(SQUEUE_FORMAT))
+    .replace("__SACCT__", build_sacct_command('"$left"'))
 )
 
 

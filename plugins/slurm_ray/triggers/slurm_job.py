@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -29,6 +30,7 @@ from slurm_ray.utils.states import (
     PENDING_STATES,
     JobInfo,
     SlurmState,
+    describe,
     is_terminal,
 )
 
@@ -165,6 +167,7 @@ class SlurmJobTrigger(BaseTrigger):
         last_ok = time.monotonic()
         failing_since: float | None = None
         last_state: SlurmState | None = None
+        last_note: tuple[str, ...] | None = None  # what the task log last said of the job
         not_found = 0  # polls in a row that found the job NOT_FOUND
         ended: JobInfo | None = None
         polls_after_end = 0
@@ -236,7 +239,7 @@ class SlurmJobTrigger(BaseTrigger):
                 if ended is not None:
                     polls_after_end += 1
                 elif info is not None:
-                    self._note_state(info, last_state)
+                    last_note = self._note_state(info, last_state, last_note)
                     last_state = info.state
                     not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
                     # A confirmed NOT_FOUND ended unobserved and was purged (MinJobAge, no
@@ -271,9 +274,13 @@ class SlurmJobTrigger(BaseTrigger):
             poller.ensure_running()
             return None
 
-    def _note_state(self, info: JobInfo, last_state: SlurmState | None) -> None:
-        if info.state == last_state:
-            return
+    def _note_state(
+        self, info: JobInfo, last_state: SlurmState | None, last_note: tuple[str, ...] | None
+    ) -> tuple[str, ...]:
+        """Log the job's state when it, its reason or its start estimate changed."""
+        text, note = describe(info, datetime.now(UTC))
+        if note == last_note:
+            return note
         if last_state in (SlurmState.RUNNING, SlurmState.COMPLETING) and (
             info.state in PENDING_STATES
         ):
@@ -284,12 +291,8 @@ class SlurmJobTrigger(BaseTrigger):
                 self.job_id,
                 info.reason or info.state.value,
             )
-        self.log.info(
-            "Slurm job %s is %s%s",
-            self.job_id,
-            info.state.value,
-            f" ({info.reason})" if info.reason and info.reason != "None" else "",
-        )
+        self.log.info("%s", text)
+        return note
 
     @staticmethod
     def _caught_up(streams: dict[str, _Stream], result: PollResult) -> bool:

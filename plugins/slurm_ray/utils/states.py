@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ __all__ = [
     "JobInfo",
     "JobSource",
     "SlurmState",
+    "describe",
     "end_from_run_dir",
     "is_active",
     "is_success",
@@ -202,6 +204,9 @@ class JobInfo:
     :param num_nodes: allocated nodes, or the minimum requested while pending.
     :param exit_code: ``"EXIT:SIGNAL"`` such as ``"3:0"``; squeue does not report it.
     :param elapsed: run time as Slurm prints it (``0:05``, ``00:01:13``, ``1-02:00:00``).
+    :param submit_time: when it was submitted (``2026-12-01T14:20:00``, UTC), if reported.
+    :param start_time: Slurm's start estimate while pending (None until it has one),
+        the real start once started (UTC, as ``submit_time``).
     :param source: which command reported it; ``"none"`` when none did.
     """
 
@@ -213,7 +218,20 @@ class JobInfo:
     num_nodes: int | None = None
     exit_code: str | None = None
     elapsed: str | None = None
+    submit_time: str | None = None
+    start_time: str | None = None
     source: JobSource = "none"
+
+    def queue_wait_s(self) -> float | None:
+        """Seconds from submit to start, once the job has started (None before, or unknown)."""
+        from slurm_ray.slurm.fields import slurm_time
+
+        submit, start = slurm_time(self.submit_time), slurm_time(self.start_time)
+        # A job cancelled while pending has a StartTime (its end) but never ran.
+        started = self.state in RUNNING_STATES or (is_terminal(self.state) and self.nodelist)
+        if not started or submit is None or start is None or start < submit:
+            return None
+        return (start - submit).total_seconds()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (for trigger events and XCom)."""
@@ -265,3 +283,47 @@ def end_from_run_dir(job_id: str, result: dict[str, Any] | None, log_tail: str) 
         reason="no result.json and no exit line in the Slurm log",
         source="run_dir",
     )
+
+
+def _span(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 5 min``, ``2 d 4 h``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    m = round(s / 60)
+    if m < 60:
+        return f"{m} min"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def describe(info: JobInfo, now: datetime) -> tuple[str, tuple[str, ...]]:
+    """The task-log line for ``info`` and the key that says when it changed.
+
+    ``Slurm job 123 is PENDING (Resources), estimated start 14:32 UTC, in 12 min``;
+    once started, ``Slurm job 123 is RUNNING, after 3 min in the queue``. The
+    key holds the state, the reason and the estimate to the minute, not the
+    countdown: a line is worth logging only when the key changes.
+    """
+    from slurm_ray.slurm.fields import slurm_time
+
+    text = f"Slurm job {info.job_id} is {info.state.value}"
+    if info.reason and info.reason != "None":
+        text += f" ({info.reason})"
+    estimate = ""
+    # CONFIGURING has its nodes (booting): its StartTime is no estimate
+    if info.state in PENDING_STATES and not info.nodelist:
+        start = slurm_time(info.start_time)
+        if start is not None:
+            same_day = start.date() == now.astimezone(UTC).date()
+            estimate = start.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC")
+            left = (start - now).total_seconds()
+            text += f", estimated start {estimate}, " + (
+                f"in {_span(left)}" if left >= 60 else "due now"
+            )
+    elif (wait := info.queue_wait_s()) is not None:
+        text += f", after {_span(wait)} in the queue"
+    return text, (info.state.value, info.reason, estimate)
