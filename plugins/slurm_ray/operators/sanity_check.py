@@ -278,7 +278,13 @@ class GymSanityCheckOperator(BaseOperator):
             record=record,
             prefix=env.prefix,
         )
-        self.log.info("Sanity check of %s on the %s node(s)", self.env_id, self.where)
+        lookup = record is not None and not record.force and record.max_age_s > 0
+        self.log.info(
+            "Sanity check of %s on the %s node(s)%s",
+            self.env_id,
+            self.where,
+            " unless a recorded pass can be reused" if lookup else "",
+        )
         # The script travels on stdin: no SFTP round trips, and none at all when reused.
         return hook.run(cmd, timeout=self.timeout, stdin=script)
 
