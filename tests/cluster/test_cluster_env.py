@@ -408,7 +408,7 @@ def test_sanity_record_others_can_write_or_forge_is_ignored(
         "passed_at": "2026-12-01T00:00:00Z",
         "summary": {"ok": True, "host": "forged"},
     }
-    site.cluster.ssh(f"chmod 777 {site.records}")
+    site.cluster.ssh(f"chmod 755 {site.remote_dir} && chmod 777 {site.records}")
     neighbour.litter(record)
     payload = shlex.quote(json.dumps(forged))
     neighbour.run(f"rm -f {shlex.quote(record)} && echo {payload} > {shlex.quote(record)}")
