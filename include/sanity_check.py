@@ -4,12 +4,19 @@
 The NREL Eagle tutorial's first check, as a script that a pipeline can read:
 
     python sanity_check.py [--env-id CartPole-v1] [--episodes 1] [--max-steps 500] [--quiet]
+                           [--record PATH --record-spec SHA256 --record-info JSON]
 
 Uses gymnasium; falls back to the legacy ``gym`` package when gymnasium is not
 installed. Prints one ``action obs reward done`` line per step (unless
 ``--quiet``), then exactly one line ``SANITY_SUMMARY {json}`` on stdout;
 ``step_values`` in it says which step API the package has (5: gymnasium and
 gym >= 0.26, whose reset returns (obs, info); 4: older gym).
+
+With ``--record``, a pass is also written to PATH (a JSON record the operator
+may reuse instead of checking again), atomically and with mode 0600, and only
+into a directory that belongs to this user and nobody else can write; one
+``SANITY_RECORD ...`` line on stdout says whether it was written. Other
+records of the same check (older spec hashes) in that directory are removed.
 
 On failure it prints exactly one line ``SANITY_ERROR: <reason>`` on stderr and
 exits non-zero:
@@ -25,11 +32,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import importlib
 import io
 import json
+import os
 import platform
+import stat
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -159,6 +170,59 @@ def run(env_id: str, episodes: int, max_steps: int, quiet: bool, seed: int | Non
     }
 
 
+def _private_dir(path: str) -> str | None:
+    """Why ``path`` is no place for a record (None: it is this user's, writable by no one else)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot stat {path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def write_record(path: str, spec_sha256: str, info: dict, summary: dict) -> str:
+    """Record a pass at ``path`` (temp file, then rename); returns the SANITY_RECORD line."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return f"SANITY_RECORD not written: cannot create {folder}: {exc.strerror}"
+    for where in (os.path.dirname(folder), folder):
+        why = _private_dir(where)
+        if why is not None:
+            return f"SANITY_RECORD not written: {why}"
+    # timezone.utc, not UTC (3.11+): the cluster-side interpreter may be older.
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+    record = {
+        **info,
+        "version": 1,
+        "spec_sha256": spec_sha256,
+        "passed_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "summary": summary,
+    }
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".record-", suffix=".tmp")  # mode 0600
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        return f"SANITY_RECORD not written: {path}: {exc.strerror}"
+    # One record per check: those of earlier spec hashes only take space.
+    stem = os.path.basename(path).rsplit("-", 1)[0] + "-"
+    for name in os.listdir(folder):
+        if name.startswith(stem) and name.endswith(".json") and name != os.path.basename(path):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+    return f"SANITY_RECORD written: {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--env-id", default="CartPole-v1")
@@ -166,9 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=500, help="per episode")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="only the summary line")
+    parser.add_argument("--record", default=None, help="write a record of a pass here")
+    parser.add_argument("--record-spec", default="", help="the environment's spec sha256")
+    parser.add_argument("--record-info", default="{}", help="JSON object to put in the record")
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.max_steps < 1:
         parser.error("--episodes and --max-steps must be >= 1")
+    try:
+        info = json.loads(args.record_info)
+    except json.JSONDecodeError:
+        info = None
+    if not isinstance(info, dict):
+        parser.error("--record-info must be a JSON object")
     # Legacy gym on numpy 2 warns on every step; keep stderr for the error line.
     warnings.simplefilter("ignore", DeprecationWarning)
     try:
@@ -181,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SANITY_ERROR: {type(exc).__name__}: {msg}", file=sys.stderr, flush=True)
         return EXIT_CRASH
     print("SANITY_SUMMARY " + json.dumps(summary, sort_keys=True), flush=True)
+    if args.record:
+        print(write_record(args.record, args.record_spec, info, summary), flush=True)
     return 0
 
 

@@ -136,6 +136,12 @@ _RUN_PARAMS: dict[str, tuple[Any, dict[str, Any], str]] = {
         "Wait for the Slurm job in the triggerer, freeing the worker slot. "
         "false: the train task polls from its worker (no triggerer needed).",
     ),
+    "force_sanity_check": (
+        False,
+        {"type": "boolean"},
+        "Run the Gym sanity check for real even when a pass of this environment build, "
+        "env id and partition from the last 24 h is recorded on the cluster.",
+    ),
 }
 #: The demo DAGs' defaults where they differ from the training config's.
 _DAG_DEFAULTS = {
@@ -301,6 +307,7 @@ def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:
         "job_spec": job_spec,
         "config": config,
         "deferrable": bool(params.get("deferrable", True)),
+        "force_sanity_check": bool(params.get("force_sanity_check", False)),
         "mlflow": {
             "tracking_uri": tracking_uri,
             "experiment_name": params.get("experiment_name") or "rllib_train",

@@ -55,8 +55,10 @@ _TRAIN_KEYS = (
     "env_modules",
 )
 
-#: Params one sweep shares: a configuration may not override them.
-SWEEP_FIXED = frozenset({"profile", "experiment_name", "register_model_name"})
+#: Params one sweep shares: a configuration may not override them (one sanity check).
+SWEEP_FIXED = frozenset(
+    {"profile", "experiment_name", "register_model_name", "force_sanity_check"}
+)
 
 
 def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -157,7 +159,11 @@ def promote_model(
 
 
 def environment_tasks(resolved: Any) -> tuple[ClusterEnvOperator, GymSanityCheckOperator]:
-    """Build the cluster-side environment, then Gym-check it on a compute node."""
+    """Build the cluster-side environment, then Gym-check it on a compute node.
+
+    The check reuses a recorded pass of the same environment build, env id and
+    partition from the last 24 h unless the ``force_sanity_check`` Param is set.
+    """
     env = ClusterEnvOperator(
         task_id="build_env",
         ssh_conn_id=resolved["ssh_conn_id"],
@@ -175,6 +181,7 @@ def environment_tasks(resolved: Any) -> tuple[ClusterEnvOperator, GymSanityCheck
         account=resolved["sanity_account"],
         quiet=True,
         env_modules=resolved["env_modules"],
+        force=resolved["force_sanity_check"],
     )
     env >> sanity
     return env, sanity

@@ -8,6 +8,7 @@ Debian's python3, which the job user can execute.
 
 from __future__ import annotations
 
+import json
 import shlex
 import threading
 import time
@@ -63,6 +64,8 @@ def sanity_op(cluster: DevCluster, **kwargs: Any):
         "remote_dir": f"{cluster.scratch}/tests/sanity",
         "quiet": True,
         "timeout": 180,
+        # These tests are about the check itself: never a pass recorded by an earlier run.
+        "force": True,
     }
     params.update(kwargs)
     return GymSanityCheckOperator(**params)
@@ -221,8 +224,9 @@ def test_sanity_check_on_login_node(cluster: DevCluster) -> None:
     assert summary["env_id"] == "CartPole-v1" and summary["episodes"] == 2
     assert summary["steps"] > 0 and len(summary["returns"]) == 2
     assert summary["versions"]["gymnasium"] == "1.2.2"
-    # staging directory removed after the run
-    assert cluster.ssh(f"ls -A {cluster.scratch}/tests/sanity").stdout.strip() == ""
+    # staging directory removed after the run (the records of passes stay)
+    left = cluster.ssh(f"ls -A {cluster.scratch}/tests/sanity").stdout.split()
+    assert [name for name in left if name.startswith("run-")] == []
 
 
 def test_sanity_check_on_compute_node(cluster: DevCluster) -> None:
@@ -278,3 +282,143 @@ def test_hostile_values_are_refused_or_inert(cluster: DevCluster, spec: Path) ->
         "venv.lock",
         "venv.spec",
     ]
+
+
+# -- reuse of a recorded pass (issue 16 §2) ---------------------------------------------
+
+
+@dataclass
+class ReuseSite:
+    """A private environment (the cluster venv behind its own prefix and spec stamp)."""
+
+    cluster: DevCluster
+    prefix: str
+    remote_dir: str
+    job_name: str
+
+    def op(self, **kwargs: Any):
+        params = {
+            "environment": {"kind": "venv", "prefix": self.prefix},
+            "remote_dir": self.remote_dir,
+            "where": "compute",
+            "partition": "debug",
+            "time": "2",
+            "job_name": self.job_name,
+            "force": False,
+            **kwargs,
+        }
+        return sanity_op(self.cluster, **params)
+
+    def stamp(self, sha: str) -> None:
+        """What build_env.sh's (re)build leaves: a new spec sha256 in the prefix."""
+        path = shlex.quote(f"{self.prefix}/.slurm_ray_spec_sha256")
+        self.cluster.ssh(f"printf '%s\\n' {sha} > {path}")
+
+    def steps(self) -> int:
+        """srun steps of this site so far (finished jobs stay in squeue -t all for 10 min)."""
+        out = self.cluster.ssh(f"squeue -h -t all -n {self.job_name} -o %i").stdout
+        return len(out.split())
+
+    @property
+    def records(self) -> str:
+        return f"{self.remote_dir}/records"
+
+
+@pytest.fixture
+def reuse_site(cluster: DevCluster) -> ReuseSite:
+    base = cluster.new_dir("sanity-reuse")
+    prefix = f"{base}/venv"
+    activate = shlex.quote(f". {cluster.venv}/bin/activate")
+    cluster.ssh(f"mkdir -p {prefix}/bin && echo {activate} > {prefix}/bin/activate")
+    site = ReuseSite(cluster, prefix, f"{base}/sanity", f"sanity-{uuid.uuid4().hex[:10]}")
+    site.stamp("1" * 64)
+    return site
+
+
+def test_sanity_pass_is_reused_until_env_partition_or_force_change(
+    reuse_site: ReuseSite, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    from slurm_ray.hooks.slurm import SlurmHook
+
+    site = reuse_site
+    first = site.op().execute(ctx())
+    assert first["reused"] is False and first["host"] in ("n1", "n2")
+    assert site.steps() == 1
+
+    # the same check again: the recorded pass, one SSH command, no srun step
+    commands: list[str] = []
+    real_run = SlurmHook.run
+
+    def counting_run(self: SlurmHook, command: str, **kwargs: Any) -> Any:
+        commands.append(command)
+        return real_run(self, command, **kwargs)
+
+    monkeypatch.setattr(SlurmHook, "run", counting_run)
+    capfd.readouterr()
+    started = time.monotonic()
+    second = site.op().execute(ctx())
+    print(f"\nreused sanity check: {time.monotonic() - started:.3f}s")
+    monkeypatch.undo()
+    assert len(commands) == 1
+    assert second["reused"] is True and second["spec_sha256"] == "1" * 64
+    assert {k: second[k] for k in first if k != "reused"} == {
+        k: first[k] for k in first if k != "reused"
+    }
+    assert site.steps() == 1
+    log = "".join(capfd.readouterr())
+    assert "sanity check reused: passed for CartPole-v1 on partition debug at " in log
+    assert "(env sha256 111111111111…, " in log and "force_sanity_check=true runs it again" in log
+
+    # force, another partition value (the site default), a rebuilt env: checked for real
+    assert site.op(force=True).execute(ctx())["reused"] is False
+    assert site.steps() == 2
+    assert site.op(partition=None).execute(ctx())["reused"] is False
+    assert site.steps() == 3
+    site.stamp("2" * 64)
+    rebuilt = site.op().execute(ctx())
+    assert rebuilt["reused"] is False and site.steps() == 4
+    again = site.op().execute(ctx())
+    assert again["reused"] is True and again["spec_sha256"] == "2" * 64 and site.steps() == 4
+    # one record per check: the rebuilt env's replaced the old one; all private
+    listing = site.cluster.ssh(f"stat -c '%a %U %n' {site.records} {site.records}/*").stdout
+    rows = [line.split() for line in listing.splitlines()]
+    assert [r[:2] for r in rows] == [["700", "slurmray"]] + [["600", "slurmray"]] * 2, listing
+    assert sum(r[2].endswith("2" * 64 + ".json") for r in rows) == 1
+    assert not any(r[2].endswith("1" * 64 + ".json") and "debug" in r[2] for r in rows)
+
+
+def test_sanity_record_others_can_write_or_forge_is_ignored(
+    reuse_site: ReuseSite, neighbour: Any, capfd: pytest.CaptureFixture
+) -> None:
+    site = reuse_site
+    assert site.op().execute(ctx())["reused"] is False
+    record = site.cluster.ssh(f"ls {site.records}/*.json").stdout.strip()
+    assert site.steps() == 1
+
+    # the job user's own record made group-writable: not trusted, checked again
+    site.cluster.ssh(f"chmod g+w {shlex.quote(record)}")
+    capfd.readouterr()
+    assert site.op().execute(ctx())["reused"] is False
+    assert "is writable by others (mode 620)" in "".join(capfd.readouterr())
+    assert site.steps() == 2
+
+    # a careless shared records directory, and the neighbour puts a forged pass in it
+    forged = {
+        "env_id": "CartPole-v1",
+        "passed_at": "2026-12-01T00:00:00Z",
+        "summary": {"ok": True, "host": "forged"},
+    }
+    site.cluster.ssh(f"chmod 755 {site.remote_dir} && chmod 777 {site.records}")
+    neighbour.litter(record)
+    payload = shlex.quote(json.dumps(forged))
+    neighbour.run(f"rm -f {shlex.quote(record)} && echo {payload} > {shlex.quote(record)}")
+    owner = site.cluster.ssh(f"stat -c %U {shlex.quote(record)}").stdout.strip()
+    assert owner == neighbour.user
+    capfd.readouterr()
+    summary = site.op().execute(ctx())
+    log = "".join(capfd.readouterr())
+    assert summary["reused"] is False and summary["host"] in ("n1", "n2")
+    assert site.steps() == 3
+    assert "SANITY_RECORD ignored: " in log
+    assert "SANITY_RECORD not written: " in log  # nor does the real check write there
+    assert site.cluster.ssh(f"stat -c %U {shlex.quote(record)}").stdout.strip() == neighbour.user
