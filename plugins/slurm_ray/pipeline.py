@@ -56,9 +56,7 @@ _TRAIN_KEYS = (
 )
 
 #: Params one sweep shares: a configuration may not override them (one sanity check).
-SWEEP_FIXED = frozenset(
-    {"profile", "experiment_name", "register_model_name", "force_sanity_check"}
-)
+SWEEP_FIXED = frozenset({"profile", "experiment_name", "register_model_name", "force_sanity_check"})
 
 
 def plan_sweep_runs(params: Mapping[str, Any]) -> list[dict[str, Any]]:
