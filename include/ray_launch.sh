@@ -465,7 +465,9 @@ remove_node_tmp() {
 }
 
 # __cleanup__ STATUS, one task per node after the Ray steps ended: remove the
-# temp dir the node step recorded (only if it is this job's and ours).
+# temp dir the node step recorded, and any other dir of this job on the node
+# (a step killed between creating its dir and recording it, e.g. when the
+# join timed out while it started). Only this job's dirs, owned by us.
 cleanup_main() {
   local node=${SLURMD_NODENAME:-$(hostname -s)} rec d=""
   rec="$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.tmp"
@@ -473,6 +475,11 @@ cleanup_main() {
   if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
     remove_node_tmp "$d" "$node" "$1"
   fi
+  for d in "${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID".??????; do
+    if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
+      remove_node_tmp "$d" "$node" "$1"
+    fi
+  done
   return 0
 }
 
