@@ -82,11 +82,24 @@ def spec(tmp_path: Path) -> Path:
     return path
 
 
+def count_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every command SlurmHook.run sends from now on (they still run)."""
+    from slurm_ray.hooks.slurm import SlurmHook
+
+    commands: list[str] = []
+    real_run = SlurmHook.run
+
+    def counting_run(self: SlurmHook, command: str, **kwargs: Any) -> Any:
+        commands.append(command)
+        return real_run(self, command, **kwargs)
+
+    monkeypatch.setattr(SlurmHook, "run", counting_run)
+    return commands
+
+
 def test_venv_build_noop_and_rebuild(
     cluster: DevCluster, spec: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from slurm_ray.hooks.slurm import SlurmHook
-
     prefix = f"{cluster.new_dir('env')}/venv"
 
     first = env_op(prefix, spec).execute(ctx())
@@ -102,14 +115,7 @@ def test_venv_build_noop_and_rebuild(
     # (counted, not timed: the time is printed; bench/ holds speed figures)
     build_log = f"{shlex.quote(prefix)}.build.log"
     before = cluster.ssh(f"stat -c %Y.%s {build_log} && md5sum {build_log}").stdout
-    commands: list[str] = []
-    real_run = SlurmHook.run
-
-    def counting_run(self: SlurmHook, command: str, **kwargs: Any) -> Any:
-        commands.append(command)
-        return real_run(self, command, **kwargs)
-
-    monkeypatch.setattr(SlurmHook, "run", counting_run)
+    commands = count_commands(monkeypatch)
     started = time.monotonic()
     again = env_op(prefix, spec).execute(ctx())
     print(f"\nno-op ClusterEnvOperator.execute: {time.monotonic() - started:.3f}s")
@@ -338,22 +344,13 @@ def reuse_site(cluster: DevCluster) -> ReuseSite:
 def test_sanity_pass_is_reused_until_env_partition_or_force_change(
     reuse_site: ReuseSite, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
-    from slurm_ray.hooks.slurm import SlurmHook
-
     site = reuse_site
     first = site.op().execute(ctx())
     assert first["reused"] is False and first["host"] in ("n1", "n2")
     assert site.steps() == 1
 
     # the same check again: the recorded pass, one SSH command, no srun step
-    commands: list[str] = []
-    real_run = SlurmHook.run
-
-    def counting_run(self: SlurmHook, command: str, **kwargs: Any) -> Any:
-        commands.append(command)
-        return real_run(self, command, **kwargs)
-
-    monkeypatch.setattr(SlurmHook, "run", counting_run)
+    commands = count_commands(monkeypatch)
     capfd.readouterr()
     started = time.monotonic()
     second = site.op().execute(ctx())
