@@ -94,12 +94,18 @@ class DevCluster:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[DevCluster]:
-    """The real local Slurm cluster with sshd; brought up if needed (idempotent)."""
+    """The real local Slurm cluster with sshd; brought up if needed (idempotent).
+
+    ``SLURM_RAY_DEV_SKIP_UP=1``: use the cluster as it is (several checkouts
+    sharing one cluster must not rewrite its configuration with their own script).
+    """
+    skip_up = os.environ.get("SLURM_RAY_DEV_SKIP_UP") == "1"
+    action = "status" if skip_up else "up"
     proc = subprocess.run(
-        ["bash", str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=900
+        ["bash", str(CLUSTER_SCRIPT), action], capture_output=True, text=True, timeout=900
     )
     if proc.returncode != 0:
-        pytest.fail(f"devcluster up failed:\n{proc.stderr[-4000:]}")
+        pytest.fail(f"devcluster {action} failed:\n{proc.stderr[-4000:]}")
     env = load_cluster_env()
     for key in ("SLURM_CONF", "AIRFLOW_CONN_SLURM_DEV"):
         os.environ[key] = env[key]
