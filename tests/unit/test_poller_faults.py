@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from slurm_ray.hooks.slurm import CommandResult
+from slurm_ray.slurm import follow
 from slurm_ray.triggers import host_poller, slurm_job
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
 
@@ -344,7 +345,7 @@ def test_line_without_newline_is_cut_and_others_keep_streaming(shell: LocalShell
     assert peak < 4 * 1024 * 1024, peak
     assert all(f"[slurm 2] other line {i}" in text() for i in range(5))
     assert "[slurm 1] after the bar" in text()
-    assert f"cut {6 * (1 << 20) + 6 - slurm_job.LOG_LINE_MAX} bytes" in text()
+    assert f"cut {6 * (1 << 20) + 6 - follow.LOG_LINE_MAX} bytes" in text()
 
 
 def test_asyncssh_is_quiet_and_one_line_per_poll(shell: LocalShell, caplog) -> None:

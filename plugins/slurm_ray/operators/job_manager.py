@@ -14,7 +14,6 @@ import posixpath
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
@@ -22,25 +21,18 @@ from airflow.sdk.exceptions import AirflowException
 from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
 from slurm_ray.operators import job_outcome
 from slurm_ray.slurm import commands
+from slurm_ray.slurm.follow import JobWatch, TailStream, caught_up
 from slurm_ray.slurm.parsers import last_lines, parse_claim_output, parse_node_states
-from slurm_ray.slurm.poll import TailChunk, TailRequest
+from slurm_ray.slurm.poll import TailRequest
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.utils.states import (
-    NOT_FOUND_CONFIRMATIONS,
     JobInfo,
     SlurmState,
-    describe,
     end_from_run_dir,
     is_active,
-    is_terminal,
 )
 
 __all__ = ["SlurmJobManager"]
-
-#: Longest log line shown whole in the non-deferrable wait (as in the trigger).
-LOG_LINE_MAX = 64 * 1024
-#: Polls a finished job's log is read for before the wait ends anyway.
-DRAIN_POLLS = 10
 
 
 class SlurmJobManager:
@@ -160,55 +152,37 @@ class SlurmJobManager:
     ) -> JobInfo:
         """Wait for the job to end, streaming its log; cancel it if the wait is stopped.
 
-        One remote command per poll (the trigger's: states and new bytes of the
-        log and of ``metrics``), so the worker costs the login node what a
-        trigger does.
+        One remote command per poll, the trigger's, read as the trigger does.
 
         :param metrics: ``(path, offset)`` of ``metrics.jsonl``; complete new rows
             go to ``on_metrics``.
         :return: the job's last state (terminal, or a confirmed NOT_FOUND).
         """
-        log_stream = _LogStream(self.log, job_id)
-        m_path, m_offset = metrics or ("", 0)
-        last_state: SlurmState | None = None
-        last_note: tuple[str, ...] | None = None
-        not_found = 0
-        ended: JobInfo | None = None
-        drained = 0
+        streams = [TailStream("log", log_path, 0, job_id, self.log)]
+        if metrics and on_metrics is not None:
+            streams.append(TailStream("metrics", metrics[0], metrics[1], job_id, self.log))
+        watch = JobWatch(job_id, self.log)
         try:
             while True:
-                tails = [TailRequest(log_path, log_stream.offset)]
-                if m_path:
-                    tails.append(TailRequest(m_path, m_offset))
+                tails = [TailRequest(s.path, s.offset) for s in streams]
                 states, chunks = self.hook.poll([job_id], tails)
-                log_stream.take(chunks[0])
-                if m_path and on_metrics is not None:
-                    data = _from_offset(chunks[1], m_offset)
-                    complete = data[: data.rfind(b"\n") + 1]
-                    if complete:
-                        m_offset += len(complete)
-                        on_metrics(complete)
-                info = states.get(job_id)
-                if ended is None and info is not None:
-                    # as the trigger: a line when the state, reason or start estimate changed
-                    text, note = describe(info, datetime.now(UTC))
-                    if note != last_note:
-                        self.log.info("%s", text)
-                    last_state, last_note = info.state, note
-                    not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
-                    if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
-                        ended = info
-                if ended is not None:
-                    drained += 1
-                    if chunks[0].size <= log_stream.offset or drained >= DRAIN_POLLS:
-                        log_stream.flush()
-                        return ended
-                    continue  # more of the log to read: no wait
-                time.sleep(poll_interval)
+                new = [s.take(c) for s, c in zip(streams, chunks, strict=True)]
+                streams[0].show(new[0])
+                if on_metrics is not None and len(streams) > 1:
+                    rows = streams[1].lines(new[1])
+                    if rows:
+                        on_metrics(b"\n".join(rows) + b"\n")
+                watch.see(states.get(job_id))
+                if watch.done(caught_up(streams, chunks)):
+                    streams[0].flush()
+                    assert watch.ended is not None
+                    return watch.ended
+                if watch.ended is None:
+                    time.sleep(poll_interval)  # a finished job's files are read on at once
         except BaseException:
             # execution_timeout, SIGTERM from a cleared task, or an error: never
             # leave the job running behind us.
-            if ended is None and (last_state is None or not is_terminal(last_state)):
+            if watch.ended is None:
                 self.cancel_quietly(job_id)
             raise
 
@@ -288,51 +262,3 @@ class SlurmJobManager:
             return None
         out = out.strip()
         return int(out) if out.isdigit() else None
-
-
-def _from_offset(chunk: TailChunk, offset: int) -> bytes:
-    """The bytes of ``chunk`` from ``offset`` on (empty if it was read from elsewhere)."""
-    if chunk.start > offset or chunk.start + len(chunk.data) <= offset:
-        return b""
-    return chunk.data[offset - chunk.start :]
-
-
-class _LogStream:
-    """The Slurm log as the worker shows it: whole lines, each at most LOG_LINE_MAX bytes."""
-
-    def __init__(self, log: Any, job_id: str) -> None:
-        self.log, self.job_id, self.offset, self.buf = log, job_id, 0, b""
-
-    def take(self, chunk: TailChunk) -> None:
-        if 0 <= chunk.size < self.offset:
-            # A requeued job truncates its log: read it again from the start.
-            self.log.warning(
-                "Slurm job %s: the log shrank from %d to %d bytes (requeued?): reading it "
-                "again from the start",
-                self.job_id,
-                self.offset,
-                chunk.size,
-            )
-            self.log.info("[slurm %s] ----- log restarted -----", self.job_id)
-            self.offset, self.buf = 0, b""
-        data = _from_offset(chunk, self.offset)
-        self.offset += len(data)
-        *lines, self.buf = (self.buf + data).split(b"\n")
-        if len(self.buf) > LOG_LINE_MAX:
-            lines.append(self.buf[:LOG_LINE_MAX] + b" [...]")
-            self.log.warning(
-                "Slurm job %s: cut %d bytes of an overlong log line",
-                self.job_id,
-                len(self.buf) - LOG_LINE_MAX,
-            )
-            self.buf = b""
-        for line in lines:
-            self._emit(line)
-
-    def flush(self) -> None:
-        if self.buf:
-            self._emit(self.buf)
-            self.buf = b""
-
-    def _emit(self, line: bytes) -> None:
-        self.log.info("[slurm %s] %s", self.job_id, line.decode("utf-8", "replace"))

@@ -156,20 +156,18 @@ class SlurmRayOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        # The plain placement keywords (nodes, cpus_per_node, time_limit, partition,
-        # account), merged into job_spec at run time (job_spec may be an XComArg until then).
+        # Merged into job_spec at run time (job_spec may be an XComArg until then).
         given = locals()
         self.placement = {kwarg: given[kwarg] for kwarg in PLACEMENT_KWARGS}
         site = operator_defaults(profile)
-        # Templated (an XComArg in the DAGs); a profile's list when none is given.
-        self.env_modules = env_modules or site.get("env_modules", ())
         if ssh_conn_id is None and not site:
             raise ValueError("ssh_conn_id: give ssh_conn_id or profile")
+        # Templated (an XComArg in the DAGs); a profile's list when none is given.
+        self.env_modules = env_modules or site.get("env_modules", ())
         self.ssh_conn_id = _given(ssh_conn_id, site.get("ssh_conn_id"))
         base_dir = site.get("remote_base_dir", DEFAULT_REMOTE_BASE_DIR)
         self.remote_base_dir = _given(remote_base_dir, base_dir)
-        self.profile = profile
-        self.profile_placement = site.get("placement", {})
+        self.profile, self.profile_placement = profile, site.get("placement", {})
         self.job_spec = _given(job_spec, {})
         self.environment = _given(environment, site.get("environment", {}))
         self.entrypoint = entrypoint

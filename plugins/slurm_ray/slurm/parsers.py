@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from slurm_ray.slurm.fields import JOB_ID_RE, int_or_none, node_list, time_or_none
 from slurm_ray.slurm.ids import validate_job_id, validate_job_ids
@@ -170,6 +171,21 @@ def parse_states_output(
     :raises ValueError: for invalid ids, as :func:`~slurm_ray.slurm.commands.build_states_command`.
     """
     ids = validate_job_ids(job_ids)
+    found = _StatesSections(squeue_fields)
+    for header, body in _sections(text):
+        found.add(header, "\n".join(body))
+    result: dict[str, JobInfo] = {}
+    for job_id in ids:
+        info = found.squeue.get(job_id) or found.scontrol.get(job_id) or found.sacct.get(job_id)
+        if info is None:
+            state, reason = found.missing_state(job_id)
+            info = JobInfo(job_id=job_id, state=state, reason=reason, source="none")
+        result[job_id] = info
+    return result
+
+
+def _sections(text: str) -> list[tuple[re.Match[str], list[str]]]:
+    """The output's sections: each marker line and the lines after it."""
     sections: list[tuple[re.Match[str], list[str]]] = []
     for line in text.splitlines():
         header = _SECTION_RE.fullmatch(line)
@@ -177,74 +193,63 @@ def parse_states_output(
             sections.append((header, []))
         elif sections:
             sections[-1][1].append(line)
+    return sections
 
-    squeue: dict[str, JobInfo] = {}
-    scontrol: dict[str, JobInfo] = {}
-    sacct: dict[str, JobInfo] = {}
-    squeue_error = ""
-    scontrol_status: dict[str, tuple[int, str]] = {}
+
+@dataclass
+class _StatesSections:
+    """What the sections of one states command said: records, and evidence of absence."""
+
+    squeue_fields: Sequence[str]
+    squeue: dict[str, JobInfo] = field(default_factory=dict)
+    scontrol: dict[str, JobInfo] = field(default_factory=dict)
+    sacct: dict[str, JobInfo] = field(default_factory=dict)
+    squeue_error: str = ""
+    scontrol_status: dict[str, tuple[int, str]] = field(default_factory=dict)
     sacct_status: tuple[str, str] | None = None  # ("ok" | "none" | "error", message)
-    complete = False
-    for header, body in sections:
-        kind, rc, joined = header["kind"], int(header["rc"] or 0), "\n".join(body)
+    complete: bool = False
+
+    def add(self, header: re.Match[str], body: str) -> None:
+        kind, rc = header["kind"], int(header["rc"] or 0)
         if kind == "squeue":
             # records are trusted even when rc != 0 (other ids may be unknown)
-            squeue.update(parse_squeue(joined, squeue_fields))
-            if rc != 0 and INVALID_JOB_ID not in joined:
-                squeue_error = f"squeue failed (rc={rc}): {_brief(joined)}"
+            self.squeue.update(parse_squeue(body, self.squeue_fields))
+            if rc != 0 and INVALID_JOB_ID not in body:
+                self.squeue_error = f"squeue failed (rc={rc}): {_brief(body)}"
         elif kind == "scontrol":
-            scontrol.update(parse_scontrol(joined))
+            self.scontrol.update(parse_scontrol(body))
             if header["job_id"]:
-                scontrol_status[header["job_id"]] = (rc, joined)
+                self.scontrol_status[header["job_id"]] = (rc, body)
         elif kind == "sacct":
             if header["absent"]:
-                sacct_status = ("none", "sacct is not installed")
+                self.sacct_status = ("none", "sacct is not installed")
             elif rc == 0:
-                sacct.update(parse_sacct(joined))
-                sacct_status = ("ok", "")
-            elif _NO_ACCOUNTING in joined:
-                sacct_status = ("none", "accounting storage is disabled")
+                self.sacct.update(parse_sacct(body))
+                self.sacct_status = ("ok", "")
+            elif _NO_ACCOUNTING in body:
+                self.sacct_status = ("none", "accounting storage is disabled")
             else:
-                sacct_status = ("error", f"sacct failed (rc={rc}): {_brief(joined)}")
+                self.sacct_status = ("error", f"sacct failed (rc={rc}): {_brief(body)}")
         elif kind == "end":
-            complete = True
+            self.complete = True
 
-    result: dict[str, JobInfo] = {}
-    for job_id in ids:
-        found = squeue.get(job_id) or scontrol.get(job_id) or sacct.get(job_id)
-        if found is not None:
-            result[job_id] = found
-            continue
-        state, reason = _missing_state(
-            job_id, complete, squeue_error, scontrol_status, sacct_status
-        )
-        result[job_id] = JobInfo(job_id=job_id, state=state, reason=reason, source="none")
-    return result
-
-
-def _missing_state(
-    job_id: str,
-    complete: bool,
-    squeue_error: str,
-    scontrol_status: dict[str, tuple[int, str]],
-    sacct_status: tuple[str, str] | None,
-) -> tuple[SlurmState, str]:
-    """NOT_FOUND with proof, else UNKNOWN with the evidence."""
-    if not complete:
-        return SlurmState.UNKNOWN, "state query output was cut short (no end marker)"
-    if squeue_error:
-        return SlurmState.UNKNOWN, squeue_error
-    rc, message = scontrol_status.get(job_id, (-1, "scontrol was not run"))
-    if INVALID_JOB_ID not in message:
-        return SlurmState.UNKNOWN, f"scontrol rc={rc}: {_brief(message)}"
-    if sacct_status is None:
-        return SlurmState.UNKNOWN, "sacct section missing"
-    status, why = sacct_status
-    if status == "error":
-        return SlurmState.UNKNOWN, why
-    if status == "none":
-        return SlurmState.NOT_FOUND, f"unknown to squeue and scontrol; {why}"
-    return SlurmState.NOT_FOUND, "unknown to squeue, scontrol and sacct"
+    def missing_state(self, job_id: str) -> tuple[SlurmState, str]:
+        """NOT_FOUND with proof, else UNKNOWN with the evidence."""
+        if not self.complete:
+            return SlurmState.UNKNOWN, "state query output was cut short (no end marker)"
+        if self.squeue_error:
+            return SlurmState.UNKNOWN, self.squeue_error
+        rc, message = self.scontrol_status.get(job_id, (-1, "scontrol was not run"))
+        if INVALID_JOB_ID not in message:
+            return SlurmState.UNKNOWN, f"scontrol rc={rc}: {_brief(message)}"
+        if self.sacct_status is None:
+            return SlurmState.UNKNOWN, "sacct section missing"
+        status, why = self.sacct_status
+        if status == "error":
+            return SlurmState.UNKNOWN, why
+        if status == "none":
+            return SlurmState.NOT_FOUND, f"unknown to squeue and scontrol; {why}"
+        return SlurmState.NOT_FOUND, "unknown to squeue, scontrol and sacct"
 
 
 def parse_find_jobs_by_name(text: str, name: str) -> list[JobInfo]:

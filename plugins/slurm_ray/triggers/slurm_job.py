@@ -11,54 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.slurm import AsyncSlurmClient
+from slurm_ray.slurm.follow import JobWatch, TailStream, caught_up
 from slurm_ray.slurm.ids import validate_job_id
-from slurm_ray.slurm.poll import MAX_CHUNK, TailChunk, TailRequest, validate_tail
+from slurm_ray.slurm.poll import TailChunk, TailRequest, validate_tail
 from slurm_ray.triggers.host_poller import PollResult, _HostPoller, _Subscription
-from slurm_ray.utils.states import (
-    NOT_FOUND_CONFIRMATIONS,
-    PENDING_STATES,
-    JobInfo,
-    SlurmState,
-    describe,
-    is_terminal,
-)
-
-log = logging.getLogger(__name__)
+from slurm_ray.utils.states import JobInfo, SlurmState, is_terminal
 
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
-
-#: Longest log line shown whole; the rest of a longer one (a ``\r`` progress
-#: bar never ends a line) is cut, and the log says how much was.
-LOG_LINE_MAX = 64 * 1024
-#: Longest ``metrics.jsonl`` row kept; a longer one is dropped with a warning.
-METRICS_LINE_MAX = 1024 * 1024
-#: A Slurm log this far behind is skipped to near its end (the file keeps it all).
-LOG_BACKLOG_MAX = 64 * 1024 * 1024
-#: Polls a finished job's files are read for before its event goes out anyway.
-DRAIN_POLLS = 10
-
-
-@dataclass
-class _Stream:
-    """A watched file as the trigger has consumed it."""
-
-    name: str
-    offset: int
-    buf: bytearray = field(default_factory=bytearray)
-    #: Bytes dropped of the current overlong line (0: not cutting).
-    cutting: int = 0
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -77,6 +44,10 @@ class SlurmJobTrigger(BaseTrigger):
         job is cancelled and a ``timeout`` event ends the wait.
     :param relay: serialisable settings for the MLflow metrics relay (or None).
     """
+
+    #: Connection health during :meth:`run`: the last good poll, the start of an outage.
+    _last_ok: float = 0.0
+    _failing_since: float | None = None
 
     def __init__(
         self,
@@ -157,20 +128,16 @@ class SlurmJobTrigger(BaseTrigger):
             yield self._event("error", None, str(exc))
             return
         poller = _HostPoller.get(self.ssh_conn_id, AsyncSlurmClient)
-        streams = {"log": _Stream("log", self.log_offset)}
-        files: dict[str, list[Any]] = {"log": [self.log_path, self.log_offset]}
+        streams = {"log": TailStream("log", self.log_path, self.log_offset, self.job_id, self.log)}
         if self.metrics_path:
-            streams["metrics"] = _Stream("metrics", self.metrics_offset)
-            files["metrics"] = [self.metrics_path, self.metrics_offset]
+            streams["metrics"] = TailStream(
+                "metrics", self.metrics_path, self.metrics_offset, self.job_id, self.log
+            )
+        files = {n: [s.path, s.offset] for n, s in streams.items()}
         sub = _Subscription(job_id=self.job_id, interval=self.poll_interval, files=files)
         sink = self._make_sink()
-        last_ok = time.monotonic()
-        failing_since: float | None = None
-        last_state: SlurmState | None = None
-        last_note: tuple[str, ...] | None = None  # what the task log last said of the job
-        not_found = 0  # polls in a row that found the job NOT_FOUND
-        ended: JobInfo | None = None
-        polls_after_end = 0
+        watch = JobWatch(self.job_id, self.log)
+        self._last_ok, self._failing_since = time.monotonic(), None
         poller.subscribe(sub)
         self.log.info(
             "Watching Slurm job %s via %s every %.0fs",
@@ -183,80 +150,99 @@ class SlurmJobTrigger(BaseTrigger):
                 result = await self._next_result(sub, poller)
                 if self.deadline is not None and time.time() > self.deadline:
                     poller.unsubscribe(sub)
-                    confirmed, how = await self._cancel()
-                    yield self._event(
-                        "timeout",
-                        result.info if result else None,
-                        f"execution_timeout passed; cancel of job {self.job_id} {how}",
-                        cancel_confirmed=confirmed,
-                    )
+                    yield await self._timed_out(result)
                     return
                 if result is None or result.error is not None:
-                    if result is not None and result.fatal:
-                        yield self._event("error", None, result.error or "")
-                        return
-                    error = result.error if result else "no poll result in time"
-                    now = time.monotonic()
-                    if failing_since is None:
-                        failing_since = now
-                        self.log.warning(
-                            "Lost the SSH connection to %s (%s); reconnecting with backoff",
-                            self.ssh_conn_id,
-                            error,
-                        )
-                    if now - last_ok > self.max_disconnect_s:
-                        yield self._event(
-                            "error",
-                            None,
-                            f"no answer from {self.ssh_conn_id} for {now - last_ok:.0f}s "
-                            f"(last error: {error}); job {self.job_id} may still run",
-                        )
+                    event = self._outage(result)
+                    if event is not None:
+                        yield event
                         return
                     continue
-                if failing_since is not None:
-                    self.log.info(
-                        "Reconnected to %s after %.1fs",
-                        self.ssh_conn_id,
-                        time.monotonic() - failing_since,
-                    )
-                    failing_since = None
-                last_ok = time.monotonic()
-
-                # Offsets move before anything is awaited, so the next poll
-                # (built while the relay below may still run) reads on from here.
-                new = {n: self._take(streams[n], c) for n, c in result.chunks.items()}
-                for name, stream in streams.items():
-                    files[name][1] = stream.offset
-                self.log_offset = streams["log"].offset
-                if "metrics" in streams:
-                    self.metrics_offset = streams["metrics"].offset
-                if new.get("log"):
-                    self._emit_log(streams["log"], new["log"])
-                if new.get("metrics"):
-                    await self._relay(streams["metrics"], new["metrics"], sink)
-
-                info = result.info
-                if ended is not None:
-                    polls_after_end += 1
-                elif info is not None:
-                    last_note = self._note_state(info, last_state, last_note)
-                    last_state = info.state
-                    not_found = not_found + 1 if info.state == SlurmState.NOT_FOUND else 0
-                    # A confirmed NOT_FOUND ended unobserved and was purged (MinJobAge, no
-                    # accounting): execute_complete decides its end from the run directory.
-                    if is_terminal(info.state) or not_found >= NOT_FOUND_CONFIRMATIONS:
-                        ended = info
-                if ended is not None and (
-                    polls_after_end >= DRAIN_POLLS or self._caught_up(streams, result)
-                ):
+                self._reconnected()
+                await self._consume(result, streams, files, sink)
+                watch.see(result.info)
+                chunks = [result.chunks.get(n, TailChunk()) for n in streams]
+                if watch.done(caught_up(list(streams.values()), chunks)):
+                    assert watch.ended is not None
                     poller.unsubscribe(sub)
-                    self._flush(streams)
+                    streams["log"].flush()
                     yield self._event(
-                        "terminal", ended, f"job {self.job_id} ended {ended.state.value}"
+                        "terminal",
+                        watch.ended,
+                        f"job {self.job_id} ended {watch.ended.state.value}",
                     )
                     return
         finally:
             poller.unsubscribe(sub)
+
+    async def _timed_out(self, result: PollResult | None) -> TriggerEvent:
+        """Past the deadline: cancel the job; the event says whether that was confirmed."""
+        confirmed, how = await self._cancel()
+        return self._event(
+            "timeout",
+            result.info if result else None,
+            f"execution_timeout passed; cancel of job {self.job_id} {how}",
+            cancel_confirmed=confirmed,
+        )
+
+    def _outage(self, result: PollResult | None) -> TriggerEvent | None:
+        """A poll that failed: the error event once it is fatal or lasted too long."""
+        if result is not None and result.fatal:
+            return self._event("error", None, result.error or "")
+        error = result.error if result else "no poll result in time"
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self.log.warning(
+                "Lost the SSH connection to %s (%s); reconnecting with backoff",
+                self.ssh_conn_id,
+                error,
+            )
+        if now - self._last_ok > self.max_disconnect_s:
+            return self._event(
+                "error",
+                None,
+                f"no answer from {self.ssh_conn_id} for {now - self._last_ok:.0f}s "
+                f"(last error: {error}); job {self.job_id} may still run",
+            )
+        return None
+
+    def _reconnected(self) -> None:
+        if self._failing_since is not None:
+            self.log.info(
+                "Reconnected to %s after %.1fs",
+                self.ssh_conn_id,
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+        self._last_ok = time.monotonic()
+
+    async def _consume(
+        self,
+        result: PollResult,
+        streams: dict[str, TailStream],
+        files: dict[str, list[Any]],
+        sink: MetricsSink | None,
+    ) -> None:
+        """Show the new log lines and relay the new metrics rows of one poll."""
+        # Offsets move before anything is awaited, so the next poll (built
+        # while the relay below may still run) reads on from here.
+        new = {n: streams[n].take(c) for n, c in result.chunks.items()}
+        for name, stream in streams.items():
+            files[name][1] = stream.offset
+        self.log_offset = streams["log"].offset
+        if "metrics" in streams:
+            self.metrics_offset = streams["metrics"].offset
+        if new.get("log"):
+            streams["log"].show(new["log"])
+        if new.get("metrics"):
+            rows = streams["metrics"].lines(new["metrics"])
+            if rows and sink is not None:
+                from slurm_ray.mlflow.relay import parse_metrics_jsonl
+
+                parsed = parse_metrics_jsonl(b"\n".join(rows), self.log)
+                if parsed:
+                    await sink(parsed)
 
     async def _next_result(self, sub: _Subscription, poller: _HostPoller) -> PollResult | None:
         """The next poll result; None when none came in time (or the deadline passed)."""
@@ -274,122 +260,6 @@ class SlurmJobTrigger(BaseTrigger):
             poller.ensure_running()
             return None
 
-    def _note_state(
-        self, info: JobInfo, last_state: SlurmState | None, last_note: tuple[str, ...] | None
-    ) -> tuple[str, ...]:
-        """Log the job's state when it, its reason or its start estimate changed."""
-        text, note = describe(info, datetime.now(UTC))
-        if note == last_note:
-            return note
-        if last_state in (SlurmState.RUNNING, SlurmState.COMPLETING) and (
-            info.state in PENDING_STATES
-        ):
-            self.log.warning(
-                "Slurm job %s was requeued by Slurm (%s) after it had started "
-                "(a node failure or preemption; the site requeues jobs): still watching, "
-                "it runs again when nodes are free",
-                self.job_id,
-                info.reason or info.state.value,
-            )
-        self.log.info("%s", text)
-        return note
-
-    @staticmethod
-    def _caught_up(streams: dict[str, _Stream], result: PollResult) -> bool:
-        """Every file read to the size the poll saw (taken after the job had ended)."""
-        return all(result.chunks.get(n, TailChunk()).size <= s.offset for n, s in streams.items())
-
-    def _take(self, stream: _Stream, chunk: TailChunk) -> bytes:
-        """The bytes of ``chunk`` that are new to ``stream``; advances its offset.
-
-        A chunk read from an older offset (a poll built before the last one
-        was consumed) is trimmed, one from beyond the offset is dropped (read
-        again next time): every byte is consumed once, in order.
-        """
-        if 0 <= chunk.size < stream.offset:
-            self.log.warning(
-                "Slurm job %s: %s shrank from %d to %d bytes (the job was requeued, or the "
-                "file rewritten): reading it again from the start",
-                self.job_id,
-                self.log_path if stream.name == "log" else self.metrics_path,
-                stream.offset,
-                chunk.size,
-            )
-            if stream.name == "log":
-                self.log.info("[slurm %s] ----- log restarted -----", self.job_id)
-            stream.offset = 0
-            stream.buf.clear()
-            stream.cutting = 0
-        if stream.name == "log" and chunk.size - stream.offset > LOG_BACKLOG_MAX:
-            skip_to = chunk.size - MAX_CHUNK
-            self.log.warning(
-                "Slurm job %s: the log is %d bytes behind; skipping %d bytes "
-                "(the whole log stays in %s)",
-                self.job_id,
-                chunk.size - stream.offset,
-                skip_to - stream.offset,
-                self.log_path,
-            )
-            stream.offset = skip_to
-            stream.buf.clear()
-            stream.cutting = 1  # resume at the next whole line
-            return b""
-        data = chunk.data
-        if chunk.start > stream.offset or chunk.start + len(data) <= stream.offset:
-            return b""
-        data = data[stream.offset - chunk.start :]
-        stream.offset += len(data)
-        return data
-
-    def _lines(self, stream: _Stream, data: bytes, limit: int) -> list[bytes]:
-        """Complete lines of ``stream``; an unfinished one is kept up to ``limit`` bytes."""
-        if stream.cutting:
-            nl = data.find(b"\n")
-            if nl < 0:
-                stream.cutting += len(data)
-                return []
-            self.log.warning(
-                "Slurm job %s: cut %d bytes of an overlong line of %s (more than %d bytes)",
-                self.job_id,
-                stream.cutting + nl,
-                stream.name,
-                limit,
-            )
-            stream.cutting = 0
-            data = data[nl + 1 :]
-        stream.buf += data
-        *lines, rest = bytes(stream.buf).split(b"\n")
-        stream.buf = bytearray(rest)
-        if len(stream.buf) > limit:
-            if stream.name == "log":
-                lines.append(bytes(stream.buf[:limit]) + b" [...]")
-            stream.cutting = len(stream.buf) - (limit if stream.name == "log" else 0)
-            stream.buf.clear()
-        return lines
-
-    def _emit_log(self, stream: _Stream, data: bytes) -> None:
-        for line in self._lines(stream, data, LOG_LINE_MAX):
-            self.log.info("[slurm %s] %s", self.job_id, line.decode("utf-8", "replace"))
-
-    async def _relay(self, stream: _Stream, data: bytes, sink: MetricsSink | None) -> None:
-        rows = []
-        for line in self._lines(stream, data, METRICS_LINE_MAX):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                self.log.warning("skipping malformed metrics line: %r", line[:200])
-        if rows and sink is not None:
-            await sink(rows)
-
-    def _flush(self, streams: dict[str, _Stream]) -> None:
-        """The job is over: its log's last unfinished line is shown as it is."""
-        log_stream = streams["log"]
-        if log_stream.buf:
-            self.log.info("[slurm %s] %s", self.job_id, log_stream.buf.decode("utf-8", "replace"))
-            log_stream.buf.clear()
-
     async def on_kill(self) -> None:
         """The user cleared/failed the deferred task: cancel the Slurm job."""
         await self._cancel()
@@ -400,10 +270,7 @@ class SlurmJobTrigger(BaseTrigger):
     CANCEL_MAX_WAIT = 120.0
 
     async def _cancel(self) -> tuple[bool, str]:
-        """``scancel`` with retries; confirmed once Slurm shows the job ended or ending.
-
-        Never raises: the caller still has an event to send.
-        """
+        """``scancel`` with retries, confirmed once Slurm shows the job ending; never raises."""
         from tenacity import (
             AsyncRetrying,
             RetryError,
