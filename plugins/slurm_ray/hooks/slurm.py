@@ -1,8 +1,7 @@
-"""SSH access to a Slurm cluster's login node: commands, files, jobs.
+"""SlurmHook: commands, files and jobs on a Slurm login node over SSH (the SSH provider's
+paramiko ``SSHHook``; triggers use :mod:`~slurm_ray.hooks.async_client`).
 
-Built on the SSH provider: :class:`SSHHook` (paramiko) for the operator side,
-:class:`SSHHookAsync` (asyncssh) for triggers.  All shell text comes from the
-pure builders in :mod:`slurm_ray.slurm`; this module only transports.
+All shell text comes from the pure builders in :mod:`slurm_ray.slurm`; this only transports.
 """
 
 from __future__ import annotations
@@ -10,147 +9,30 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowException
 
+from slurm_ray.hooks.async_client import AsyncSlurmClient
+from slurm_ray.hooks.command_output import MAX_OUTPUT, CommandResult, TailBuffer, drain
+from slurm_ray.hooks.errors import HostKeyError, RemoteCommandError, SlurmSSHError
+from slurm_ray.hooks.host_keys import check_host_key_extras, host_key_message
 from slurm_ray.slurm import commands, parsers
 from slurm_ray.slurm.poll import TailChunk, TailRequest, build_poll, parse_poll_output
 from slurm_ray.utils.states import JobInfo
 
 if TYPE_CHECKING:
-    import asyncssh
     import paramiko
 
-
-class SlurmSSHError(AirflowException):
-    """The login node could not be reached or a remote command failed."""
-
-
-class HostKeyError(SlurmSSHError):
-    """The server's host key is unknown or differs from the one configured."""
-
-
-class RemoteCommandError(SlurmSSHError):
-    """A remote command exited non-zero; carries the evidence."""
-
-    def __init__(self, command: str, exit_code: int, stdout: str, stderr: str) -> None:
-        self.command = command
-        self.exit_code = exit_code
-        self.stdout = stdout
-        self.stderr = stderr
-        detail = (stderr.strip() or stdout.strip())[-2000:]
-        super().__init__(f"remote command failed (exit {exit_code}): {command[:300]}\n{detail}")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """Outcome of one remote command."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    stdout_bytes: bytes = b""
-    #: Bytes of the start of stdout / stderr dropped to keep within the hook's cap.
-    stdout_cut: int = 0
-    stderr_cut: int = 0
-
-    def check(self, command: str) -> CommandResult:
-        """Raise :class:`RemoteCommandError` unless the command succeeded."""
-        if self.exit_code != 0:
-            raise RemoteCommandError(command, self.exit_code, self.stdout, self.stderr)
-        return self
-
-
-def _host_key_message(conn_id: str | None, exc: BaseException) -> str:
-    return (
-        f"SSH host key verification failed for connection {conn_id!r}: {exc}. "
-        "Refusing to run anything. Put the server's public key into the connection's "
-        "`host_key` extra (e.g. `ssh-keyscan -p PORT HOST`, verified out of band)."
-    )
-
-
-#: Connection extras with which the SSH provider skips or weakens host key
-#: verification, and why each is refused.
-_UNSAFE_EXTRAS = {
-    "no_host_key_check": "accepts any server key (auto-add)",
-    "ignore_hostkey_verification": "accepts any server key (old name of no_host_key_check)",
-    "allow_host_key_change": "accepts a server key that differs from the known one",
-}
-
-
-def check_host_key_extras(conn_id: str | None, extra: Mapping[str, Any]) -> None:
-    """Refuse connection extras that switch host key verification off.
-
-    The SSH provider honours them silently; a man in the middle (or a
-    neighbour on the login node's port) would then get our key and commands.
-
-    :raises HostKeyError: naming the extra and what it does.
-    """
-    bad = [
-        f"{name}={extra[name]!r} {why}"
-        for name, why in _UNSAFE_EXTRAS.items()
-        if name in extra and str(extra[name]).strip().lower() in ("true", "1", "yes")
-    ]
-    known = extra.get("known_hosts")
-    if isinstance(known, str) and known.strip().lower() in ("none", "/dev/null"):
-        bad.append(f"known_hosts={known!r} turns verification off")
-    if bad:
-        raise HostKeyError(
-            f"SSH connection {conn_id!r}: refusing extras that disable host key verification: "
-            + "; ".join(bad)
-            + ". Pin the server's key in the `host_key` extra instead (`ssh-keyscan`, "
-            "verified out of band)."
-        )
-
-
-#: Default bytes of stdout (and of stderr) :meth:`SlurmHook.run` keeps.
-MAX_OUTPUT = 64 * 1024 * 1024
-
-
-class _TailBuffer:
-    """The last ``limit`` bytes of a stream, and how many were dropped before them."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.data, self.cut = limit, bytearray(), 0
-
-    def add(self, chunk: bytes) -> None:
-        self.data += chunk
-        over = len(self.data) - self.limit
-        if over > 0:
-            # Deleting from the front of a bytearray does not copy the rest.
-            del self.data[:over]
-            self.cut += over
-
-
-def _drain(chan: paramiko.Channel, out: _TailBuffer, err: _TailBuffer, deadline: float) -> bool:
-    """Read stdout and stderr until the command exited; False when ``deadline`` passed.
-
-    Both streams as they come: reading one to the end first deadlocks once the
-    other fills its window.
-    """
-    while True:
-        busy = False
-        if chan.recv_ready():
-            out.add(chan.recv(1 << 16))
-            busy = True
-        if chan.recv_stderr_ready():
-            err.add(chan.recv_stderr(1 << 16))
-            busy = True
-        if (
-            not busy
-            and chan.exit_status_ready()
-            and not chan.recv_ready()
-            and not chan.recv_stderr_ready()
-        ):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        if not busy:
-            time.sleep(0.005)
+__all__ = [
+    "AsyncSlurmClient",
+    "CommandResult",
+    "HostKeyError",
+    "RemoteCommandError",
+    "SlurmHook",
+    "SlurmSSHError",
+]
 
 
 class SlurmHook(BaseHook):
@@ -206,10 +88,10 @@ class SlurmHook(BaseHook):
         try:
             return self.ssh_hook.get_conn()
         except paramiko.BadHostKeyException as exc:
-            raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
+            raise HostKeyError(host_key_message(self.ssh_conn_id, exc)) from exc
         except paramiko.SSHException as exc:
             if "known_hosts" in str(exc) or "host key" in str(exc).lower():
-                raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
+                raise HostKeyError(host_key_message(self.ssh_conn_id, exc)) from exc
             raise SlurmSSHError(f"SSH to {self.ssh_conn_id!r} failed: {exc}") from exc
         except OSError as exc:
             raise SlurmSSHError(f"SSH to {self.ssh_conn_id!r} failed: {exc}") from exc
@@ -252,8 +134,8 @@ class SlurmHook(BaseHook):
             if stdin:
                 chan.sendall(stdin)
             chan.shutdown_write()
-            out, err = _TailBuffer(self.max_output), _TailBuffer(self.max_output)
-            if not _drain(chan, out, err, time.monotonic() + limit):
+            out, err = TailBuffer(self.max_output), TailBuffer(self.max_output)
+            if not drain(chan, out, err, time.monotonic() + limit):
                 raise SlurmSSHError(f"remote command timed out after {limit}s: {command[:300]}")
             code = chan.recv_exit_status()
         finally:
@@ -356,71 +238,3 @@ class SlurmHook(BaseHook):
     def cancel(self, job_id: str, *, signal: str | None = None) -> None:
         """``scancel`` the job (or send it ``signal``)."""
         self.run(commands.build_cancel_command(job_id, signal=signal), check=True)
-
-
-class AsyncSlurmClient:
-    """
-    One asyncssh connection to a login node, for triggers.
-
-    :param ssh_conn_id: the same Airflow SSH connection the operator used.
-    """
-
-    def __init__(self, ssh_conn_id: str, *, command_timeout: float = 60.0) -> None:
-        self.ssh_conn_id = ssh_conn_id
-        self.command_timeout = command_timeout
-        self._conn: asyncssh.SSHClientConnection | None = None
-
-    async def connect(self) -> None:
-        """Open the connection (no-op while one is open)."""
-        import asyncssh
-        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
-
-        if self._conn is not None and not self._conn.is_closed():
-            return
-        from airflow.providers.common.compat.connection import get_async_connection
-
-        conn = await get_async_connection(self.ssh_conn_id)
-        check_host_key_extras(self.ssh_conn_id, conn.extra_dejson)
-        try:
-            self._conn = await SSHHookAsync(ssh_conn_id=self.ssh_conn_id).get_conn()
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise HostKeyError(_host_key_message(self.ssh_conn_id, exc)) from exc
-
-    async def close(self) -> None:
-        """Close the connection."""
-        if self._conn is not None:
-            self._conn.close()
-            await self._conn.wait_closed()
-            self._conn = None
-
-    async def run(
-        self, command: str, *, timeout: float | None = None, input: bytes | None = None
-    ) -> CommandResult:
-        """Run ``command``, ``input`` on its stdin; connection failures raise ``OSError``."""
-        await self.connect()
-        assert self._conn is not None
-        res = await self._conn.run(
-            command,
-            input=input,
-            check=False,
-            encoding=None,
-            timeout=self.command_timeout if timeout is None else timeout,
-        )
-        out = res.stdout if isinstance(res.stdout, bytes) else (res.stdout or "").encode()
-        err = res.stderr if isinstance(res.stderr, bytes) else (res.stderr or "").encode()
-        return CommandResult(
-            # None means killed by a signal or the channel dropped: not success.
-            exit_code=res.exit_status if res.exit_status is not None else -1,
-            stdout=out.decode("utf-8", "replace"),
-            stderr=err.decode("utf-8", "replace"),
-            stdout_bytes=out,
-        )
-
-    async def states(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
-        """Same as :meth:`SlurmHook.states`, async."""
-        res = await self.run(commands.build_states_command(job_ids))
-        return parsers.parse_states_output(res.stdout, job_ids)
-
-    async def cancel(self, job_id: str) -> CommandResult:
-        """``scancel`` the job."""
-        return await self.run(commands.build_cancel_command(job_id))

@@ -24,7 +24,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from slurm_ray.hooks.slurm import AsyncSlurmClient, CommandResult, HostKeyError
+from slurm_ray.hooks.async_client import AsyncSlurmClient
+from slurm_ray.hooks.command_output import CommandResult
+from slurm_ray.hooks.errors import HostKeyError
 from slurm_ray.slurm.ids import validate_job_id
 from slurm_ray.slurm.poll import (
     MAX_CHUNK,

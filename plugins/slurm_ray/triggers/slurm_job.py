@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from slurm_ray.hooks.slurm import AsyncSlurmClient
+from slurm_ray.hooks.async_client import AsyncSlurmClient
 from slurm_ray.slurm.follow import JobWatch, TailStream, caught_up
 from slurm_ray.slurm.ids import validate_job_id
 from slurm_ray.slurm.poll import TailChunk, TailRequest, validate_tail
