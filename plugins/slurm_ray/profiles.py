@@ -21,6 +21,9 @@ from pydantic import Field, StrictInt, StrictStr
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.validation import MODULE_PATTERN, Spec
 
+#: The account of a shipped profile: a site must replace it with its own.
+PLACEHOLDER_ACCOUNT = "CHANGE_ME"
+
 
 class ProfileError(ValueError):
     """Unknown profile or bad profile definition."""
@@ -103,7 +106,7 @@ _BUILTIN: dict[str, ClusterProfile] = {
         cores_per_node=36,
         gpus_per_node=2,
         partition="short",
-        account="CHANGE_ME",
+        account=PLACEHOLDER_ACCOUNT,
         environment=EnvironmentSpec(
             kind="conda",
             prefix="/scratch/{user}/conda-envs/slurm-ray",
@@ -122,7 +125,7 @@ _BUILTIN: dict[str, ClusterProfile] = {
         cores_per_node=104,
         gpus_per_node=4,
         partition="short",
-        account="CHANGE_ME",
+        account=PLACEHOLDER_ACCOUNT,
         environment=EnvironmentSpec(
             kind="conda",
             prefix="/scratch/{user}/conda-envs/slurm-ray",
@@ -236,8 +239,13 @@ def merge_placement(
                 "give it once"
             )
         spec[key] = value
-    if spec.get("account") == "CHANGE_ME":
+    check_account(spec.get("account"), profile)
+    return spec
+
+
+def check_account(account: Any, profile: str = "") -> None:
+    """Refuse the shipped profiles' placeholder account (:data:`PLACEHOLDER_ACCOUNT`)."""
+    if account == PLACEHOLDER_ACCOUNT:
         raise ProfileError(
             f"account: the {profile or 'cluster'} profile needs your Slurm account (account=...)"
         )
-    return spec

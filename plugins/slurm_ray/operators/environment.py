@@ -18,10 +18,10 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import CommandResult, SlurmHook
+from slurm_ray.operators.identity import resolve_remote_paths
 from slurm_ray.operators.remote_env import (
     _connection_and_env,
     _environment,
-    _resolve_user,
     include_dir,
 )
 from slurm_ray.profiles import operator_defaults
@@ -146,7 +146,7 @@ class ClusterEnvOperator(BaseOperator):
     ) -> dict[str, Any]:
         spec_name, spec_bytes = self._spec(env)
         want = hashlib.sha256(spec_bytes).hexdigest()
-        env = _resolve_user(env, hook)
+        _, env = resolve_remote_paths(hook, "", env)
         assert env.prefix is not None  # validated: conda/venv need one
         remote_dir = (self.remote_dir or f"{env.prefix}.spec").rstrip("/")
         if not remote_dir.startswith("/"):

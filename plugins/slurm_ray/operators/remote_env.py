@@ -1,4 +1,4 @@
-"""What the environment and sanity-check operators share: their arguments and the remote user."""
+"""What the environment and sanity-check operators share: their arguments, ``include/``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from slurm_ray.hooks.slurm import SlurmHook
-from slurm_ray.slurm.commands import IDENTITY_COMMAND
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.validation import validate_env_id
 
@@ -44,13 +42,3 @@ def _connection_and_env(
     if env is None:
         raise ValueError("environment: give environment or profile")
     return conn, env
-
-
-def _resolve_user(env: EnvironmentSpec, hook: SlurmHook) -> EnvironmentSpec:
-    """Fill in the ``{user}`` placeholder of the prefix with the remote user (one SSH call)."""
-    if not env.prefix or "{user}" not in env.prefix:
-        return env
-    user = hook.run(IDENTITY_COMMAND, check=True).stdout.split("\n")[0].strip()
-    return EnvironmentSpec.from_dict(
-        {**env.to_dict(), "prefix": env.prefix.replace("{user}", user)}
-    )

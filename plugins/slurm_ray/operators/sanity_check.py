@@ -21,14 +21,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.hooks.slurm import SlurmHook
+from slurm_ray.operators.identity import resolve_remote_paths
 from slurm_ray.operators.remote_env import (
     _connection_and_env,
     _environment,
-    _resolve_user,
     include_dir,
     validate_env_id,
 )
-from slurm_ray.profiles import operator_defaults
+from slurm_ray.profiles import ProfileError, check_account, operator_defaults
 from slurm_ray.slurm.environment import (
     SANITY_SCRIPT,
     SanityRecord,
@@ -159,13 +159,9 @@ class GymSanityCheckOperator(BaseOperator):
         if self.where == "compute":
             from slurm_ray.utils.batch import JobSpec, JobSpecError
 
-            if self.account == "CHANGE_ME":
-                raise AirflowException(
-                    "account: the profile needs your Slurm account (account=...)"
-                )
-
             # JobSpec knows what Slurm accepts for these; reuse its checks.
             try:
+                check_account(self.account)
                 JobSpec.from_dict(
                     {
                         "job_name": self.job_name,
@@ -174,7 +170,7 @@ class GymSanityCheckOperator(BaseOperator):
                         "account": self.account,
                     }
                 )
-            except JobSpecError as exc:
+            except (JobSpecError, ProfileError) as exc:
                 raise AirflowException(str(exc).removeprefix("JobSpec.")) from exc
         if not self.remote_dir or "\0" in self.remote_dir or "\n" in self.remote_dir:
             raise AirflowException(f"remote_dir: {self.remote_dir!r} is not a usable path")
@@ -211,7 +207,7 @@ class GymSanityCheckOperator(BaseOperator):
         script_bytes = (include_dir() / SANITY_SCRIPT).read_bytes()
         hook = SlurmHook(self.ssh_conn_id)
         try:
-            env = _resolve_user(env, hook)
+            _, env = resolve_remote_paths(hook, "", env)
             record = self._record(env, script_bytes)
             if record is None:
                 self.log.info("No pass is recorded for kind=%s (no spec hash)", env.kind)
