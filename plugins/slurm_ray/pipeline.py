@@ -1,8 +1,6 @@
 """The training chain shared by the DAGs: resolve → env → sanity → train → register → promote.
 
-Each DAG file only chooses defaults and a schedule; the task graph is built
-here so that on-demand training, scheduled retraining and the sweep behave
-the same way.
+Each DAG only chooses defaults and a schedule, so all of them behave the same way.
 """
 
 from __future__ import annotations

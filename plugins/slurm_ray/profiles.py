@@ -30,8 +30,7 @@ class ProfileError(ValueError):
 
 
 class ClusterProfile(Spec):
-    """
-    One HPC site.
+    """One HPC site.
 
     :param name: profile id used in Params (``local``, ``eagle``, ``kestrel``).
     :param ssh_conn_id: Airflow SSH connection of the login node.
@@ -191,8 +190,7 @@ PLACEMENT_KWARGS = {
 
 
 def operator_defaults(profile: str | None) -> dict[str, Any]:
-    """
-    What an operator's ``profile=`` supplies: connection, base dir, environment, placement.
+    """What an operator's ``profile=`` supplies: connection, base dir, environment, placement.
 
     Empty for ``None``. An unknown name raises :class:`ProfileError` naming ``profile``
     (at DAG parse time, so the DAG shows an import error instead of a failed run).
@@ -221,8 +219,7 @@ def merge_placement(
     *,
     profile: str = "",
 ) -> dict[str, Any]:
-    """
-    The job spec: the profile's placement, then ``job_spec``, then the plain keywords.
+    """The job spec: the profile's placement, then ``job_spec``, then the plain keywords.
 
     ``plain`` uses the operator's keyword names (:data:`PLACEMENT_KWARGS`); a value
     given both as a keyword and in ``job_spec`` must agree. A profile's ``CHANGE_ME``

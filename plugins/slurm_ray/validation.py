@@ -84,8 +84,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
 
 
 def describe(exc: ValidationError, label: str, unknown: str, valid: Collection[str]) -> str:
-    """
-    One line for the first error of ``exc``: ``label + field + ": " + message``.
+    """One line for the first error of ``exc``: ``label + field + ": " + message``.
 
     Unknown keys come first, all of them at once, formatted with ``unknown``
     (``{keys}``: the unknown ones, ``{valid}``: the ``valid`` keys, sorted).
@@ -164,14 +163,10 @@ def _airflow_error(message: str) -> Exception:
 
 
 def validate_env_id(env_id: object, env_modules: Collection[str] = ()) -> str:
-    """
-    Check a Gym environment id before it goes anywhere near a shell.
+    """Check a Gym env id before it nears a shell; the error names ``env_id``.
 
-    The rule is the training config's (:data:`ENV_ID_PATTERN`), so a sanity
-    check accepts exactly the ids a training run accepts.
-
-    :param env_modules: modules a ``module:Name`` id may import (none by default).
-    :raises AirflowException: naming the ``env_id`` field.
+    The rule is the training config's (:data:`ENV_ID_PATTERN`): a sanity check accepts
+    exactly the ids a training run does. ``env_modules``: what a ``module:Name`` id may import.
     """
     if not isinstance(env_id, str) or len(env_id) > 200 or not re.search(ENV_ID_PATTERN, env_id):
         raise _airflow_error(

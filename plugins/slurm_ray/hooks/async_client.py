@@ -16,11 +16,7 @@ if TYPE_CHECKING:
 
 
 class AsyncSlurmClient:
-    """
-    One asyncssh connection to a login node, for triggers.
-
-    :param ssh_conn_id: the same Airflow SSH connection the operator used.
-    """
+    """One asyncssh connection to a login node (``ssh_conn_id``), for triggers."""
 
     def __init__(self, ssh_conn_id: str, *, command_timeout: float = 60.0) -> None:
         self.ssh_conn_id = ssh_conn_id

@@ -36,8 +36,7 @@ __all__ = [
 
 
 class SlurmHook(BaseHook):
-    """
-    Talk to a Slurm cluster through its login node over SSH.
+    """Talk to a Slurm cluster through its login node over SSH.
 
     :param ssh_conn_id: Airflow SSH connection of the login node. Its ``host_key``
         extra pins the server key; without it the key must be in ``known_hosts``.
@@ -115,13 +114,10 @@ class SlurmHook(BaseHook):
         check: bool = False,
         stdin: bytes | None = None,
     ) -> CommandResult:
-        """
-        Run ``command`` in the login node's shell.
+        """Run ``command`` in the login node's shell (``check``: raise on a non-zero exit).
 
         :param timeout: seconds before the command is abandoned (channel closed).
-        :param check: raise :class:`RemoteCommandError` on a non-zero exit.
-        :param stdin: bytes for the command's stdin (secrets go here, not in
-            ``command``: every user's `ps` shows the command line).
+        :param stdin: bytes for its stdin: secrets go here, never in ``command`` (`ps`).
         """
         limit = self.command_timeout if timeout is None else timeout
         transport = self.get_conn().get_transport()

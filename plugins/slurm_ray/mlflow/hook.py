@@ -133,8 +133,7 @@ def client_for_uri(tracking_uri: str, conn_id: str | None = None) -> MlflowClien
 
 
 class MlflowHook(BaseHook):
-    """
-    An MLflow tracking server, from an Airflow connection of type ``mlflow``.
+    """An MLflow tracking server, from an Airflow connection of type ``mlflow``.
 
     :param mlflow_conn_id: the connection; its password never leaves this process.
     """

@@ -59,8 +59,7 @@ def _param_value(value: Any) -> str:
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """
-    Flatten a nested config into MLflow params: ``{"a": {"b": 1}}`` → ``{"a.b": "1"}``.
+    """Flatten a nested config into MLflow params: ``{"a": {"b": 1}}`` → ``{"a.b": "1"}``.
 
     Lists and other non-dict values become one param (JSON text); empty dicts too.
     """
@@ -81,12 +80,7 @@ def truncate(text: str, limit: int) -> str:
 
 
 def limit_params(params: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
-    """
-    Make params fit MLflow's limits instead of failing mid-run.
-
-    :returns: the params (keys sanitised, values cut to MLflow's
-        ``MAX_PARAM_VAL_LENGTH``) and the original keys that were changed.
-    """
+    """Params fit to MLflow's limits (keys sanitised, values cut), and the keys changed."""
     out: dict[str, str] = {}
     changed: list[str] = []
     for key, value in params.items():

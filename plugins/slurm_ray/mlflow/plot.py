@@ -1,10 +1,7 @@
 """Draw the comparison figure where matplotlib is: the cluster environment, over SSH.
 
-The Airflow side has only the MLflow client (no matplotlib, numpy or pandas);
-the cluster environment has matplotlib through full ``mlflow``. The plot spec
-and ``include/plot_curves.py`` go into a private temporary directory on the
-login node, the script runs there in the cluster environment, the PNG comes
-back, the directory goes.
+The Airflow side has no matplotlib; the cluster environment has it through full
+``mlflow``. ``include/plot_curves.py`` runs in a private temporary directory there.
 """
 
 from __future__ import annotations
@@ -36,12 +33,9 @@ def plot_command(tmp: str, activation: list[str]) -> str:
 
 
 class RemotePlotter:
-    """
-    A :class:`slurm_ray.mlflow.compare.CurvePlotter` that runs on the login node.
+    """A :class:`slurm_ray.mlflow.compare.CurvePlotter` that runs on the login node.
 
-    :param hook: a :class:`slurm_ray.hooks.slurm.SlurmHook` (or the same surface).
-    :param environment: the cluster-side environment (an ``EnvironmentSpec`` dict)
-        whose Python has matplotlib.
+    :param environment: the cluster-side ``EnvironmentSpec`` dict whose Python has matplotlib.
     """
 
     def __init__(self, hook: Any, environment: Mapping[str, Any] | None = None) -> None:

@@ -58,11 +58,7 @@ def short_error(exc: BaseException) -> str:
 
 
 def check_reachable(settings: MlflowSettings) -> None:
-    """
-    Fail fast, before anything is submitted, if the tracking server does not answer.
-
-    :raises MlflowUnreachableError: naming the URI, the cause and the way out.
-    """
+    """Before anything is submitted: :class:`MlflowUnreachableError` unless the server answers."""
     problem = probe(settings.tracking_uri, settings.request_timeout, settings.conn_id)
     if problem is not None:
         raise MlflowUnreachableError(

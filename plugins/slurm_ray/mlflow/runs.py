@@ -122,8 +122,7 @@ def ensure_run(
     params: Mapping[str, Any] | None = None,
     run_name: str | None = None,
 ) -> str:
-    """
-    The one MLflow run of a training task: found by its identity tags, or created.
+    """The one MLflow run of a training task: found by its identity tags, or created.
 
     Retries of a task pass the same ``tags`` (see :func:`task_identity_tags`;
     never the try number) and continue the same run, which is set back to
@@ -154,8 +153,7 @@ def record_job(
     include_hash: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """
-    Tag the run with the Slurm job of the current try.
+    """Tag the run with the Slurm job of the current try.
 
     ``slurm_ray.slurm_job_ids`` accumulates every job id the task used (retries,
     requeues); ``slurm_ray.slurm_job_id`` is the current one. None values are skipped.

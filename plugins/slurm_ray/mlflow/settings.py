@@ -32,8 +32,7 @@ def _field_errors(exc: ValidationError) -> ValueError:
 
 
 class MlflowSettings(BaseModel):
-    """
-    Where and how a training task is tracked.
+    """Where and how a training task is tracked.
 
     :param tracking_uri: the tracking server, e.g. ``http://127.0.0.1:5055``;
         kept without credentials (settings travel in XCom and trigger kwargs).
@@ -96,14 +95,11 @@ class MlflowSettings(BaseModel):
     def from_dict(
         cls, data: Mapping[str, Any], *, default_experiment: str | None = None
     ) -> MlflowSettings:
-        """
-        Build from a plain dict (operator argument, DAG params).
+        """From a plain dict (operator argument, DAG params); ValueError names the bad key.
 
-        Without a ``tracking_uri`` (missing or empty) the URI comes from the
-        connection ``conn_id`` (default ``mlflow_default``) when there is one.
-
-        :param default_experiment: used when ``experiment_name`` is missing (the DAG id).
-        :raises ValueError: naming the offending key (unknown keys included).
+        Without a ``tracking_uri`` the URI comes from the connection ``conn_id``
+        (default ``mlflow_default``) when there is one; ``default_experiment``
+        is used when ``experiment_name`` is missing (the DAG id).
         """
         values = dict(data)
         if not values.get("experiment_name"):

@@ -1,8 +1,4 @@
-"""ClusterEnvOperator: build the cluster-side Python environment, or confirm it is current.
-
-It stages ``include/build_env.sh`` and the spec next to the environment and
-runs the script over SSH, which rebuilds only when the spec's sha256 changed.
-"""
+"""ClusterEnvOperator: build the cluster-side Python environment, or confirm it is current."""
 
 from __future__ import annotations
 
@@ -41,8 +37,7 @@ if TYPE_CHECKING:
 
 
 class ClusterEnvOperator(BaseOperator):
-    """
-    Build the cluster-side Python environment, or confirm it is up to date.
+    """Build the cluster-side Python environment, or confirm it is up to date.
 
     Stages ``include/build_env.sh`` and the spec file into ``remote_dir`` and
     runs ``bash build_env.sh KIND PREFIX SPEC`` on the login node. The script

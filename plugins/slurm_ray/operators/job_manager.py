@@ -1,9 +1,7 @@
 """SlurmJobManager: one Slurm job of a task try, from submit to its end.
 
-The training operator delegates everything it does with Slurm here, as the
-Kubernetes provider's operator does with its ``PodManager``: submit once (or
-adopt the try's job), follow it from a worker, cancel it, and collect how it
-ended. All shell text comes from :mod:`slurm_ray.slurm.commands`.
+The training operator delegates all it does with Slurm here (the Kubernetes
+provider's ``PodManager`` pattern); shell text comes from :mod:`slurm_ray.slurm`.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ __all__ = ["SlurmJobManager"]
 class SlurmJobManager:
     """Submit, adopt, follow, cancel and collect the Slurm job of one task try.
 
-    :param hook: the login node.
     :param log: where progress and the job's log lines go (the task log).
     """
 
@@ -101,10 +98,8 @@ class SlurmJobManager:
     def submit_once(self, run_dir: str, job_name: str) -> tuple[str, bool]:
         """Submit unless this try already has a job; returns (job id, re-attached).
 
-        Atomic on the cluster: every try of the task serialises on one lock
-        file, so a double execution of a try submits once, a late ``sbatch``
-        of an earlier try cannot slip in, and earlier tries' jobs are
-        cancelled (and gone) before this one is submitted.
+        Atomic on the cluster (one lock file per task): a doubled try submits once,
+        and earlier tries' jobs are cancelled and gone before this one is submitted.
         """
         action, job_id = self.claim(run_dir, job_name, submit=True)
         return job_id, action == "attach"

@@ -1,11 +1,4 @@
-"""GymSanityCheckOperator: the tutorial's first check ("step CartPole with random actions").
-
-``include/sanity_check.py`` runs in the activated environment, on the login
-node or in a one-task ``srun`` step, and its ``SANITY_SUMMARY`` line becomes
-the task's XCom. A pass is recorded on the cluster (conda/venv environments);
-the next check of the same environment build, env id and placement reuses it
-within ``reuse_max_age`` and says so, in the same one SSH command.
-"""
+"""GymSanityCheckOperator: the tutorial's first check ("step CartPole with random actions")."""
 
 from __future__ import annotations
 
@@ -48,8 +41,7 @@ if TYPE_CHECKING:
 
 
 class GymSanityCheckOperator(BaseOperator):
-    """
-    Step a Gym environment with random actions in the cluster-side environment.
+    """Step a Gym environment with random actions in the cluster-side environment.
 
     Runs ``include/sanity_check.py`` (gymnasium, or legacy gym) after the
     environment's activation lines, on the login node or as a one-task ``srun``

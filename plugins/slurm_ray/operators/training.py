@@ -1,10 +1,7 @@
 """SlurmRayOperator: one Slurm job that starts a multi-node Ray cluster and trains.
 
-The operator validates its arguments, lays out the run directory and decides;
-:class:`~slurm_ray.operators.job_manager.SlurmJobManager` does everything with
-Slurm and :class:`~slurm_ray.operators.tracking.MlflowTracking` everything with
-MLflow. What one execution knows lives in a
-:class:`~slurm_ray.operators.run_state.RunState`.
+The operator validates and decides; ``SlurmJobManager`` acts on Slurm, ``MlflowTracking``
+on MLflow, and what one execution knows lives in a ``RunState``.
 """
 
 from __future__ import annotations
@@ -53,8 +50,7 @@ def _as_bool(value: Any, field: str) -> bool:
 
 
 class SlurmRayOperator(BaseOperator):
-    """
-    Run a Ray program across the nodes of one Slurm job, submitted over SSH.
+    """Run a Ray program across the nodes of one Slurm job, submitted over SSH.
 
     Minimal example (the local dev cluster, both nodes)::
 

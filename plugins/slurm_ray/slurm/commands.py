@@ -48,8 +48,7 @@ LOG_TAIL_BYTES = 64 * 1024
 
 
 def build_states_command(job_ids: Sequence[str]) -> str:
-    """
-    One shell command that reports the state of every job in ``job_ids``.
+    """One shell command that reports the state of every job in ``job_ids``.
 
     It prints marker-delimited sections, each headed by the exit status of
     the command in it (stderr is folded into the section: error text never
@@ -124,8 +123,7 @@ def _sacct_section() -> str:
 
 
 def build_find_jobs_by_name_command(name: str) -> str:
-    """
-    List the current user's jobs (all states squeue still knows) named ``name``.
+    """List the current user's jobs (all states squeue still knows) named ``name``.
 
     ``squeue -n`` takes a comma-separated list, so a name with a comma is not
     passed to it; :func:`parse_find_jobs_by_name` always filters by exact name.
@@ -149,8 +147,7 @@ def build_cancel_command(
     batch: bool = False,
     full: bool = False,
 ) -> str:
-    """
-    ``scancel`` one job, or send it a signal.
+    """``scancel`` one job, or send it a signal.
 
     :param job_id: the job to cancel.
     :param signal: send this signal (``TERM``, ``SIGUSR1``, ``10``) instead of cancelling.
@@ -224,8 +221,7 @@ def build_claim_command(
     submit: bool,
     wait_s: int = 120,
 ) -> str:
-    """
-    Make the try ``try_number`` the only one of its task with a job in Slurm.
+    """Make the try ``try_number`` the only one of its task with a job in Slurm.
 
     Every try's job is named ``task_key + str(try_number)``; the task key does
     not depend on the try. Under the task's lock (``task_dir/.submit.lock``,

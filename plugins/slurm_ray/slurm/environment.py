@@ -17,7 +17,7 @@ from typing import Any, Literal
 from airflow.sdk.exceptions import AirflowException
 
 from slurm_ray.utils.environment import EnvironmentSpec
-from slurm_ray.utils.quoting import quote
+from slurm_ray.utils.quoting import quote, quote_args
 
 __all__ = [
     "BUILD_SCRIPT",
@@ -87,8 +87,7 @@ def render_build_stdin(env: EnvironmentSpec, extra_env: Mapping[str, str] | None
 
 
 def render_build_command(env: EnvironmentSpec, *, stage_dir: str, spec_name: str) -> str:
-    """
-    The remote command that runs ``build_env.sh`` from a staging directory.
+    """The remote command that runs ``build_env.sh`` from a staging directory.
 
     It reads the variables from stdin (:func:`render_build_stdin`) and exports
     them; a record whose name is not a variable name stops the build. The
@@ -102,7 +101,7 @@ def render_build_command(env: EnvironmentSpec, *, stage_dir: str, spec_name: str
     if "/" in spec_name or spec_name in ("", ".", "..", BUILD_SCRIPT):
         raise AirflowException(f"spec_path: {spec_name!r} must name a file")
     parent = posixpath.dirname(stage_dir.rstrip("/"))
-    argv = " ".join(quote(a) for a in ("bash", BUILD_SCRIPT, env.kind, env.prefix or "", spec_name))
+    argv = quote_args(("bash", BUILD_SCRIPT, env.kind, env.prefix or "", spec_name))
     return (
         f"cd {quote(stage_dir)} || exit 2\n"
         "while IFS= read -r -d '' kv; do\n"
@@ -126,8 +125,7 @@ def render_preamble_check(env: EnvironmentSpec) -> str:
 
 @dataclass(frozen=True)
 class SanityRecord:
-    """
-    Where a passed sanity check is recorded, and whether one may be reused.
+    """Where a passed sanity check is recorded, and whether one may be reused.
 
     :param records_dir: the job user's own directory of records (relative paths are
         relative to the remote home); a record there is trusted only when it and
@@ -208,8 +206,7 @@ def render_sanity_script(
     quiet: bool = False,
     record: SanityRecord | None = None,
 ) -> str:
-    """
-    The bash script that activates the environment and runs the sanity check.
+    """The bash script that activates the environment and runs the sanity check.
 
     It runs in the staging directory (the caller ``cd``-s there; ``srun`` keeps
     the working directory). With ``record`` (conda/venv only), a pass is
@@ -269,8 +266,7 @@ def render_sanity_command(
     record: SanityRecord | None = None,
     prefix: str | None = None,
 ) -> str:
-    """
-    The remote command: ``bash -c SCRIPT`` on the login node or in an ``srun`` step.
+    """The remote command: ``bash -c SCRIPT`` on the login node or in an ``srun`` step.
 
     ``sanity_check.py`` arrives on stdin and is written into the staging directory
     (no SFTP round trips). With ``record`` (and the environment's ``prefix``) and
@@ -322,8 +318,7 @@ def render_sanity_command(
 
 
 def parse_build_output(stdout: str) -> tuple[BuildAction, str | None]:
-    """
-    ``(action, sha256)`` from the ``build_env:`` lines of a successful run.
+    """``(action, sha256)`` from the ``build_env:`` lines of a successful run.
 
     :raises AirflowException: when no line says what happened.
     """

@@ -13,11 +13,7 @@ _JOB_ID_RE = re.compile(r"[1-9][0-9]*(?:_[0-9]+|\+[0-9]+)?", re.ASCII)
 
 
 def validate_job_id(job_id: str) -> str:
-    """
-    Return ``job_id`` if it is a Slurm job id (``123``, ``123_4``, ``123+1``).
-
-    :raises ValueError: for anything else, including ids with whitespace or options.
-    """
+    """``job_id`` if it is a Slurm job id (``123``, ``123_4``, ``123+1``), else ValueError."""
     if isinstance(job_id, int) and not isinstance(job_id, bool):
         job_id = str(job_id)
     if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):

@@ -54,12 +54,10 @@ SQUEUE_FORMAT: str = "|".join(SQUEUE_FIELDS)
 
 
 def parse_squeue(text: str, fields: Sequence[str] = SQUEUE_FIELDS) -> dict[str, JobInfo]:
-    """
-    Parse ``squeue -h -t all -o "|".join(fields)`` output into ``{job_id: JobInfo}``.
+    """``squeue -h -t all -o "|".join(fields)`` output as ``{job_id: JobInfo}``.
 
-    Values are read by field code, so output of an older field list (``fields``
-    without ``%V``/``%S``) still parses. ``fields`` must start with ``%i`` and
-    end with ``%j``. Lines that are not records (blank, error messages) are skipped.
+    Read by field code (an older list without ``%V``/``%S`` still parses); ``fields``
+    start with ``%i`` and end with ``%j``. Lines that are not records are skipped.
     """
     if fields[0] != "%i" or fields[-1] != "%j":
         raise ValueError(f"squeue fields {fields!r}: must start with %i and end with %j")
@@ -103,13 +101,10 @@ def _scontrol_fields(text: str) -> dict[str, str]:
 
 
 def parse_scontrol(text: str) -> dict[str, JobInfo]:
-    """
-    Parse ``scontrol show job -o ID`` output (one line per job) into ``{job_id: JobInfo}``.
+    """``scontrol show job -o ID`` output (a line per job) as ``{job_id: JobInfo}``.
 
-    An array task is keyed by its own ``JobId`` and by ``ArrayJobId_ArrayTaskId``;
-    a het component also by ``HetJobId+HetJobOffset``. Lines that do not start
-    with ``JobId=`` (e.g. ``slurm_load_jobs error: Invalid job id specified``)
-    are skipped.
+    An array task is also keyed ``ArrayJobId_ArrayTaskId``, a het component
+    ``HetJobId+HetJobOffset``. Lines not starting with ``JobId=`` are skipped.
     """
     jobs: dict[str, JobInfo] = {}
     for line in text.splitlines():
@@ -157,8 +152,7 @@ def _brief(text: str, limit: int = 300) -> str:
 def parse_states_output(
     text: str, job_ids: Sequence[str], squeue_fields: Sequence[str] = SQUEUE_FIELDS
 ) -> dict[str, JobInfo]:
-    """
-    Parse the output of :func:`~slurm_ray.slurm.commands.build_states_command` for the same ``job_ids``.
+    """The output of :func:`~slurm_ray.slurm.commands.build_states_command` for ``job_ids``.
 
     Every requested id gets an entry: the first source that lists it wins
     (squeue, then scontrol, then sacct). An id no source lists is NOT_FOUND

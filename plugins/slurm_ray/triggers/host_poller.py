@@ -1,10 +1,7 @@
 """The shared poll loop of the triggers of one host: one connection, one command per interval.
 
-All triggers of one SSH connection in a triggerer process share one
-:class:`_HostPoller`: every interval it runs a single remote command
-(:func:`~slurm_ray.slurm.poll.build_poll`) that returns the states of all
-watched jobs and the new bytes of their files, and hands each subscriber its
-share.
+The command (:func:`~slurm_ray.slurm.poll.build_poll`) returns the states of all
+watched jobs and the new bytes of their files; each subscriber gets its share.
 """
 
 from __future__ import annotations

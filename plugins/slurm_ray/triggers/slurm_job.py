@@ -1,10 +1,7 @@
 """SlurmJobTrigger: follow a Slurm job from the triggerer, without a worker slot.
 
-All triggers of one SSH connection in a triggerer process share one
-connection and one poll loop (:mod:`~slurm_ray.triggers.host_poller`): every interval it runs a
-single remote command that returns the states of all watched jobs and the new
-bytes of their log files.  Each trigger turns its share into task-log lines
-and, when the job ends, exactly one event.
+Its share of the host's one poll (:mod:`~slurm_ray.triggers.host_poller`) becomes
+task-log lines and, when the job ends, exactly one event.
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
 
 class SlurmJobTrigger(BaseTrigger):
-    """
-    Wait for a Slurm job to end, streaming its log into the task log.
+    """Wait for a Slurm job to end, streaming its log into the task log.
 
     :param job_id: the Slurm job id.
     :param ssh_conn_id: SSH connection of the cluster's login node.

@@ -23,8 +23,7 @@ class EnvironmentSpecError(ValueError):
 
 
 class EnvironmentSpec(Spec):
-    """
-    The cluster-side Python environment.
+    """The cluster-side Python environment.
 
     :param kind: ``conda`` (``conda activate PREFIX``), ``venv`` (``PREFIX/bin/activate``),
         ``modules`` (module lines only) or ``none``.

@@ -13,8 +13,7 @@ __all__ = ["quote", "quote_args"]
 
 
 def quote(value: object) -> str:
-    """
-    Quote one value so that a POSIX shell reads it back as exactly one word.
+    """Quote one value so that a POSIX shell reads it back as exactly one word.
 
     ``str(value)`` is passed through :func:`shlex.quote`: safe words are left
     as they are, everything else is single-quoted (``'`` written as ``'"'"'``).
@@ -34,10 +33,5 @@ def quote(value: object) -> str:
 
 
 def quote_args(args: Iterable[object]) -> str:
-    """
-    Quote every argument and join them with single spaces.
-
-    :param args: the words of one command line, e.g. ``["scancel", job_id]``.
-    :raises TypeError, ValueError: as :func:`quote`.
-    """
+    """The words of one command line, each quoted (:func:`quote`), joined by spaces."""
     return " ".join(quote(arg) for arg in args)

@@ -4,8 +4,6 @@ Modelled on the Kubernetes provider: a ``str`` Enum plus ``frozenset`` s and
 small predicates. ``UNKNOWN`` (unparseable) and ``NOT_FOUND`` (no source knows
 the job) belong to no set: they are neither active nor terminal, and never a
 success, so a caller cannot mistake a failed query for a finished job.
-
-The parsers of squeue/scontrol/sacct output live in :mod:`slurm_ray.slurm.parsers`.
 """
 
 from __future__ import annotations
@@ -149,8 +147,7 @@ _SHORT_CODES = {
 
 
 def parse_state(text: str | None) -> SlurmState:
-    """
-    Read a state as squeue, scontrol or sacct print it.
+    """Read a state as squeue, scontrol or sacct print it.
 
     ``"CANCELLED by 1001"`` and ``"CANCELLED+"`` (sacct's truncation mark) are
     CANCELLED; case does not matter; short codes (``CD``, ``PD``) are accepted.
@@ -192,8 +189,7 @@ JobSource = Literal["squeue", "scontrol", "sacct", "trigger", "run_dir", "none"]
 
 @dataclass(frozen=True)
 class JobInfo:
-    """
-    What one query said about one job.
+    """What one query said about one job.
 
     :param job_id: the id as Slurm prints it (``123``, ``123_4``, ``123+1``).
     :param state: the parsed state.
@@ -250,8 +246,7 @@ _LAUNCH_EXIT_RE = re.compile(r"^ray_launch: exit (?P<rc>[0-9]+)[ \t]*$", re.M)
 
 
 def end_from_run_dir(job_id: str, result: dict[str, Any] | None, log_tail: str) -> JobInfo:
-    """
-    How a job ended that Slurm has forgotten (``NOT_FOUND``: purged after
+    """How a job ended that Slurm has forgotten (``NOT_FOUND``: purged after
     ``MinJobAge`` on a site without accounting), from its run directory.
 
     The launcher's ``ray_launch: exit N`` line in the Slurm log is the batch
