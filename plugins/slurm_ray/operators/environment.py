@@ -19,6 +19,7 @@ from slurm_ray.operators.remote_env import (
     _connection_and_env,
     _environment,
     include_dir,
+    log_output,
 )
 from slurm_ray.profiles import operator_defaults
 from slurm_ray.slurm.environment import (
@@ -127,7 +128,7 @@ class ClusterEnvOperator(BaseOperator):
         cmd = render_preamble_check(env)
         if cmd:
             res = hook.run(cmd, timeout=self.build_timeout)
-            self._log_output(res)
+            log_output(self.log, res)
             if res.exit_code != 0:
                 raise AirflowException(
                     f"environment.module_lines failed on the login node (exit {res.exit_code}):\n"
@@ -161,7 +162,7 @@ class ClusterEnvOperator(BaseOperator):
             "Building kind=%s prefix=%s from %s (sha256 %s)", env.kind, env.prefix, spec_name, want
         )
         res = hook.run(cmd, timeout=self.build_timeout, stdin=render_build_stdin(env, extra_env))
-        self._log_output(res)
+        log_output(self.log, res)
         if res.exit_code != 0:
             raise AirflowException(self._failure_message(env, res, extra_env))
         action, sha = parse_build_output(res.stdout)
@@ -188,9 +189,3 @@ class ClusterEnvOperator(BaseOperator):
                     "environment.conda_setup, or set extra_env CONDA to its full path; " + head
                 )
         return f"{head}:\n{last_lines(res.stderr.strip() or res.stdout)}"
-
-    def _log_output(self, res: CommandResult) -> None:
-        for line in res.stdout.splitlines():
-            self.log.info("%s", line)
-        for line in res.stderr.splitlines():
-            self.log.warning("%s", line)

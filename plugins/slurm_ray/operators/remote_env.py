@@ -1,4 +1,4 @@
-"""What the environment and sanity-check operators share: their arguments, ``include/``."""
+"""What the environment and sanity-check operators share: arguments, ``include/``, output."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
+from slurm_ray.hooks.command_output import CommandResult
 from slurm_ray.utils.environment import EnvironmentSpec
 from slurm_ray.validation import validate_env_id
 
@@ -42,3 +43,11 @@ def _connection_and_env(
     if env is None:
         raise ValueError("environment: give environment or profile")
     return conn, env
+
+
+def log_output(log: Any, res: CommandResult) -> None:
+    """A remote command's stdout into the task log, its stderr as warnings."""
+    for line in res.stdout.splitlines():
+        log.info("%s", line)
+    for line in res.stderr.splitlines():
+        log.warning("%s", line)

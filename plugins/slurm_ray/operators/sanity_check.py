@@ -19,6 +19,7 @@ from slurm_ray.operators.remote_env import (
     _connection_and_env,
     _environment,
     include_dir,
+    log_output,
     validate_env_id,
 )
 from slurm_ray.profiles import ProfileError, check_account, operator_defaults
@@ -215,10 +216,7 @@ class GymSanityCheckOperator(BaseOperator):
                 res = self._run(hook, env, dataclasses.replace(record, force=True), script_bytes)
         finally:
             hook.close()
-        for line in res.stdout.splitlines():
-            self.log.info("%s", line)
-        for line in res.stderr.splitlines():
-            self.log.warning("%s", line)
+        log_output(self.log, res)
         summary = parse_sanity_output(res.stdout)
         if res.exit_code != 0 or summary is None:
             reason = sanity_error_reason(res.stderr, res.stdout)

@@ -46,10 +46,7 @@ RECONNECT_WAIT = wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)
 
 
 def _quiet_asyncssh() -> None:
-    """asyncssh logs every command whole at INFO: a poll is up to megabytes of text.
-
-    Left alone when someone set the level explicitly.
-    """
+    """asyncssh logs every command whole at INFO (a poll is megabytes); unless set explicitly."""
     logger = logging.getLogger("asyncssh")
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
@@ -85,8 +82,7 @@ class _Subscription:
 class _HostPoller:
     """One connection and one poll loop per (event loop, ssh_conn_id).
 
-    A poller leaves the registry when its last subscriber goes, so the registry
-    holds only hosts being watched (and never a poller of a closed loop).
+    It leaves the registry with its last subscriber: never a poller of a closed loop there.
     """
 
     registry: dict[tuple[int, str], _HostPoller] = {}
