@@ -66,7 +66,8 @@
 # 0 the GPU node(s), component 1 the CPU nodes) takes its nodes and CPUs from
 # SLURM_JOB_NODELIST_HET_GROUP_<g> / SLURM_JOB_CPUS_PER_NODE_HET_GROUP_<g>,
 # starts each node's step with `srun --het-group=<g>`, and gives Ray no CPUs
-# on component 0 (`--num-cpus=0`, GPUs as detected in that step): CPU actors
+# on component 0 (`--num-cpus=0`, GPUs as detected in that step) and no GPUs
+# on the others (they inherit the batch shell's CUDA_VISIBLE_DEVICES): CPU actors
 # (env runners) land on the CPU nodes, GPU learners on the GPU node(s), whose
 # CPUs serve the driver and the learners.
 #
@@ -378,7 +379,7 @@ NODE_NAME=""
 RAY_PID=""
 
 node_main() {
-  local role=$1 cpus=$2 ray_cpus=${3:-$2}
+  local role=$1 cpus=$2 ray_cpus=${3:-$2} ray_gpus=${4:-}
   set_ports "$_RL_PORT_BASE"
   local node=${SLURMD_NODENAME:-$(hostname -s)}
   local logdir="$_RL_RUN_DIR/ray-logs"
@@ -409,7 +410,13 @@ node_main() {
     printf '%s\n' "$_RL_RUN_DIR" >"$NODE_TMP/run_dir")
 
   local gpus osm
-  gpus=$(detect_gpus)
+  if [[ -n $ray_gpus ]]; then
+    # A hetjob's CPU component inherits the batch shell's CUDA_VISIBLE_DEVICES.
+    gpus=$ray_gpus
+    unset CUDA_VISIBLE_DEVICES SLURM_GPUS_ON_NODE
+  else
+    gpus=$(detect_gpus)
+  fi
   osm=$(object_store_bytes "$cpus")
 
   local args=(
@@ -728,7 +735,7 @@ main() {
 
   # Start every node at once; workers wait for the head's GCS themselves.
   # srun's own messages go to the node's log next to `ray start`'s output.
-  local i role het=() ray_cpus
+  local i role het=() ray_cpus ray_gpus=()
   if ((${#HET_SIZES[@]})); then
     log "hetjob: component 0 (GPU, no Ray CPUs) ${NODES[*]:0:HET_SIZES[0]}, component 1 (CPU) ${NODES[*]:HET_SIZES[0]}"
   fi
@@ -738,11 +745,12 @@ main() {
     ray_cpus=${cpus_list[i]}
     if ((${#HET_SIZES[@]})); then
       het=(--het-group="${HET_GROUP[i]}")
-      ((HET_GROUP[i] == 0)) && ray_cpus=0
+      ray_gpus=(0)
+      ((HET_GROUP[i] == 0)) && ray_cpus=0 ray_gpus=()
     fi
     srun "${het[@]}" --export=ALL --nodes=1 --ntasks=1 --cpus-per-task="${cpus_list[i]}" \
       -w "${NODES[i]}" --job-name="ray-$role" \
-      bash "$SELF" __node__ "$role" "${cpus_list[i]}" "$ray_cpus" \
+      bash "$SELF" __node__ "$role" "${cpus_list[i]}" "$ray_cpus" "${ray_gpus[@]}" \
       >>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.${NODES[i]}.log" 2>&1 &
     STEP_PIDS+=($!)
     STEP_NODES+=("${NODES[i]}")
