@@ -59,6 +59,13 @@ def test_learner_gpus_split_over_gpu_nodes_and_default_partition() -> None:
         "2", "gpu:2", False, False,
     )  # fmt: skip
     assert cpu == {"nodes": "1", "ntasks-per-node": "1"}
+    # Slurm gives a component without --partition the default one, not component 0's.
+    gpu, cpu = components(
+        render_batch_script(
+            JobSpec(job_name="t", learner_gpus=1, gpu_partition="gpu"), command="true"
+        )
+    )
+    assert (gpu["partition"], "partition" in cpu) == ("gpu", False)
 
 
 def test_zero_learner_gpus_is_todays_one_component_script() -> None:
@@ -105,7 +112,6 @@ def test_hostile_values_in_both_components_are_inert_and_exact(
         ({"learner_gpus": 1, "gpu_cpus": 0}, "gpu_cpus"),
         ({"learner_gpus": 1, "gpus_per_node": 1}, "gpus_per_node"),
         ({"learner_gpus": 1, "gres": "gpu:1"}, "gres"),
-        ({"learner_gpus": 1, "gpu_partition": "gpu"}, "partition"),
         ({"learner_gpus": 1, "gpu_partition": "a\nb", "partition": "x"}, "gpu_partition"),
         ({"learner_gpus": 1, "extra": {"nodelist": "n1"}}, "extra['nodelist']"),
         ({"learner_gpus": 1, "extra": {"gpus": "2"}}, "extra['gpus']"),
