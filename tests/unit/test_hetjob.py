@@ -161,3 +161,10 @@ def test_params_render_the_hetjob(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_run(_defaults(learner_gpus=1, gpu_partition="a b"))
     with pytest.raises(RunParamError, match=r"^learner_gpus: "):
         resolve_run(_defaults(learner_gpus=-1))
+
+
+def test_rllib_train_offers_the_gpu_params() -> None:
+    specs = param_specs()
+    for name in ("learner_gpus", "gpu_partition", "gpu_nodes", "gpu_cpus"):
+        assert specs[name]["description"] and specs[name]["schema"], name
+    assert specs["learner_gpus"]["default"] == 0  # today's CPU path unless asked for
