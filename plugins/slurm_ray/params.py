@@ -308,10 +308,15 @@ def _gpu_component(params: Mapping[str, Any], profile: ClusterProfile, cpus: int
             f"learner_gpus: {learner_gpus} exceeds the {profile.gpus_per_node} GPUs of "
             f"{nodes} {profile.name} GPU node(s)"
         )
+    gpu_cpus = int(params.get("gpu_cpus") or cpus)
+    if gpu_cpus > profile.cores_per_node:
+        raise RunParamError(
+            f"gpu_cpus: {gpu_cpus} exceeds the {profile.cores_per_node} cores of a {profile.name} node"
+        )
     return {
         "learner_gpus": learner_gpus,
         "gpu_nodes": nodes,
-        "gpu_cpus": int(params.get("gpu_cpus") or cpus),
+        "gpu_cpus": gpu_cpus,
         "gpu_partition": params.get("gpu_partition") or None,
     }
 

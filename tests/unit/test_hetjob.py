@@ -157,6 +157,8 @@ def test_params_render_the_hetjob(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_run(_defaults(learner_gpus=2, gpus_per_node=1))
     with pytest.raises(RunParamError, match=r"^learner_gpus: 3 exceeds the 2 GPUs"):
         resolve_run(_defaults(learner_gpus=3))
+    with pytest.raises(RunParamError, match=r"^gpu_cpus: 5 exceeds the 4 cores"):
+        resolve_run(_defaults(learner_gpus=2, gpu_cpus=5))
     with pytest.raises(RunParamError, match=r"^gpu_partition: "):
         resolve_run(_defaults(learner_gpus=1, gpu_partition="a b"))
     with pytest.raises(RunParamError, match=r"^learner_gpus: "):

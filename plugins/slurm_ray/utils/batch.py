@@ -232,16 +232,12 @@ class JobSpec(Spec):
         return MappingProxyType(dict(extra))
 
     @model_validator(mode="after")
-    def _one_mem_option(self) -> JobSpec:
+    def _cross_field_rules(self) -> JobSpec:
         given = [opt for opt in _MEM_OPTIONS if (self.mem if opt == "mem" else self.extra.get(opt))]
         if len(given) > 1:
             raise FieldError(
                 "mem", f"--{' and --'.join(given)} are mutually exclusive in Slurm; set one"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _gpu_component(self) -> JobSpec:
         check_gpu_component(self)
         return self
 
