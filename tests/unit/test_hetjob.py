@@ -13,6 +13,10 @@ from slurm_ray.training_config import ConfigError, learners_for_gpus, validate_c
 from slurm_ray.utils.batch import JobSpec, JobSpecError, render_batch_script
 
 from tests.unit.test_batch import HOSTILE_TEMPLATES, _sbatch_line_args
+from tests.unit.test_claim import make_op as claim_op
+from tests.unit.test_claim import run_dir as claim_run_dir
+from tests.unit.test_claim import shell  # noqa: F401  (fixture)
+from tests.unit.test_remote import squeue_line
 
 HET = {"learner_gpus": 2, "gpu_partition": "gpu", "gpu_cpus": 2, "partition": "debug"}
 
@@ -170,3 +174,32 @@ def test_rllib_train_offers_the_gpu_params() -> None:
     for name in ("learner_gpus", "gpu_partition", "gpu_nodes", "gpu_cpus"):
         assert specs[name]["description"] and specs[name]["schema"], name
     assert specs["learner_gpus"]["default"] == 0  # today's CPU path unless asked for
+
+
+# -- the submit path's claim sees a hetjob (squeue lists it as ID+0, ID+1) ------------
+
+
+def test_claim_adopts_a_hetjob_of_the_try_instead_of_submitting_again(
+    tmp_path: Path,
+    shell: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
+    for offset in ("0", "1"):
+        shell.fake.add(
+            "squeue", f"61+{offset}", squeue_line(f"61+{offset}", "RUNNING", "sr-abc-train-t1")
+        )
+    op = claim_op(tmp_path, shell)
+    assert op.manager.submit_once(claim_run_dir(tmp_path), "sr-abc-train-t1") == ("61", True)
+    assert shell.fake.calls("sbatch") == []
+
+
+def test_claim_sees_a_later_tries_hetjob(tmp_path: Path, shell: Any) -> None:  # noqa: F811
+    from airflow.sdk.exceptions import AirflowException
+
+    for offset in ("0", "1"):
+        shell.fake.add(
+            "squeue", f"80+{offset}", squeue_line(f"80+{offset}", "PENDING", "sr-abc-train-t3")
+        )
+    op = claim_op(tmp_path, shell)
+    with pytest.raises(AirflowException, match=r"later try .* Slurm job 80\b"):
+        op.manager.submit_once(claim_run_dir(tmp_path, 2), "sr-abc-train-t2")
+    assert shell.fake.calls("sbatch") == []
