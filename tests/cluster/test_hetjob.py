@@ -3,7 +3,8 @@
 n1 has a count-only ``Gres=gpu:2`` in partition ``gpu``: a two-component
 hetjob puts the Ray head and the learner on n1 (component 0) and the env
 runners on n2 (component 1); Ray reports the two GPUs, torch has no CUDA, so
-the learner runs on n1's CPUs and the log says so.
+the learner runs on n1's CPUs and the log says so. A re-run of the try
+adopts the running hetjob instead of submitting a second one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import shlex
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
 
 from tests.cluster.test_operator import FakeTI, make_op, run_deferred
 from tests.cluster.test_training import read_json
@@ -41,8 +43,18 @@ def test_gpu_hetjob_places_learner_on_gpu_node_and_env_runners_on_cpu_node(
     spec |= {"learner_gpus": 2, "gpu_partition": "gpu", "gpu_cpus": 2}
     op = make_op(cluster, "hetjob", config=config, job_spec=spec, poll_interval=2)
     ti = FakeTI(task_id="hetjob")
-    run_deferred(op, {"ti": ti}, timeout=600)
-    run_dir = ti.xcom["run_dir"]
+    with pytest.raises(TaskDeferred):
+        op.execute({"ti": ti})
+    job_id = ti.xcom["slurm_job_id"]
+    try:
+        # A re-run of the try adopts the hetjob (squeue lists it as ID+0 and ID+1).
+        ti2 = FakeTI(task_id="hetjob", run_id=ti.run_id)
+        op2 = make_op(cluster, "hetjob", config=config, job_spec=spec, poll_interval=2)
+        run_deferred(op2, {"ti": ti2}, timeout=600)
+        assert ti2.xcom["slurm_job_id"] == job_id
+    finally:
+        cluster.ssh(f"scancel {job_id}", check=False)
+    run_dir = ti2.xcom["run_dir"]
     script = cluster.ssh(f"cat {shlex.quote(run_dir)}/job.sbatch").stdout
     assert script.count("#SBATCH hetjob") == 1 and "#SBATCH --gres=gpu:2" in script
     log = cluster.ssh(f"cat {shlex.quote(run_dir)}/slurm-*.out").stdout
