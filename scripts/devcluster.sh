@@ -624,9 +624,18 @@ cmd_status() {
   return $rc
 }
 
+# One up or down at a time: parallel test lanes and other checkouts sharing
+# the cluster call them concurrently.
+serialized() {
+  mkdir -p "$STATE/run"
+  exec 9>"$STATE/run/devcluster.lock"
+  flock 9
+  "$@"
+}
+
 case ${1:-} in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) serialized cmd_up ;;
+  down) serialized cmd_down ;;
   status) cmd_status ;;
   *) die "usage: $0 up|down|status" ;;
 esac

@@ -38,6 +38,7 @@ def daemon_pids(state: Path) -> dict[str, int]:
     return pids
 
 
+@pytest.mark.exclusive
 def test_up_is_idempotent_and_down_up_cycles_twice(cluster: DevCluster) -> None:
     before = daemon_pids(cluster.state)
     assert {"munged", "slurmctld", "slurmd-n1", "slurmd-n2", "sshd", "slurmdbd", "mysqld"} <= set(
@@ -144,6 +145,7 @@ def test_status_reports_bad_slurm_conf_clearly(cluster: DevCluster) -> None:
     assert "n1" in ok.stdout and "JOBID" in ok.stdout and "sshd: up" in ok.stdout
 
 
+@pytest.mark.exclusive
 def test_status_reports_stopped_sshd_clearly(cluster: DevCluster) -> None:
     pid = int((cluster.state / "run" / "sshd.pid").read_text())
     os.kill(pid, 15)
