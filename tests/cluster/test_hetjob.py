@@ -37,9 +37,9 @@ def test_gpu_hetjob_places_learner_on_gpu_node_and_env_runners_on_cpu_node(
         "checkpoint_every": 2,
         "eval_episodes": 1,
     }
-    # CPU component: 4 CPUs, more than n1 keeps beside the GPU component's 2,
-    # so Slurm must give it n2.
-    spec = {"nodes": 1, "cpus_per_task": 4, "time": "10", "partition": "debug"}
+    # CPU component: 3 CPUs, more than the 4-core n1 keeps beside the GPU
+    # component's 2, so Slurm must give it n2.
+    spec = {"nodes": 1, "cpus_per_task": 3, "time": "10", "partition": "debug"}
     spec |= {"learner_gpus": 2, "gpu_partition": "gpu", "gpu_cpus": 2}
     op = make_op(cluster, "hetjob", config=config, job_spec=spec, poll_interval=2)
     ti = FakeTI(task_id="hetjob")
@@ -59,7 +59,7 @@ def test_gpu_hetjob_places_learner_on_gpu_node_and_env_runners_on_cpu_node(
     assert script.count("#SBATCH hetjob") == 1 and "#SBATCH --gres=gpu:2" in script
     log = cluster.ssh(f"cat {shlex.quote(run_dir)}/slurm-*.out").stdout
     assert "ray_launch: hetjob: component 0 (GPU, no Ray CPUs) n1, component 1 (CPU) n2" in log
-    assert re.search(r"cluster ready nodes=2 cpus=4 gpus=2 ", log), log[-3000:]
+    assert re.search(r"cluster ready nodes=2 cpus=3 gpus=2 ", log), log[-3000:]
     said = [ln for ln in log.splitlines() if "has no CUDA" in ln]
     assert len(said) == 1 and "the learner runs on CPU on n1" in said[0], said
 
