@@ -42,6 +42,52 @@ def test_cost_command_quotes_and_validates() -> None:
         cost_command("42; rm -rf ~")
 
 
+class SacctHook:
+    """The login node as the dev cluster answered (``-X``: allocation lines only)."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, command: str, **_: Any) -> Any:
+        self.commands.append(command)
+        name = "sacct_cost_allocations_only.txt" if " -X " in command else "sacct_cost.txt"
+        return SimpleNamespace(exit_code=0, stdout=(FIXTURES / name).read_text())
+
+
+def test_cost_of_a_real_two_node_job() -> None:
+    """Job 25: 2 nodes x 1 CPU, 8 s; its srun step burned CPU holding ~200 MiB per task.
+
+    With ``-X`` (the old command) sacct prints TotalCPU 00:00:00 and no MaxRSS:
+    the CPU time and memory are recorded on the steps.
+    """
+    m = slurm_efficiency(SacctHook(), "25")
+    assert m["slurm.elapsed_s"] == 8.0 and m["slurm.nodes"] == 2.0
+    assert m["slurm.alloc_cpus"] == 2.0
+    assert m["slurm.node_hours"] == pytest.approx(2 * 8 / 3600)
+    assert m["slurm.total_cpu_s"] == pytest.approx(7.507)  # 00:07.497 + 00:00.010
+    assert m["slurm.cpu_efficiency"] == pytest.approx(7.507 / (8 * 2))
+    assert m["slurm.max_rss_mib"] == pytest.approx(213276 / 1024)  # the srun step's
+    assert m["slurm.exit_code"] == 0.0
+    cost = job_cost((FIXTURES / "sacct_cost.txt").read_text(), "25")
+    assert cost is not None and cost.queue_wait_s == 53.0  # 15:21:36 -> 15:22:29
+    assert cost.tags() == {"slurm_ray.slurm.state": "COMPLETED", "slurm_ray.slurm.exit_code": "0:0"}
+
+
+@pytest.mark.parametrize(
+    ("job_id", "state", "exit_code", "elapsed"),
+    [("26", "FAILED", "3:0", 0.0), ("27", "TIMEOUT", "0:0", 81.0), ("28", "CANCELLED", "0:15", 3.0)],
+)
+def test_end_state_of_real_jobs(job_id: str, state: str, exit_code: str, elapsed: float) -> None:
+    cost = job_cost((FIXTURES / "sacct_cost.txt").read_text(), job_id)
+    assert cost is not None and cost.final
+    assert (cost.state, cost.exit_code, cost.elapsed_s) == (state, exit_code, elapsed)
+    assert cost.total_cpu_s == pytest.approx(0.001)
+    if elapsed:
+        assert cost.cpu_efficiency == pytest.approx(0.001 / elapsed)
+    else:  # a 0-second job has no efficiency, not a division by zero
+        assert cost.cpu_efficiency is None and "slurm.cpu_efficiency" not in cost.metrics()
+
+
 HET = (
     "JobID|State|ExitCode|ElapsedRaw|NNodes|AllocCPUS|TotalCPU|MaxRSS|Submit|Start|NodeList\n"
     "50+0|COMPLETED|0:0|100|1|2|00:00:00||2026-12-01T15:00:00|2026-12-01T15:00:30|n1\n"
