@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from airflow.sdk import DAG, Param, task
-from slurm_ray.mlflow.registry import EVAL_RETURN, PROMOTION_METRICS
+from slurm_ray.mlflow.registry import EVAL_RETURN, PROMOTION_PARAM
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
 from slurm_ray.pipeline import (
@@ -53,13 +53,7 @@ with DAG(
             },
             description="Configurations to compare; each object overrides the base Params.",
         ),
-        "promotion_metric": Param(
-            EVAL_RETURN,
-            type="string",
-            enum=list(PROMOTION_METRICS),
-            description="What picks the best run and the champion: the evaluation return, "
-            "or return_per_node_hour (evaluation return / node-hours from Slurm accounting).",
-        ),
+        "promotion_metric": Param(EVAL_RETURN, **PROMOTION_PARAM),
     },
     render_template_as_native_obj=True,
     max_active_runs=2,

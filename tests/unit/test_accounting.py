@@ -75,7 +75,11 @@ def test_cost_of_a_real_two_node_job() -> None:
 
 @pytest.mark.parametrize(
     ("job_id", "state", "exit_code", "elapsed"),
-    [("26", "FAILED", "3:0", 0.0), ("27", "TIMEOUT", "0:0", 81.0), ("28", "CANCELLED", "0:15", 3.0)],
+    [
+        ("26", "FAILED", "3:0", 0.0),
+        ("27", "TIMEOUT", "0:0", 81.0),
+        ("28", "CANCELLED", "0:15", 3.0),
+    ],
 )
 def test_end_state_of_real_jobs(job_id: str, state: str, exit_code: str, elapsed: float) -> None:
     cost = job_cost((FIXTURES / "sacct_cost.txt").read_text(), job_id)
@@ -243,3 +247,28 @@ def test_job_cost_dataclass_fields() -> None:
     assert cost.cpu_efficiency is None
     assert "slurm.cpu_efficiency" not in cost.metrics()
     assert cost.metrics()["slurm.exit_code"] == 0.0
+
+
+@pytest.mark.parametrize("dag_file", ["rllib_sweep", "rllib_retrain"])
+def test_trigger_refuses_an_unknown_promotion_metric(dag_file: str) -> None:
+    """Airflow checks a trigger's conf against the Param before the run exists."""
+    import copy
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    path = Path(__file__).resolve().parents[2] / "dags" / f"{dag_file}.py"
+    dag = DagBag(dag_folder=str(path)).dags[dag_file]
+    params = copy.deepcopy(dag.params)
+    params.update({"promotion_metric": "return_per_node_hour"})
+    params.validate()
+    with pytest.raises(ParamValidationError, match="param promotion_metric: 'cheapest'"):
+        params.update({"promotion_metric": "cheapest"})
+
+
+def test_promote_task_refuses_an_unknown_metric() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+    from slurm_ray.pipeline import promote_model
+
+    with pytest.raises(AirflowFailException, match=r"promotion_metric: 'x' is not one of"):
+        promote_model({"model_name": "m", "model_version": "1"}, {}, "d", "x")

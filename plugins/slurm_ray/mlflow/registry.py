@@ -26,6 +26,13 @@ EVAL_RETURN = "eval_return_mean"
 RETURN_PER_NODE_HOUR = "return_per_node_hour"
 #: What ``promotion_metric`` may name.
 PROMOTION_METRICS = (EVAL_RETURN, RETURN_PER_NODE_HOUR)
+#: The DAGs' ``promotion_metric`` Param: ``Param(EVAL_RETURN, **PROMOTION_PARAM)``.
+PROMOTION_PARAM: dict[str, Any] = {
+    "type": "string",
+    "enum": list(PROMOTION_METRICS),
+    "description": "What picks the best run and the champion: eval_return_mean, or "
+    "return_per_node_hour (eval_return_mean / node-hours from Slurm accounting).",
+}
 
 
 def check_promotion_metric(value: Any) -> str:
