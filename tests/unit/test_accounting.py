@@ -92,6 +92,22 @@ def test_end_state_of_real_jobs(job_id: str, state: str, exit_code: str, elapsed
         assert cost.cpu_efficiency is None and "slurm.cpu_efficiency" not in cost.metrics()
 
 
+def test_cost_of_a_real_het_job() -> None:
+    """Job 125: component 0 on the gpu partition (n1), 1 on debug (n2); one srun step
+    across both. sbatch printed 125; sacct names the components 125+0 and 125+1."""
+    cost = job_cost((FIXTURES / "sacct_cost_het.txt").read_text(), "125")
+    assert cost is not None and cost.final and cost.state == "COMPLETED"
+    assert (cost.nodes, cost.alloc_cpus, cost.elapsed_s) == (2, 2, 4.0)
+    assert cost.node_hours == pytest.approx(2 * 4 / 3600)
+    # 125+0.batch 00:00.017 + 125+0.0 00:01.388 + 125+1.0 00:01.409
+    assert cost.total_cpu_s == pytest.approx(2.814)
+    assert cost.cpu_efficiency == pytest.approx(2.814 / 8)
+    assert cost.queue_wait_s == 171.0  # 15:35:35 -> 15:38:26
+    # steps shorter than JobAcctGatherFrequency (5 s) get no MaxRSS sample
+    assert cost.max_rss_bytes is None and "slurm.max_rss_mib" not in cost.metrics()
+
+
+#: Hand-written, same shape as the real het capture, with MaxRSS on the steps.
 HET = (
     "JobID|State|ExitCode|ElapsedRaw|NNodes|AllocCPUS|TotalCPU|MaxRSS|Submit|Start|NodeList\n"
     "50+0|COMPLETED|0:0|100|1|2|00:00:00||2026-12-01T15:00:00|2026-12-01T15:00:30|n1\n"

@@ -198,8 +198,10 @@ def _sacct_cost(hook: Any, job_id: str, *, wait_s: float) -> JobCost | None:
         if res.exit_code != 0:
             return None  # no accounting storage on this site
         cost = job_cost(res.stdout or "", job_id)
-        if (cost is not None and cost.final) or time.monotonic() >= deadline:
-            return cost if cost is not None and cost.final else None
+        if cost is None or cost.final:
+            return cost  # None: accounting never recorded the job (it does at start)
+        if time.monotonic() >= deadline:
+            return None  # never an unfinished record: its elapsed time still grows
         time.sleep(1.0)
 
 
