@@ -8,9 +8,11 @@ VENV := .venv
 STAMP := $(VENV)/.slurm_ray_installed
 CLUSTER := scripts/devcluster.sh
 PYTEST_ARGS ?=
-# make test: pytest-xdist workers. The real tiers run in order on one worker
-# (one cluster/MLflow/Airflow setup; tests/tiers.py groups them), the pure
-# tier and the local-Ray tier beside them. TEST_WORKERS=0: all in one process.
+# make test: pytest-xdist workers. The real tiers run in TEST_LANES lanes, each
+# in order on one worker with its own MLflow/Airflow, sharing the cluster
+# (tests/lanes.py); the pure and local-Ray tiers beside them.
+# TEST_WORKERS=0: all in one process.
+TEST_LANES ?= 1
 TEST_WORKERS ?= 2
 
 help:  ## list targets
@@ -55,7 +57,7 @@ test: venv  ## set everything up and run all tests (pure + real cluster)
 	@rc=0; \
 	bash $(CLUSTER) up || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
-	  SLURM_RAY_REQUIRE_CLUSTER=1 $(VENV)/bin/pytest -ra --durations=15 \
+	  SLURM_RAY_REQUIRE_CLUSTER=1 TEST_LANES=$(TEST_LANES) $(VENV)/bin/pytest -ra --durations=15 \
 	    -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || rc=$$?; \
 	  bash $(CLUSTER) status || true; \
 	fi; \

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The local dev cluster: munge, slurmctld, two slurmd nodes (n1, n2) each in
-# its own network namespace on a private bridge, and a key-only sshd on
-# loopback acting as the login node. Idempotent; everything is stopped by PID.
+# its own network namespace on a private bridge, a key-only sshd on loopback
+# acting as the login node, and real accounting (slurmdbd on a private MariaDB,
+# so sacct answers as on real sites). n1 also carries a GRES gpu:2 (stand-in
+# device files, no driver) in a `gpu` partition, for heterogeneous GPU jobs.
+# Idempotent; everything is stopped by PID.
 #
 #   devcluster.sh up | down | status | env
 #
@@ -20,6 +23,8 @@ NEIGHBOUR=${SLURM_RAY_DEV_NEIGHBOUR:-neighbour}
 SSH_PORT=${SLURM_RAY_DEV_SSH_PORT:-22022}
 CTLD_PORT=16817
 SLURMD_PORT=16818
+DBD_PORT=16819
+DB_PORT=16820
 BRIDGE=srbr0
 NET=10.213.77
 HOST_IP=$NET.1
@@ -31,6 +36,8 @@ MUNGE_SOCK=$STATE/munge/munge.socket.2
 RUN=$STATE/run
 LOG=$STATE/log
 VENV=$STATE/venv
+DB_DIR=$STATE/mariadb
+DB_SOCK=$DB_DIR/run/mysqld.sock
 SCRATCH=$STATE/scratch
 CTLD_HOST=$(hostname -s)
 
@@ -87,10 +94,19 @@ install_packages() {
   command -v ip >/dev/null || missing+=(iproute2)
   command -v nsenter >/dev/null || missing+=(util-linux)
   /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  [[ -x /usr/sbin/slurmdbd ]] || missing+=(slurmdbd)
+  [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get update -qq
+    # The packages must not start system-wide services (MariaDB, slurmdbd):
+    # everything of the dev cluster runs privately and is stopped by PID.
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [[ ! -e $policy ]]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    ((own_policy)) && rm -f "$policy"
   fi
 }
 
@@ -144,8 +160,15 @@ SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=5
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=$HOST_IP
+AccountingStoragePort=$DBD_PORT
+# For slurmdbd the munge socket is named here, not by AuthInfo.
+AccountingStoragePass=$MUNGE_SOCK
+AccountingStorageTRES=gres/gpu
+GresTypes=gpu
 JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.txt
 SelectType=select/cons_tres
@@ -163,16 +186,28 @@ MinJobAge=600
 MaxJobCount=20000
 PropagateResourceLimitsExcept=MEMLOCK
 NodeName=DEFAULT CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
-NodeName=n1 NodeAddr=$NET.11 NodeHostname=n1
+NodeName=n1 NodeAddr=$NET.11 NodeHostname=n1 Gres=gpu:2
 NodeName=n2 NodeAddr=$NET.12 NodeHostname=n2
 # A shared site: jobs of every user share the nodes (by core, never --exclusive).
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# The GPU learner's node: a GRES of two stand-in devices (no driver), so hetjob
+# layouts, GRES requests and Ray's GPU resources are real while torch stays on CPU.
+PartitionName=gpu Nodes=n1 MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
   if [[ ! -f $CONF ]] || [[ $(<"$CONF") != "$cfg" ]]; then
     printf '%s\n' "$cfg" >"$CONF"
     chmod 644 "$CONF"
   fi
+  # Slurm 22.05 drops a GPU GRES without File=, so n1 gets two stand-in
+  # character devices (the null device's numbers): no driver, no CUDA.
+  mkdir -p "$STATE/dev"
+  local i
+  for i in 0 1; do
+    [[ -c $STATE/dev/nvidia$i ]] || mknod -m 666 "$STATE/dev/nvidia$i" c 1 3
+  done
+  printf 'NodeName=n1 Name=gpu File=%s/dev/nvidia[0-1]\n' "$STATE" >"$STATE/etc/gres.conf"
+  chmod 644 "$STATE/etc/gres.conf"
   cat >"$STATE/etc/hosts.new" <<EOF
 127.0.0.1 localhost
 $HOST_IP $CTLD_HOST srhost
@@ -229,13 +264,112 @@ start_munge() {
   chmod 777 "$MUNGE_SOCK"
 }
 
+# --- accounting: a private MariaDB (loopback, own port, own datadir) and slurmdbd
+
+db_ok() { mariadb-admin --no-defaults --socket="$DB_SOCK" -u root ping; }
+
+start_mariadb() {
+  if pid_alive "$DB_DIR/run/mysqld.pid" mariadbd && db_ok >/dev/null 2>&1; then return; fi
+  stop_pid "$DB_DIR/run/mysqld.pid" mariadbd
+  mkdir -p "$DB_DIR/run"
+  chown mysql: "$DB_DIR" "$DB_DIR/run"
+  chmod 700 "$DB_DIR"
+  if [[ ! -d $DB_DIR/data/mysql ]]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$DB_DIR/data" \
+      --auth-root-authentication-method=socket --skip-test-db >"$LOG/mariadb-install.log" 2>&1 ||
+      die "mariadb-install-db failed (see $LOG/mariadb-install.log)"
+  fi
+  # Own session and no inherited stdio: the server outlives this script.
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB_DIR/data" \
+    --socket="$DB_SOCK" --pid-file="$DB_DIR/run/mysqld.pid" \
+    --bind-address=127.0.0.1 --port="$DB_PORT" --log-error="$LOG/mariadb.log" \
+    --innodb-buffer-pool-size=64M --skip-name-resolve </dev/null >/dev/null 2>&1 &
+  wait_for 60 mariadb db_ok
+  wait_for 10 "mariadb pid file" test -s "$DB_DIR/run/mysqld.pid"
+  # slurmdbd's database account; the password never leaves root-only files.
+  local pass_file=$STATE/etc/slurmdbd.pass
+  if [[ ! -s $pass_file ]]; then
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$pass_file")
+  fi
+  mariadb --no-defaults --socket="$DB_SOCK" -u root <<SQL
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$(<"$pass_file")';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$(<"$pass_file")';
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+SQL
+}
+
+write_dbd_config() {
+  local cfg
+  cfg=$(
+    cat <<CONF
+# Generated by scripts/devcluster.sh; edits are overwritten.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCK
+DbdHost=$CTLD_HOST
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$RUN/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$(<"$STATE/etc/slurmdbd.pass")
+StorageLoc=slurm_acct_db
+CONF
+  )
+  (umask 077 && printf '%s\n' "$cfg" >"$STATE/etc/slurmdbd.conf")
+}
+
+dbd_ok() { SLURM_CONF=$CONF timeout 10 sacctmgr -n list cluster format=cluster; }
+
+start_slurmdbd() {
+  write_dbd_config
+  if pid_alive "$RUN/slurmdbd.pid" slurmdbd && dbd_ok >/dev/null 2>&1; then return; fi
+  stop_pid "$RUN/slurmdbd.pid" slurmdbd
+  # slurmdbd finds slurmdbd.conf beside $SLURM_CONF.
+  SLURM_CONF=$CONF slurmdbd
+  wait_for 30 slurmdbd dbd_ok
+  if [[ $(SLURM_CONF=$CONF sacctmgr -n -P list cluster format=cluster) != *srdev* ]]; then
+    SLURM_CONF=$CONF sacctmgr -i add cluster srdev >/dev/null
+  fi
+  # Associations for the cluster's users (not enforced: a job's --account may
+  # name anything, as on many small sites).
+  local u
+  if [[ -z $(SLURM_CONF=$CONF sacctmgr -n -P list account dev format=account) ]]; then
+    SLURM_CONF=$CONF sacctmgr -i add account dev cluster=srdev description=dev organization=dev >/dev/null
+  fi
+  for u in "$JOB_USER" "$NEIGHBOUR"; do
+    if [[ -z $(SLURM_CONF=$CONF sacctmgr -n -P list user "$u" format=user) ]]; then
+      SLURM_CONF=$CONF sacctmgr -i add user "$u" account=dev cluster=srdev >/dev/null
+    fi
+  done
+}
+
+stop_accounting() {
+  stop_pid "$RUN/slurmdbd.pid" slurmdbd
+  stop_pid "$DB_DIR/run/mysqld.pid" mariadbd
+  # Job ids start again at 1 after `down`: old records would answer for new jobs.
+  rm -rf "$DB_DIR"
+}
+
 ctld_ok() {
   local out
   out=$(SLURM_CONF=$CONF scontrol ping 2>&1) || return 1
   [[ $out == *UP* ]]
 }
 
+# conf_stamp: the settings `scontrol reconfigure` cannot apply (accounting,
+# GRES, nodes); a daemon started under another stamp is restarted instead.
+conf_stamp() { grep -E '^(Accounting|JobAcct|GresTypes|NodeName|Slurm[a-z]*Port)' "$CONF" | cat - "$STATE/etc/gres.conf" | sha1sum | cut -c1-12; }
+
 start_slurmctld() {
+  if pid_alive "$RUN/slurmctld.pid" slurmctld && [[ $(cat "$RUN/conf.stamp" 2>/dev/null) != "$(conf_stamp)" ]]; then
+    log "configuration changed beyond reconfigure; restarting slurmctld and slurmd"
+    stop_pid "$RUN/slurmctld.pid" slurmctld
+    for n in "${NODES[@]}"; do stop_pid "$RUN/slurmd-$n.pid" "slurmd -N $n"; done
+  fi
   if pid_alive "$RUN/slurmctld.pid" slurmctld; then
     if ! SLURM_CONF=$CONF timeout 10 scontrol reconfigure >/dev/null 2>&1; then
       log "slurmctld not answering; restarting"
@@ -246,6 +380,7 @@ start_slurmctld() {
     rm -f "$RUN/slurmctld.pid"
     slurmctld -f "$CONF"
   fi
+  conf_stamp >"$RUN/conf.stamp"
   wait_for 30 slurmctld ctld_ok
 }
 
@@ -262,7 +397,7 @@ start_slurmd() {
   # `ip netns exec` remounts /sys and hides the cgroup tree from slurmd, so
   # enter the namespace by hand and give the node its own hostname and hosts.
   nsenter --net="/run/netns/sr-$n" unshare --uts --mount --propagation private \
-    /bin/sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd -N "$1" -f "$3"' \
+    /bin/sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && export SLURM_CONF="$3" && exec slurmd -N "$1" -f "$3"' \
     sh "$n" "$STATE/etc/hosts" "$CONF"
   wait_for 15 "slurmd $n pid file" test -s "$pf"
 }
@@ -392,6 +527,8 @@ cmd_up() {
   write_sshd_config
   write_client_files
   start_munge
+  start_mariadb
+  start_slurmdbd
   start_slurmctld
   for n in "${NODES[@]}"; do start_slurmd "$n"; done
   for n in "${NODES[@]}"; do
@@ -446,6 +583,7 @@ cmd_down() {
     kill_netns_procs "sr-$n"
   done
   stop_pid "$RUN/slurmctld.pid" slurmctld
+  stop_accounting
   stop_pid "$RUN/munged.pid" munged
   remove_neighbour
   for n in "${NODES[@]}"; do
@@ -471,6 +609,11 @@ cmd_status() {
   printf '%s\n' "$out"
   echo "== squeue"
   SLURM_CONF=$conf timeout 15 squeue -o '%i %j %u %T %M %D %R' || rc=1
+  echo "== accounting (slurmdbd on MariaDB)"
+  if dbd_ok >/dev/null 2>&1; then echo "slurmdbd: up"; else
+    echo "slurmdbd: not answering (see $LOG/slurmdbd.log)"
+    rc=1
+  fi
   echo "== login node (sshd 127.0.0.1:$SSH_PORT)"
   if [[ -f $STATE/ssh_config ]] && timeout 15 ssh -F "$STATE/ssh_config" -o BatchMode=yes \
     -o ConnectTimeout=5 dev-cluster true 2>/dev/null; then
@@ -481,9 +624,18 @@ cmd_status() {
   return $rc
 }
 
+# One up or down at a time: parallel test lanes and other checkouts sharing
+# the cluster call them concurrently.
+serialized() {
+  mkdir -p "$STATE/run"
+  exec 9>"$STATE/run/devcluster.lock"
+  flock 9
+  "$@"
+}
+
 case ${1:-} in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) serialized cmd_up ;;
+  down) serialized cmd_down ;;
   status) cmd_status ;;
   *) die "usage: $0 up|down|status" ;;
 esac

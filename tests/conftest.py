@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.lanes import cluster_lock
 from tests.mlflow_fixtures import mlflow_server  # noqa: F401  (session fixture)
 from tests.require_cluster import (  # noqa: F401  (hooks: a skip in a real tier fails)
     pytest_make_collect_report,
     pytest_runtest_makereport,
 )
-from tests.tiers import (  # noqa: F401  (hooks: real tiers in one xdist group, time per tier)
+from tests.tiers import (  # noqa: F401  (hooks: real tiers in lanes, time per tier)
+    _share_the_cluster,
     pytest_collection_modifyitems,
     pytest_runtest_logreport,
     pytest_terminal_summary,
@@ -101,9 +103,10 @@ def cluster() -> Iterator[DevCluster]:
     """
     skip_up = os.environ.get("SLURM_RAY_DEV_SKIP_UP") == "1"
     action = "status" if skip_up else "up"
-    proc = subprocess.run(
-        ["bash", str(CLUSTER_SCRIPT), action], capture_output=True, text=True, timeout=900
-    )
+    with cluster_lock(exclusive=False):  # not while another lane's test has it down
+        proc = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), action], capture_output=True, text=True, timeout=900
+        )
     if proc.returncode != 0:
         pytest.fail(f"devcluster {action} failed:\n{proc.stderr[-4000:]}")
     env = load_cluster_env()

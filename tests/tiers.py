@@ -1,13 +1,15 @@
-"""Hooks: the real tiers in one xdist group, and a time-per-tier summary at the end.
+"""Hooks: the real tiers in xdist groups (lanes), and a time-per-tier summary at the end.
 
-`make test` runs pytest with ``-n 2 --dist loadgroup``: every test that uses
+`make test` runs pytest with ``-n 3 --dist loadgroup``: every test that uses
 the Slurm cluster, MLflow or Airflow (the real tiers, see
-tests/require_cluster.py) carries the group ``real``, so they all run in order
-on one worker, which sets up the cluster, MLflow and Airflow once. The
-cluster-side tier (include/ scripts on a local Ray, no Slurm, no server) is the
-group ``local_ray`` and the pure tier is ungrouped: both run on the other worker
-meanwhile, mostly while the real tier waits on Slurm jobs and pollers. Without
-``-n`` the group markers do nothing.
+tests/require_cluster.py) carries the group of its lane (tests/lanes.py): with
+``TEST_LANES=2`` the fault suite runs on one worker and the cluster and
+end-to-end tiers on another, each with its own Airflow and MLflow, sharing the
+cluster under a readers-writer lock (``exclusive`` tests run alone); with
+``TEST_LANES=1`` all real tests run in order on one worker. The cluster-side
+tier (include/ scripts on a local Ray, no Slurm, no server) is the group
+``local_ray`` and the pure tier is ungrouped: both run beside the lanes.
+Without ``-n`` the group markers do nothing.
 
 The summary gives, per tier (the folder under tests/), the tests run, how many
 failed, the seconds spent in them (setup + call + teardown) and the wall-clock
@@ -18,14 +20,15 @@ imports these hooks.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.lanes import EXCLUSIVE, cluster_lock, lane_of
 from tests.require_cluster import in_real_tier
 
-REAL_GROUP = "real"
 LOCAL_RAY_GROUP = "local_ray"
 
 
@@ -56,7 +59,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "cluster_side" in path.parts:
             item.add_marker(pytest.mark.xdist_group(LOCAL_RAY_GROUP))
         elif in_real_tier(path, {m.name for m in item.iter_markers()}):
-            item.add_marker(pytest.mark.xdist_group(REAL_GROUP))
+            item.add_marker(pytest.mark.xdist_group(lane_of(tier_of(item.nodeid))))
+
+
+@pytest.fixture(autouse=True)
+def _share_the_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A real test holds the dev cluster shared, an ``exclusive`` one alone (tests/lanes.py)."""
+    markers = {m.name for m in request.node.iter_markers()}
+    if not in_real_tier(Path(str(request.node.path)), markers):
+        yield
+        return
+    with cluster_lock(exclusive=EXCLUSIVE in markers):
+        yield
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -29,16 +29,21 @@ def devcluster(*args: str, env: dict[str, str] | None = None, timeout: float = 6
 
 def daemon_pids(state: Path) -> dict[str, int]:
     pids = {}
-    for pf in (state / "run").glob("*.pid"):
+    for pf in [*(state / "run").glob("*.pid"), state / "mariadb" / "run" / "mysqld.pid"]:
+        if not pf.exists():
+            continue
         text = pf.read_text().strip()
         if text.isdigit() and Path(f"/proc/{text}").exists():
             pids[pf.stem] = int(text)
     return pids
 
 
+@pytest.mark.exclusive
 def test_up_is_idempotent_and_down_up_cycles_twice(cluster: DevCluster) -> None:
     before = daemon_pids(cluster.state)
-    assert {"munged", "slurmctld", "slurmd-n1", "slurmd-n2", "sshd"} <= set(before)
+    assert {"munged", "slurmctld", "slurmd-n1", "slurmd-n2", "sshd", "slurmdbd", "mysqld"} <= set(
+        before
+    )
     # up on a running cluster changes nothing: same daemons, same host key.
     hostkey = (cluster.state / "ssh" / "ssh_host_ed25519_key.pub").read_text()
     assert devcluster("up").returncode == 0
@@ -140,6 +145,7 @@ def test_status_reports_bad_slurm_conf_clearly(cluster: DevCluster) -> None:
     assert "n1" in ok.stdout and "JOBID" in ok.stdout and "sshd: up" in ok.stdout
 
 
+@pytest.mark.exclusive
 def test_status_reports_stopped_sshd_clearly(cluster: DevCluster) -> None:
     pid = int((cluster.state / "run" / "sshd.pid").read_text())
     os.kill(pid, 15)
@@ -197,3 +203,42 @@ def test_neighbour_is_a_second_user_on_the_same_nodes(
         assert (pid, "slurmray", "sleep 37") in neighbour.ps()
     finally:
         cluster.ssh(f"kill {pid}", check=False)
+
+
+def test_accounting_records_finished_jobs(cluster: DevCluster) -> None:
+    """slurmdbd on MariaDB: sacct answers for a finished job as on a real site."""
+    job = cluster.ssh(
+        "sbatch --parsable --wait -J acct-probe -n 1 -c 2 -t 1 -o /dev/null "
+        "--wrap 'python3 -c \"sum(i * i for i in range(3 * 10**7))\"'",
+        timeout=180,
+    ).stdout.strip()
+    assert job.isdigit()
+    rows: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        out = cluster.ssh(
+            f"sacct -n -P -j {job} -o JobID,JobName,State,ExitCode,AllocCPUS,Elapsed,TotalCPU"
+        ).stdout
+        rows = [r for r in out.splitlines() if r]
+        if rows and rows[0].split("|")[2] == "COMPLETED":
+            break
+        time.sleep(1)
+    head = rows[0].split("|")
+    assert head[:5] == [job, "acct-probe", "COMPLETED", "0:0", "2"], rows
+    assert any(r.startswith(f"{job}.batch|") for r in rows), rows
+    # a job that never existed: no row and no error (the poller's NOT_FOUND)
+    assert cluster.ssh("sacct -n -P -j 999999 -o JobID").stdout.strip() == ""
+
+
+def test_gpu_partition_gives_gres_on_n1(cluster: DevCluster) -> None:
+    """The `gpu` partition: n1 only, GRES gpu:2 that Slurm hands out like real GPUs."""
+    parts = cluster.ssh("sinfo -h -N -p gpu -o '%N %G'").stdout.split()
+    assert parts == ["n1", "gpu:2"]
+    out = cluster.ssh(
+        "srun -p gpu --gres=gpu:1 -t 1 bash -c 'echo $(hostname) $CUDA_VISIBLE_DEVICES'",
+        timeout=120,
+    ).stdout.split()
+    assert out == ["n1", "0"]
+    refused = cluster.ssh("srun -p gpu --gres=gpu:3 -t 1 true", check=False, timeout=60)
+    assert refused.returncode != 0
+    assert "Requested node configuration is not available" in refused.stderr

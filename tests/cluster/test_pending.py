@@ -37,6 +37,7 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
+@pytest.mark.exclusive  # holds both nodes: the other test lane's jobs would wait behind it
 def test_pending_reason_estimate_and_queue_wait(
     cluster: DevCluster, mlflow_server: MlflowServer
 ) -> None:

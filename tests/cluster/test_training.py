@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
 from tests.cluster.test_operator import FakeTI, make_op, run_deferred
 from tests.conftest import DevCluster
+from tests.faults.helpers import jobs_ever
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -109,14 +110,21 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
 
 
 def test_bad_config_is_refused_before_submission(cluster: DevCluster) -> None:
-    before = cluster.ssh("squeue -h -t all -o %i").stdout.split()
-    op = make_op(cluster, "badcfg", config={"algorithm": "A3C"})
+    # Its own run root: other users' (and the other test lane's) jobs come and go.
+    base = cluster.new_dir("badcfg")
+    op = make_op(cluster, "badcfg", config={"algorithm": "A3C"}, remote_base_dir=base)
     with pytest.raises(AirflowException, match="algorithm"):
         op.execute({"ti": FakeTI(task_id="badcfg")})
-    op = make_op(cluster, "badcfg2", config={"lr": -1})
+    op = make_op(cluster, "badcfg2", config={"lr": -1}, remote_base_dir=base)
     with pytest.raises(AirflowException, match="lr"):
         op.execute({"ti": FakeTI(task_id="badcfg2")})
-    op = make_op(cluster, "badspec", entrypoint="true", job_spec={"nodes": 2, "partiton": "x"})
+    op = make_op(
+        cluster,
+        "badspec",
+        entrypoint="true",
+        job_spec={"nodes": 2, "partiton": "x"},
+        remote_base_dir=base,
+    )
     with pytest.raises(AirflowException, match="valid parameters are"):
         op.execute({"ti": FakeTI(task_id="badspec")})
-    assert cluster.ssh("squeue -h -t all -o %i").stdout.split() == before
+    assert jobs_ever(cluster, workdir=base) == set()

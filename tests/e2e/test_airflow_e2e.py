@@ -26,7 +26,6 @@ def test_bad_conf_is_refused_over_rest_naming_the_field(
     airflow: Airflow, cluster: DevCluster
 ) -> None:
     airflow.wait_dag("rllib_train")
-    before_jobs = cluster.ssh("squeue -h -t all -o %i").stdout.split()
     _, runs_before = airflow.call("GET", "/dags/rllib_train/dagRuns")
     for conf, field in (
         ({"nodes": "two"}, "nodes"),
@@ -41,8 +40,9 @@ def test_bad_conf_is_refused_over_rest_naming_the_field(
         assert status == 400, (conf, status, body)
         assert field in json.dumps(body), (conf, body)
     _, runs_after = airflow.call("GET", "/dags/rllib_train/dagRuns")
+    # No dag run, so no task and no job: only a task submits (the queue itself is
+    # shared with other users and the other test lane, so it is not compared).
     assert runs_after["total_entries"] == runs_before["total_entries"]
-    assert cluster.ssh("squeue -h -t all -o %i").stdout.split() == before_jobs
     assert not Path("/tmp/PWNED_e2e").exists()
 
 

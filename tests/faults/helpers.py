@@ -76,15 +76,15 @@ def jobs_ever(
 ) -> set[str]:
     """Every job of this name (or run from under this directory) that Slurm can still show.
 
-    ``squeue`` alone hides ended jobs and ``sacct`` is off on the dev cluster, so
-    this asks ``squeue -t all`` (ended jobs stay for MinJobAge), the
-    job-completion log, and ``sacct`` where accounting runs.
+    ``squeue`` alone hides ended jobs, so this asks ``squeue -t all`` (ended
+    jobs stay for MinJobAge), the job-completion log, and ``sacct`` (the dev
+    cluster's accounting; all of it, not only today's).
     """
     assert (name is None) != (workdir is None)
     jobcomp = shlex.quote(str(cluster.state / "log" / "jobcomp.txt"))
     if name is not None:
         needle = shlex.quote(f" Name={name} JobState=")
-        sacct = f"sacct -n -X -P --name={shlex.quote(name)} -o JobID 2>/dev/null"
+        sacct = f"sacct -n -X -P -S 2020-01-01 --name={shlex.quote(name)} -o JobID 2>/dev/null"
     else:
         needle = shlex.quote(f" WorkDir={workdir.rstrip('/')}")
         sacct = "true"

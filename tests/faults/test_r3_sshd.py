@@ -12,7 +12,7 @@ from tests.conftest import DevCluster
 from tests.faults.conftest import trials
 from tests.faults.helpers import cluster_up, kill_sshd, tap
 
-pytestmark = [pytest.mark.faults, pytest.mark.cluster]
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.exclusive]
 
 OUTAGE_S = 20.0
 

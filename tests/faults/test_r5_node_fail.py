@@ -15,7 +15,7 @@ from tests.cluster.test_operator import ALIVE, FakeTI, make_op, run_deferred
 from tests.conftest import DevCluster
 from tests.faults.helpers import cluster_up, tap
 
-pytestmark = [pytest.mark.faults, pytest.mark.cluster]
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.exclusive]
 
 
 def restore_node(cluster: DevCluster, node: str) -> None:
