@@ -27,7 +27,12 @@ def test_job_cost_from_sacct_reaches_the_mlflow_run(
         job_spec={"nodes": 2, "cpus_per_task": 1, "time": "5"},
         mlflow={"tracking_uri": mlflow_server.url, "experiment_name": f"cost-{ti.run_id[8:16]}"},
     )
-    summary = run_deferred(op, {"ti": ti})
+    try:
+        # generous: on the shared cluster the job may queue behind others' jobs
+        summary = run_deferred(op, {"ti": ti}, timeout=900)
+    finally:
+        if "slurm_job_id" in ti.xcom:  # never leave it queued behind a failed test
+            cluster.ssh(f"scancel {ti.xcom['slurm_job_id']}", check=False)
     assert summary["state"] == "COMPLETED", summary
     job_id = ti.xcom["slurm_job_id"]
     client = MlflowClient(mlflow_server.url)
