@@ -120,6 +120,11 @@ with DAG(
                 parent_run_name=f"sweep {dag_run.run_id}",
                 plotter=RemotePlotter(hook, environment),
                 metric=metric,
+                # the evaluation return reaches MLflow only at finalize (best run)
+                known={
+                    s["mlflow_run_id"]: {"eval_return_mean": s.get("eval_return_mean")}
+                    for s in summaries
+                },
             )
         finally:
             hook.close()

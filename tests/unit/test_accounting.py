@@ -242,6 +242,22 @@ def test_comparison_rows_show_return_and_cost_and_score_by_the_metric() -> None:
     assert _row(no_eval, "return_per_node_hour", "episode_return_mean")["score"] == 400.0
 
 
+def test_comparison_uses_the_tasks_eval_return_mlflow_gets_only_at_finalize() -> None:
+    """A sweep's runs have no eval_return_mean in MLflow when compared (finalize logs it
+    for the best run only, afterwards): the tasks' results supply it."""
+    run = _run("a", episode_return_mean=100.0, **{"slurm.node_hours": 0.5})
+    row = _row(run, "return_per_node_hour", "episode_return_mean", {"eval_return_mean": 300.0})
+    assert (row["eval_return_mean"], row["return_per_node_hour"], row["score"]) == (
+        300.0,
+        600.0,
+        600.0,
+    )
+    assert row["score_metric"] == "return_per_node_hour"
+    # a task without an evaluation (None) leaves the run's own metrics
+    row = _row(run, "return_per_node_hour", "episode_return_mean", {"eval_return_mean": None})
+    assert (row["eval_return_mean"], row["score"]) == (None, 200.0)
+
+
 def test_sweep_refuses_an_unknown_promotion_metric_before_anything_runs() -> None:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk.exceptions import AirflowFailException

@@ -146,9 +146,14 @@ def _score(m: Mapping[str, Any], metric: str, fallback_metric: str) -> tuple[flo
     return finite(m.get(fallback_metric)), fallback_metric
 
 
-def _row(run: Any, metric: str, fallback_metric: str) -> dict[str, Any]:
-    """One table row: the return, what the job cost, and the score the best is picked by."""
-    m = run.data.metrics
+def _row(
+    run: Any, metric: str, fallback_metric: str, known: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One table row: the return, what the job cost, and the score the best is picked by.
+
+    ``known``: final values MLflow does not have yet (they win over the run's metrics).
+    """
+    m = {**run.data.metrics, **{k: v for k, v in (known or {}).items() if finite(v) is not None}}
     value, used = _score(m, metric, fallback_metric)
     return {
         "run_id": run.info.run_id,
@@ -253,24 +258,25 @@ def compare_runs(
     x_metric: str = "env_steps",
     tags: Mapping[str, str] | None = None,
     nest: bool = True,
+    known: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """
-    Log a comparison of several runs (a sweep) to a parent run and pick the best.
+    """Log a comparison of several runs (a sweep) to a parent run and pick the best.
 
     The parent run (found again by ``tags`` if given, so a retry reuses it) gets
     ``comparison/learning_curves.png`` (``curve_metric`` against ``x_metric``,
     one line per run named by its config, stop thresholds dashed; drawn by
     ``plotter``, e.g. :class:`slurm_ray.mlflow.plot.RemotePlotter`),
-    ``comparison/runs.csv`` and ``comparison/runs.md`` (final metrics, with
-    ``eval_return_mean``, ``slurm.node_hours`` and ``return_per_node_hour``
-    side by side), a metric ``<label>.<metric>`` per run and
-    ``best.<metric>``; the child runs are nested under it
-    (``mlflow.parentRunId``). The best run has the highest ``metric`` (see
-    :func:`~slurm_ray.mlflow.registry.metric_value`; from ``fallback_metric``
+    ``comparison/runs.csv`` and ``comparison/runs.md`` (final metrics: return,
+    ``slurm.node_hours``, ``return_per_node_hour``), a metric
+    ``<label>.<metric>`` per run and ``best.<metric>``; the child runs are
+    nested under it. The best run has the highest ``metric``
+    (:func:`~slurm_ray.mlflow.registry.metric_value`; from ``fallback_metric``
     for runs without an evaluation return).
 
     :param nest: show the compared runs under the parent in the MLflow UI
         (sets their ``mlflow.parentRunId``; a run has one parent).
+    :param known: ``{run_id: {metric: value}}`` not in MLflow yet, such as the
+        tasks' ``eval_return_mean`` (from result.json; logged at finalize).
     :returns: ``{"parent_run_id", "best_run_id", "best_value", "metric", "runs",
         "plot_artifact"}``.
     """
@@ -279,7 +285,7 @@ def compare_runs(
     client = client_for(settings)
     parent_id = _parent_run(settings, client, parent_run_name, tags)
     runs = [client.get_run(run_id) for run_id in dict.fromkeys(run_ids)]  # ordered, no duplicates
-    rows = [_row(run, metric, fallback_metric) for run in runs]
+    rows = [_row(run, metric, fallback_metric, (known or {}).get(run.info.run_id)) for run in runs]
     params = [dict(run.data.params) for run in runs]
     series = _series(client, rows, params, curve_metric, x_metric)
     for r in (r for r in rows if nest and r["run_id"] != parent_id):
