@@ -62,6 +62,15 @@
 #   at exit), RAY_USAGE_STATS_ENABLED=0, SLURM_RAY_NUM_NODES, SLURM_RAY_TMPDIR
 #   (a private temp dir of the batch shell, removed at exit).
 #
+# A heterogeneous job (SLURM_HET_SIZE set; slurm_ray's GPU hetjob: component
+# 0 the GPU node(s), component 1 the CPU nodes) takes its nodes and CPUs from
+# SLURM_JOB_NODELIST_HET_GROUP_<g> / SLURM_JOB_CPUS_PER_NODE_HET_GROUP_<g>,
+# starts each node's step with `srun --het-group=<g>`, and gives Ray no CPUs
+# on component 0 (`--num-cpus=0`, GPUs as detected in that step) and no GPUs
+# on the others (they inherit the batch shell's CUDA_VISIBLE_DEVICES): CPU actors
+# (env runners) land on the CPU nodes, GPU learners on the GPU node(s), whose
+# CPUs serve the driver and the learners.
+#
 # Exit status: ENTRYPOINT's status; 2 usage/environment error; 3 the Ray
 # cluster did not form; 75 SIGUSR1 arrived before ENTRYPOINT started;
 # 128+n a fatal signal n arrived before ENTRYPOINT started.
@@ -196,6 +205,46 @@ preferred_block() {
   printf '%s\n' "${blocks[$1 % ${#blocks[@]}]}"
 }
 
+# each_node_srun SECONDS ARGS...: `srun --overlap ARGS` with one task on every
+# node of the allocation (one step per hetjob component), each under `timeout`.
+each_node_srun() {
+  local t=$1 g rc=0
+  shift
+  if ((${#HET_SIZES[@]} == 0)); then
+    timeout "$t" srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
+      --ntasks-per-node=1 --cpus-per-task=1 "$@"
+    return
+  fi
+  for g in "${!HET_SIZES[@]}"; do
+    timeout "$t" srun --het-group="$g" --export=ALL --overlap --nodes="${HET_SIZES[g]}" \
+      --ntasks="${HET_SIZES[g]}" --ntasks-per-node=1 --cpus-per-task=1 "$@" || rc=$?
+  done
+  return "$rc"
+}
+
+# het_layout: NODES, cpus_list (the caller's), HET_GROUP and HET_SIZES from
+# every component's SLURM_JOB_NODELIST_HET_GROUP_<g> and CPU counts.
+het_layout() {
+  local g list cpus nodes=() counts=() n
+  for ((g = 0; g < SLURM_HET_SIZE; g++)); do
+    list=SLURM_JOB_NODELIST_HET_GROUP_$g cpus=SLURM_JOB_CPUS_PER_NODE_HET_GROUP_$g
+    if [[ -z ${!list:-} ]]; then
+      err "hetjob of $SLURM_HET_SIZE components but $list is unset"
+      return 1
+    fi
+    mapfile -t nodes < <(scontrol show hostnames "${!list}")
+    read -ra counts <<<"$(expand_counts "${!cpus:-}")"
+    if ((${#nodes[@]} == 0 || ${#counts[@]} != ${#nodes[@]})); then
+      err "hetjob component $g: nodes '${!list}' do not match CPUs '${!cpus:-}'"
+      return 1
+    fi
+    NODES+=("${nodes[@]}")
+    cpus_list+=("${counts[@]}")
+    for n in "${nodes[@]}"; do HET_GROUP+=("$g"); done
+    HET_SIZES+=("${#nodes[@]}")
+  done
+}
+
 # choose_ports: probe the candidate blocks on every node (one srun task per
 # node) and set PORT_BASE to the first block that is free everywhere.
 choose_ports() {
@@ -225,8 +274,7 @@ choose_ports() {
   if live=$(squeue -h -u "$(id -un)" -o %A 2>/dev/null) && [[ -n $live ]]; then
     reap=(--reap "${SLURM_RAY_TMP_ROOT:-/tmp}" "$SLURM_JOB_ID" "$(tr '\n' , <<<"$live")")
   fi
-  if ! out=$(timeout 60 srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
-    --ntasks-per-node=1 --cpus-per-task=1 --job-name=ray-ports \
+  if ! out=$(each_node_srun 60 --job-name=ray-ports \
     "$py" "$_RL_SELF_DIR/ray_wait.py" ports "$list" 100 "${reap[@]}" \
     2>>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.ports.log"); then
     err "could not probe Ray's ports on the nodes (see $RUN_DIR/ray-logs/$SLURM_JOB_ID.ports.log)"
@@ -331,7 +379,7 @@ NODE_NAME=""
 RAY_PID=""
 
 node_main() {
-  local role=$1 cpus=$2
+  local role=$1 cpus=$2 ray_cpus=${3:-$2} ray_gpus=${4:-}
   set_ports "$_RL_PORT_BASE"
   local node=${SLURMD_NODENAME:-$(hostname -s)}
   local logdir="$_RL_RUN_DIR/ray-logs"
@@ -362,13 +410,19 @@ node_main() {
     printf '%s\n' "$_RL_RUN_DIR" >"$NODE_TMP/run_dir")
 
   local gpus osm
-  gpus=$(detect_gpus)
+  if [[ -n $ray_gpus ]]; then
+    # A hetjob's CPU component inherits the batch shell's CUDA_VISIBLE_DEVICES.
+    gpus=$ray_gpus
+    unset CUDA_VISIBLE_DEVICES SLURM_GPUS_ON_NODE
+  else
+    gpus=$(detect_gpus)
+  fi
   osm=$(object_store_bytes "$cpus")
 
   local args=(
     --node-ip-address="$ip"
     --temp-dir="$tmp"
-    --num-cpus="$cpus"
+    --num-cpus="$ray_cpus"
     --num-gpus="$gpus"
     --object-store-memory="$osm"
     --node-manager-port="$NODE_MANAGER_PORT"
@@ -488,6 +542,8 @@ cleanup_main() {
 # ---------------------------------------------------------------------------
 STEP_PIDS=()
 STEP_NODES=()
+HET_GROUP=() # each node's hetjob component (empty: one component)
+HET_SIZES=() # nodes per hetjob component
 PRIV_DIR=""
 EP_PID=""
 WAIT_PID=""
@@ -562,8 +618,7 @@ on_exit() {
     else
       # The batch shell holds the job's CPUs on the first node only; the
       # Ray steps are gone, but --overlap keeps this from ever waiting.
-      timeout 60 srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
-        --ntasks-per-node=1 --cpus-per-task=1 bash "$SELF" __cleanup__ "$rc" >/dev/null 2>&1 ||
+      each_node_srun 60 bash "$SELF" __cleanup__ "$rc" >/dev/null 2>&1 ||
         log "could not remove Ray's temp dirs on every node"
       rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
       if [[ $rc != 0 ]]; then
@@ -597,16 +652,21 @@ main() {
   local t0
   t0=$(now)
   RUN_DIR=$(pwd)
-  # shellcheck disable=SC2207
-  NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+  local cpus_list=()
+  if [[ ${SLURM_HET_SIZE:-} =~ ^[0-9]+$ ]]; then
+    NODES=()
+    het_layout || exit 2
+  else
+    # shellcheck disable=SC2207
+    NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+  fi
   NUM_NODES=${#NODES[@]}
   if ((NUM_NODES == 0)); then
     err "no nodes in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
     exit 2
   fi
-  local cpus_list=()
   # shellcheck disable=SC2207
-  cpus_list=($(expand_counts "${SLURM_JOB_CPUS_PER_NODE:-}"))
+  ((${#HET_SIZES[@]})) || cpus_list=($(expand_counts "${SLURM_JOB_CPUS_PER_NODE:-}"))
   if ((${#cpus_list[@]} != NUM_NODES)); then
     # Fall back to the batch node's count for every node.
     cpus_list=()
@@ -675,13 +735,22 @@ main() {
 
   # Start every node at once; workers wait for the head's GCS themselves.
   # srun's own messages go to the node's log next to `ray start`'s output.
-  local i role
+  local i role het=() ray_cpus ray_gpus=()
+  if ((${#HET_SIZES[@]})); then
+    log "hetjob: component 0 (GPU, no Ray CPUs) ${NODES[*]:0:HET_SIZES[0]}, component 1 (CPU) ${NODES[*]:HET_SIZES[0]}"
+  fi
   for ((i = 0; i < NUM_NODES; i++)); do
     role=worker
     ((i == 0)) && role='head'
-    srun --export=ALL --nodes=1 --ntasks=1 --cpus-per-task="${cpus_list[i]}" \
+    ray_cpus=${cpus_list[i]}
+    if ((${#HET_SIZES[@]})); then
+      het=(--het-group="${HET_GROUP[i]}")
+      ray_gpus=(0)
+      ((HET_GROUP[i] == 0)) && ray_cpus=0 ray_gpus=()
+    fi
+    srun "${het[@]}" --export=ALL --nodes=1 --ntasks=1 --cpus-per-task="${cpus_list[i]}" \
       -w "${NODES[i]}" --job-name="ray-$role" \
-      bash "$SELF" __node__ "$role" "${cpus_list[i]}" \
+      bash "$SELF" __node__ "$role" "${cpus_list[i]}" "$ray_cpus" "${ray_gpus[@]}" \
       >>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.${NODES[i]}.log" 2>&1 &
     STEP_PIDS+=($!)
     STEP_NODES+=("${NODES[i]}")

@@ -34,7 +34,8 @@ episode_return_mean, eval_episodes, eval_returns, eval_return_mean, checkpoint,
 rl_module_checkpoint, resumed_from, time_total_s, env_steps_per_s (this
 attempt), wall_s, started_at, finished_at, ray_nodes, ray_node_ips,
 ray_node_hostnames, num_env_runners, env_runner_node_ips, env_runner_hostnames,
-config, effective_config, versions; error / eval_error when something failed;
+ray_gpus, learner_hostnames, learner_devices (one per learner, e.g. "cpu" or
+"cuda:0"), config, effective_config, versions; error / eval_error when something failed;
 with --export-model, model_export (the export summary) or model_export_error.
 
 --export-model: after a successful run, build the MLflow pyfunc model in
@@ -194,6 +195,19 @@ def _where(_runner: Any = None) -> tuple[str, str]:
     return ray.util.get_node_ip_address(), socket.gethostname()
 
 
+def _learner_where(learner: Any) -> tuple[str, str]:
+    """(hostname, torch device) of a Learner; shipped to the learners."""
+    return socket.gethostname(), str(getattr(learner, "_device", "?"))
+
+
+def _cuda_probe() -> tuple[str, str, bool]:
+    """(node IP, hostname, torch sees CUDA) where Ray places a GPU task."""
+    import ray
+    import torch
+
+    return ray.util.get_node_ip_address(), socket.gethostname(), torch.cuda.is_available()
+
+
 class ConfigProblem(Exception):
     """Raised after startup for config-vs-cluster mismatches (exit 2)."""
 
@@ -274,6 +288,9 @@ class Trainer:
         self.checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self.runner_nodes: set[tuple[str, str]] = set()
+        self.learners: dict[str, Any] = {}  # .learners() arguments (plan_resources)
+        self.learner_nodes: list[tuple[str, str]] = []  # (hostname, device) per learner
+        self.ray_gpus = 0.0
         self.session_start_iteration = 0
 
     # -- setup
@@ -286,6 +303,7 @@ class Trainer:
             self.local_temp_dir = tempfile.mkdtemp(prefix="rs-local-", dir="/tmp")
             ray.init(
                 num_cpus=self.args.num_cpus,
+                num_gpus=self.args.num_gpus,
                 include_dashboard=False,
                 object_store_memory=self.args.object_store_mb * 1024 * 1024,
                 _temp_dir=self.local_temp_dir,
@@ -301,6 +319,14 @@ class Trainer:
         cpus = int(res.get("CPU", 0))
         gpus = float(res.get("GPU", 0))
         cfg = self.cfg
+        self.ray_gpus = gpus
+        need_gpus = cfg.num_gpus_per_learner * max(1, cfg.num_learners)
+        if need_gpus > gpus:
+            raise ConfigProblem(
+                f"config.num_gpus_per_learner: learners need {need_gpus:g} GPUs, "
+                f"the Ray cluster has {gpus:g}"
+            )
+        self.learners = self.place_learners()
         # A Learner actor takes 1 CPU unless it has a GPU (RLlib's "auto").
         # num_learners=0 learns in this driver process, which Ray does not count.
         learner_cpus = cfg.num_learners if cfg.num_gpus_per_learner == 0 else 0
@@ -316,18 +342,47 @@ class Trainer:
                     f"{learner_cpus} learner CPUs need {need} CPUs, "
                     f"the Ray cluster has {cpus}"
                 )
-        need_gpus = cfg.num_gpus_per_learner * max(1, cfg.num_learners)
-        if need_gpus > gpus:
-            raise ConfigProblem(
-                f"config.num_gpus_per_learner: learners need {need_gpus:g} GPUs, "
-                f"the Ray cluster has {gpus:g}"
-            )
         print(
             f"train: ray cluster: {len(self.alive_nodes())} node(s), {cpus} CPUs, "
             f"{gpus:g} GPUs; env runners: {self.num_env_runners} x "
-            f"{cfg.num_envs_per_env_runner} envs; learners: {cfg.num_learners}",
+            f"{cfg.num_envs_per_env_runner} envs; learners: {self.learners['num_learners']}",
             flush=True,
         )
+
+    def place_learners(self) -> dict[str, Any]:
+        """``.learners()`` arguments: GPU learners where torch sees CUDA, else CPU.
+
+        Ray places a GPU learner on a node that offers GPUs (in a GPU hetjob
+        the only such nodes are the GPU component's). Where torch there has no
+        CUDA (a count-only GRES, a CPU-only torch) RLlib would still move the
+        module to ``cuda:0`` and fail: one learner then runs on that node's
+        CPUs instead, pinned there by Ray's ``node:<ip>`` resource.
+        """
+        import ray
+
+        eff = self.eff
+        out: dict[str, Any] = {
+            "num_learners": eff.num_learners,
+            "num_gpus_per_learner": eff.num_gpus_per_learner,
+        }
+        if eff.num_gpus_per_learner == 0:
+            return out
+        probe = ray.remote(num_gpus=min(1.0, eff.num_gpus_per_learner), num_cpus=0)(_cuda_probe)
+        ip, host, cuda = ray.get(probe.remote(), timeout=300)
+        if cuda:
+            return out
+        print(
+            f"train: torch on {host} has no CUDA although Ray reports {self.ray_gpus:g} GPU(s) "
+            f"(count-only GRES or CPU-only torch): the learner runs on CPU on {host}, "
+            f"1 learner instead of {max(1, eff.num_learners)} on GPUs",
+            flush=True,
+        )
+        return {
+            "num_learners": 1,
+            "num_gpus_per_learner": 0,
+            "num_cpus_per_learner": 0,
+            "custom_resources_per_learner": {f"node:{ip}": 0.001},
+        }
 
     def build(self) -> None:
         # RLlib's Trainable makes a log dir under ~/ray_results on every build and
@@ -359,10 +414,7 @@ class Trainer:
                 num_env_runners=self.num_env_runners,
                 num_envs_per_env_runner=eff.num_envs_per_env_runner,
             )
-            .learners(
-                num_learners=eff.num_learners,
-                num_gpus_per_learner=eff.num_gpus_per_learner,
-            )
+            .learners(**self.learners)
             .training(**training)
             .rl_module(model_config={"fcnet_hiddens": list(eff.hidden_sizes)})
         )
@@ -370,6 +422,7 @@ class Trainer:
             config = config.debugging(seed=eff.seed)
         self.algo = config.build_algo()
         self.record_runner_nodes()
+        self.record_learner_nodes()
 
     def resume(self) -> None:
         """Restore the newest checkpoint that loads; older ones are fallbacks."""
@@ -420,6 +473,16 @@ class Trainer:
             self.runner_nodes.update((str(ip), str(host)) for ip, host in found)
         except Exception as exc:  # informational only; never fail training on it
             print(f"train: could not ask env runners for their node: {exc}", flush=True)
+
+    def record_learner_nodes(self) -> None:
+        try:
+            results = self.algo.learner_group.foreach_learner(_learner_where)
+            self.learner_nodes = sorted(tuple(r.get()) for r in results if r.ok)
+        except Exception as exc:  # informational only, like the env runners'
+            print(f"train: could not ask the learners for their node: {exc}", flush=True)
+            return
+        where = ", ".join(f"{host} ({device})" for host, device in self.learner_nodes)
+        print(f"train: learners on {where}", flush=True)
 
     def _lifetime_steps(self) -> int:
         from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
@@ -629,8 +692,13 @@ class Trainer:
             "num_env_runners": self.num_env_runners,
             "env_runner_node_ips": sorted({ip for ip, _ in self.runner_nodes}),
             "env_runner_hostnames": sorted({host for _, host in self.runner_nodes}),
+            "ray_gpus": self.ray_gpus,
+            "learner_hostnames": [host for host, _ in self.learner_nodes],
+            "learner_devices": [device for _, device in self.learner_nodes],
             "config": self.cfg.to_dict(),
-            "effective_config": self.eff.to_dict() | {"num_env_runners": self.num_env_runners},
+            "effective_config": self.eff.to_dict()
+            | {"num_env_runners": self.num_env_runners}
+            | {k: v for k, v in self.learners.items() if k.startswith("num_")},
             "versions": _versions(),
             **extra,
         }
@@ -825,6 +893,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--local", action="store_true", help="start a private local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the --local Ray")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs of the --local Ray")
     p.add_argument("--object-store-mb", type=int, default=512, help="for --local")
     p.add_argument(
         "--export-model",

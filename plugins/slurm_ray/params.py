@@ -18,7 +18,7 @@ from typing import Any
 
 from slurm_ray.profiles import ClusterProfile, get_profile, profile_names
 from slurm_ray.slurm.timefmt import parse_time_limit
-from slurm_ray.training_config import SCHEMA, ConfigError, validate_config
+from slurm_ray.training_config import SCHEMA, ConfigError, learners_for_gpus, validate_config
 from slurm_ray.utils.batch import JobSpec, JobSpecError
 from slurm_ray.validation import SLURM_TIME_PATTERN
 
@@ -99,6 +99,27 @@ _RUN_PARAMS: dict[str, tuple[Any, dict[str, Any], str]] = {
         0,
         {"type": "integer", "minimum": 0, "maximum": 16},
         "GPUs per node (0: CPU only).",
+    ),
+    "learner_gpus": (
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 64},
+        "GPUs for the learners (0: CPU only). Above 0 the job is a hetjob: the GPU "
+        "node(s) (gpu_partition) run the Ray head and the learners, the nodes run the env runners.",
+    ),
+    "gpu_partition": (
+        None,
+        {"type": ["null", "string"], "maxLength": 64, "pattern": _SAFE_TEXT},
+        "Partition of the GPU node(s) when learner_gpus > 0; empty: the job's partition.",
+    ),
+    "gpu_nodes": (
+        1,
+        {"type": "integer", "minimum": 1, "maximum": 64},
+        "GPU nodes when learner_gpus > 0 (learner_gpus split evenly over them).",
+    ),
+    "gpu_cpus": (
+        None,
+        {"type": ["null", "integer"], "minimum": 1, "maximum": 1024},
+        "CPUs per GPU node (driver and learners) when learner_gpus > 0; empty: cpus_per_node.",
     ),
     "partition": (
         None,
@@ -224,7 +245,8 @@ def training_config_from(
         cfg["num_learners"] = 1
         cfg["num_gpus_per_learner"] = 1
     try:
-        return validate_config(cfg, env_modules=env_modules).to_dict()
+        config = validate_config(cfg, env_modules=env_modules).to_dict()
+        return learners_for_gpus(config, int(params.get("learner_gpus") or 0))
     except ConfigError as exc:
         raise RunParamError(str(exc)) from exc
 
@@ -262,6 +284,7 @@ def _job_spec(
     }
     if gpus:
         job_spec["gpus_per_node"] = gpus
+    job_spec.update(_gpu_component(params, profile, cpus))
     job_spec = {k: v for k, v in job_spec.items() if v not in (None, "")}
     if job_spec.get("account") == "CHANGE_ME":
         raise RunParamError(f"account: the {profile.name} profile needs your Slurm account")
@@ -270,6 +293,32 @@ def _job_spec(
     except JobSpecError as exc:
         raise RunParamError(str(exc)) from exc
     return job_spec
+
+
+def _gpu_component(params: Mapping[str, Any], profile: ClusterProfile, cpus: int) -> dict[str, Any]:
+    """The hetjob's GPU component (:mod:`slurm_ray.utils.hetjob`); empty for learner_gpus 0."""
+    learner_gpus = int(params.get("learner_gpus") or 0)
+    if not learner_gpus:
+        return {}
+    if params.get("gpus_per_node"):
+        raise RunParamError("gpus_per_node: set learner_gpus or gpus_per_node, not both")
+    nodes = int(params.get("gpu_nodes") or 1)
+    if learner_gpus > nodes * profile.gpus_per_node:
+        raise RunParamError(
+            f"learner_gpus: {learner_gpus} exceeds the {profile.gpus_per_node} GPUs of "
+            f"{nodes} {profile.name} GPU node(s)"
+        )
+    gpu_cpus = int(params.get("gpu_cpus") or cpus)
+    if gpu_cpus > profile.cores_per_node:
+        raise RunParamError(
+            f"gpu_cpus: {gpu_cpus} exceeds the {profile.cores_per_node} cores of a {profile.name} node"
+        )
+    return {
+        "learner_gpus": learner_gpus,
+        "gpu_nodes": nodes,
+        "gpu_cpus": gpu_cpus,
+        "gpu_partition": params.get("gpu_partition") or None,
+    }
 
 
 def resolve_run(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,7 @@ _BUILTIN: dict[str, ClusterProfile] = {
         login_host="127.0.0.1:22022",
         remote_base_dir=f"{_LOCAL_STATE}/scratch/runs",
         cores_per_node=4,
+        gpus_per_node=2,  # n1's count-only gpu:2 (partition gpu): learner_gpus hetjobs
         partition="debug",
         environment=EnvironmentSpec(
             kind="venv",

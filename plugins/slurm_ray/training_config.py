@@ -366,3 +366,27 @@ def validate_config(d: Mapping[str, Any], *, env_modules: Collection[str] = ()) 
             f"must be <= train_batch_size ({eff.train_batch_size}), got {eff.minibatch_size}",
         )
     return cfg
+
+
+def learners_for_gpus(config: Mapping[str, Any], learner_gpus: int) -> dict[str, Any]:
+    """``config`` with its learners on the ``learner_gpus`` GPUs of a GPU hetjob.
+
+    Learner fields left at 0 become one learner per GPU; learners given
+    explicitly must fit in, and use, those GPUs. Raises :class:`ConfigError`.
+    """
+    out = dict(config)
+    if learner_gpus <= 0:
+        return out
+    learners, per = int(out.get("num_learners") or 0), float(out.get("num_gpus_per_learner") or 0)
+    if learners == 0 and per == 0:
+        return out | {"num_learners": learner_gpus, "num_gpus_per_learner": 1}
+    if per == 0:
+        raise ConfigError(
+            "num_gpus_per_learner", f"0 leaves the learner_gpus={learner_gpus} GPUs unused"
+        )
+    if per * max(1, learners) > learner_gpus:
+        raise ConfigError(
+            "num_gpus_per_learner",
+            f"{max(1, learners)} learner(s) x {per:g} GPUs exceed learner_gpus={learner_gpus}",
+        )
+    return out

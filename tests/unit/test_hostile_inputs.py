@@ -21,6 +21,7 @@ DEFAULTS = {name: spec["default"] for name, spec in param_specs().items()}
 PATTERNED = sorted(n for n, s in param_specs().items() if "pattern" in s["schema"])
 #: a valid value for each string Param with a pattern (the default may be empty)
 VALID = {"partition": "debug", "account": "proj42", "time_limit": "00:30:00"}
+VALID["gpu_partition"] = "gpu"
 
 
 def _param(name: str) -> Any:
@@ -36,6 +37,7 @@ def _param(name: str) -> Any:
 def test_every_param_pattern_is_covered() -> None:
     assert set(PATTERNED) == {
         "partition",
+        "gpu_partition",
         "account",
         "time_limit",
         "experiment_name",

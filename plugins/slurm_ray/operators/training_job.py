@@ -64,10 +64,11 @@ def validate_job(
         raise AirflowException(str(exc)) from exc
     config: dict[str, Any] | None = None
     if op.entrypoint is None:
-        from slurm_ray.training_config import ConfigError, validate_config
+        from slurm_ray.training_config import ConfigError, learners_for_gpus, validate_config
 
         try:
             config = validate_config(op.config, env_modules=_env_modules(op.env_modules)).to_dict()
+            config = learners_for_gpus(config, spec.learner_gpus)  # a GPU hetjob's learners
         except ConfigError as exc:
             raise AirflowException(str(exc)) from exc
     for key, value in op.env_vars.items():

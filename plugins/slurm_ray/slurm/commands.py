@@ -183,6 +183,8 @@ def _task_jobs_function() -> str:
     # id|state|...|name (SQUEUE_FORMAT): the name is everything after the last field's "|".
     classify = (
         f'{{ i = $1; n = $0; for (k = 0; k < {len(SQUEUE_FIELDS) - 1}; k++) sub(/^[^|]*[|]/, "", n);'
+        # A hetjob is listed once per component (ID+0, ID+1): it counts once, as ID.
+        ' if (i ~ /^[0-9]+[+]0$/) sub(/[+]0$/, "", i); else if (i ~ /[+]/) next;'
         f" if (i !~ /^[0-9]+(_[0-9]+)?$/ || $2 !~ /^({active})$/ || index(n, key) != 1) next;"
         " t = substr(n, length(key) + 1); if (t !~ /^[0-9]+$/) next;"
         ' c = (t + 0 == try) ? "own" : ((t + 0 > try) ? "newer" : "older");'

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from slurm_ray.utils.hetjob import check_gpu_component, het_components
 from slurm_ray.utils.quoting import quote
 from slurm_ray.validation import (
     MEM_PATTERN,
@@ -148,6 +149,8 @@ class JobSpec(Spec):
         cluster's default.
     :param extra: further directives, long option name to value, from
         :data:`EXTRA_DIRECTIVES`; ``mail_type`` is accepted for ``mail-type``.
+    :param learner_gpus: above 0: a GPU hetjob (:mod:`slurm_ray.utils.hetjob`) whose
+        component 0 (``gpu_partition``, ``gpu_nodes``, ``gpu_cpus``) has the GPUs.
     :raises JobSpecError: naming the offending field.
     """
 
@@ -174,6 +177,10 @@ class JobSpec(Spec):
     chdir: _Text | None = None
     requeue: StrictBool | None = None
     extra: Mapping[str, str] = Field(default_factory=lambda: MappingProxyType({}))
+    learner_gpus: Annotated[StrictInt, Field(ge=0, le=1024)] = 0
+    gpu_partition: _Text | None = None
+    gpu_nodes: _Count | None = None
+    gpu_cpus: _Count | None = None
 
     @field_validator("time", mode="before")
     @classmethod
@@ -225,12 +232,13 @@ class JobSpec(Spec):
         return MappingProxyType(dict(extra))
 
     @model_validator(mode="after")
-    def _one_mem_option(self) -> JobSpec:
+    def _cross_field_rules(self) -> JobSpec:
         given = [opt for opt in _MEM_OPTIONS if (self.mem if opt == "mem" else self.extra.get(opt))]
         if len(given) > 1:
             raise FieldError(
                 "mem", f"--{' and --'.join(given)} are mutually exclusive in Slurm; set one"
             )
+        check_gpu_component(self)
         return self
 
     def __hash__(self) -> int:  # a mapping is not hashable; the rest of the spec is
@@ -296,6 +304,10 @@ class JobSpec(Spec):
                 pairs.append((name, value))
         pairs.extend(self.extra.items())
         return pairs
+
+    def components(self) -> list[list[tuple[str, str | None]]]:
+        """:meth:`directives` per hetjob component (one list unless ``learner_gpus``)."""
+        return het_components(self, self.directives()) if self.learner_gpus else [self.directives()]
 
 
 # Safe preamble; see render_batch_script's docstring for why each option.
@@ -368,8 +380,12 @@ def render_batch_script(
     if header_comment is not None:
         _check_no_nul("header_comment", header_comment)
         lines.extend(f"# {line}".rstrip() for line in header_comment.splitlines())
-    for option, value in spec.directives():
-        lines.append(f"#SBATCH --{option}" + ("" if value is None else f"={sbatch_word(value)}"))
+    for i, component in enumerate(spec.components()):
+        lines += ["#SBATCH hetjob"] if i else []
+        for option, value in component:
+            lines.append(
+                f"#SBATCH --{option}" + ("" if value is None else f"={sbatch_word(value)}")
+            )
     lines += ["", _PREAMBLE]
     lines += [_export_line(name, value) for name, value in (env or {}).items()]
     if setup_lines:
