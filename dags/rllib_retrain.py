@@ -1,6 +1,7 @@
 """Scheduled retraining with the production profile's defaults.
 
-When `promote` moves the `champion` alias, the `rllib_champion` Asset is
+`promotion_metric` (`eval_return_mean` or `return_per_node_hour`) is what the
+new version must beat the champion by. When `promote` moves the `champion` alias, the `rllib_champion` Asset is
 updated so downstream DAGs (serving, evaluation) can react. The schedule and
 profile are settings so operations can change them without a
 deploy, through the environment of the scheduler and dag-processor:
@@ -14,7 +15,8 @@ import os
 from datetime import datetime
 from typing import Any
 
-from airflow.sdk import DAG, Asset, task
+from airflow.sdk import DAG, Asset, Param, task
+from slurm_ray.mlflow.registry import EVAL_RETURN, PROMOTION_PARAM
 from slurm_ray.params import airflow_params
 from slurm_ray.pipeline import build_training_chain
 
@@ -28,16 +30,19 @@ with DAG(
     schedule=SCHEDULE,
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    params=airflow_params(
-        {
-            "profile": PROFILE,
-            "nodes": 2,
-            "cpus_per_node": 104 if PROFILE == "kestrel" else 4,
-            "time_limit": "02:00:00",
-            "stop_minutes": 90.0,
-            "experiment_name": "rllib_retrain",
-        }
-    ),
+    params={
+        **airflow_params(
+            {
+                "profile": PROFILE,
+                "nodes": 2,
+                "cpus_per_node": 104 if PROFILE == "kestrel" else 4,
+                "time_limit": "02:00:00",
+                "stop_minutes": 90.0,
+                "experiment_name": "rllib_retrain",
+            }
+        ),
+        "promotion_metric": Param(EVAL_RETURN, **PROMOTION_PARAM),
+    },
     render_template_as_native_obj=True,
     max_active_runs=1,
     # Production retraining needs a site account and connection first: it

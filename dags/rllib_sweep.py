@@ -5,6 +5,9 @@
 becomes a mapped `train` task (its own Slurm job and MLflow run); `compare`
 logs a learning-curve plot and a table to a parent run and picks the best,
 whose model is registered and promoted if it beats the champion.
+`promotion_metric` says what "best" means: `eval_return_mean`, or
+`return_per_node_hour` (the evaluation return per node-hour the job cost,
+from Slurm accounting).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from airflow.sdk import DAG, Param, task
+from slurm_ray.mlflow.registry import EVAL_RETURN, PROMOTION_PARAM
 from slurm_ray.operators.slurm_ray import SlurmRayOperator
 from slurm_ray.params import airflow_params, param_specs
 from slurm_ray.pipeline import (
@@ -21,7 +25,6 @@ from slurm_ray.pipeline import (
     TRAIN_RETRIES,
     environment_tasks,
     plan_sweep_runs,
-    promote_model,
     register_trained_model,
     resolve_or_fail,
 )
@@ -50,6 +53,7 @@ with DAG(
             },
             description="Configurations to compare; each object overrides the base Params.",
         ),
+        "promotion_metric": Param(EVAL_RETURN, **PROMOTION_PARAM),
     },
     render_template_as_native_obj=True,
     max_active_runs=2,
@@ -60,9 +64,16 @@ with DAG(
     @task(multiple_outputs=True)
     def resolve(params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Validate the base Params (cluster, MLflow) before anything reaches the cluster."""
+        from airflow.sdk.exceptions import AirflowFailException
+        from slurm_ray.mlflow.registry import check_promotion_metric
+
         base = dict(params or {})
         base.pop("configs", None)
-        return resolve_or_fail(base)
+        try:
+            metric = check_promotion_metric(base.pop("promotion_metric", EVAL_RETURN))
+        except ValueError as exc:
+            raise AirflowFailException(f"invalid Params: {exc}") from exc
+        return {**resolve_or_fail(base), "promotion_metric": metric}
 
     @task
     def plan_runs(params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -87,6 +98,7 @@ with DAG(
         mlflow: dict[str, Any],
         ssh_conn_id: str,
         environment: dict[str, Any],
+        metric: str,
         dag_run: Any = None,
     ) -> dict[str, Any]:
         """Learning curves and a table of final metrics in a parent MLflow run; pick the best.
@@ -107,6 +119,12 @@ with DAG(
                 [s["mlflow_run_id"] for s in summaries],
                 parent_run_name=f"sweep {dag_run.run_id}",
                 plotter=RemotePlotter(hook, environment),
+                metric=metric,
+                # the evaluation return reaches MLflow only at finalize (best run)
+                known={
+                    s["mlflow_run_id"]: {"eval_return_mean": s.get("eval_return_mean")}
+                    for s in summaries
+                },
             )
         finally:
             hook.close()
@@ -128,20 +146,27 @@ with DAG(
 
     @task
     def promote(
-        registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None
+        registered: dict[str, Any], mlflow: dict[str, Any], metric: str, dag_run: Any = None
     ) -> dict[str, Any]:
-        """Champion alias to the best model if it beats the current champion."""
-        return promote_model(registered, mlflow, dag_run.dag_id)
+        """Champion alias to the best model if it beats the current champion by ``metric``."""
+        from slurm_ray.mlflow.registry import promote_if_better
+        from slurm_ray.mlflow.settings import MlflowSettings
+
+        settings = MlflowSettings.from_dict(dict(mlflow), default_experiment=dag_run.dag_id)
+        return promote_if_better(
+            settings, registered["model_name"], registered["model_version"], metric=metric
+        )
 
     comparison: Any = compare(
         cast(Any, train.output),
         resolved["mlflow"],
         resolved["ssh_conn_id"],
         resolved["environment"],
+        resolved["promotion_metric"],
     )
     registered: Any = register_best(
         comparison, resolved["mlflow"], resolved["ssh_conn_id"], resolved["environment"]
     )
-    promote(registered, resolved["mlflow"])
+    promote(registered, resolved["mlflow"], resolved["promotion_metric"])
     runs >> env
     sanity >> train

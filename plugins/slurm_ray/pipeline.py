@@ -144,13 +144,23 @@ def register_trained_model(
 
 
 def promote_model(
-    registered: Mapping[str, Any], mlflow: Mapping[str, Any], dag_id: str
+    registered: Mapping[str, Any],
+    mlflow: Mapping[str, Any],
+    dag_id: str,
+    metric: str = "eval_return_mean",
 ) -> dict[str, Any]:
     """Move the ``champion`` alias to the new version if it is better by the margin."""
-    from slurm_ray.mlflow.registry import promote_if_better
+    from slurm_ray.mlflow.registry import check_promotion_metric, promote_if_better
 
+    try:
+        metric = check_promotion_metric(metric)
+    except ValueError as exc:
+        raise AirflowFailException(f"invalid Params: {exc}") from exc
     return promote_if_better(
-        _settings(mlflow, dag_id), registered["model_name"], registered["model_version"]
+        _settings(mlflow, dag_id),
+        registered["model_name"],
+        registered["model_version"],
+        metric=metric,
     )
 
 
@@ -218,10 +228,11 @@ def build_training_chain(*, train_timeout: timedelta = timedelta(hours=12)) -> d
 
     @task
     def promote(
-        registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None
+        registered: dict[str, Any], mlflow: dict[str, Any], dag_run: Any = None, params: Any = None
     ) -> dict[str, Any]:
-        """Champion alias to the new version if its eval return is better."""
-        return promote_model(registered, mlflow, dag_run.dag_id)
+        """Champion alias to the new version if it is better by ``promotion_metric``."""
+        metric = (params or {}).get("promotion_metric", "eval_return_mean")
+        return promote_model(registered, mlflow, dag_run.dag_id, metric)
 
     registered: Any = register_model(
         cast(Any, train.output),

@@ -314,6 +314,27 @@ def test_promotion_moves_alias_only_when_better_by_margin(mlflow_server: MlflowS
     assert promote_if_better(settings, name, v5)["reason"].endswith("already is the champion")
 
 
+def test_promotion_by_return_per_node_hour(mlflow_server: MlflowServer) -> None:
+    """A cheaper run with a lower return wins by return per node-hour, not by return."""
+    settings = settings_for(mlflow_server, min_improvement=0.0)
+    name = f"promo-cost-{uuid.uuid4().hex[:6]}"
+    c = client(mlflow_server)
+
+    def version(ret: float, node_hours: float) -> str:
+        v = _version_with(mlflow_server, settings, name, ret)
+        c.log_metric(c.get_model_version(name, v).run_id, "slurm.node_hours", node_hours)
+        return v
+
+    big, cheap = version(400.0, 0.5), version(300.0, 0.1)
+    assert promote_if_better(settings, name, big, metric="return_per_node_hour")["new"] == 800.0
+    assert not promote_if_better(settings, name, cheap)["promoted"]  # 300 < 400
+    d = promote_if_better(settings, name, cheap, metric="return_per_node_hour")
+    assert d["promoted"] and (d["new"], d["champion"]) == (3000.0, 800.0)
+    run = c.get_run(c.get_model_version(name, cheap).run_id)
+    assert run.data.tags["slurm_ray.promotion.metric"] == "return_per_node_hour"
+    assert run.data.metrics["promotion.new"] == 3000.0
+
+
 # -- comparison -----------------------------------------------------------------------
 
 
@@ -414,6 +435,9 @@ def test_compare_runs_plot_table_best(
     assert palette <= colors, "one coloured line per run"
     csv_text = Path(c.download_artifacts(parent, "comparison/runs.csv", str(tmp_path))).read_text()
     assert csv_text.count("\n") == 4 and "310.0" in csv_text
+    header = csv_text.splitlines()[0].split(",")
+    # both figures side by side: the return and the return per node-hour it cost
+    assert {"eval_return_mean", "slurm.node_hours", "return_per_node_hour"} <= set(header)
 
 
 # -- the model: export on the cluster, log + register from Airflow, load on the cluster ----

@@ -146,6 +146,7 @@ def test_sweep_four_configs_train_concurrently(
         "train_batch_size": 500,
         "experiment_name": f"sweep-{tag}",
         "register_model_name": f"sweep-model-{tag}",
+        "promotion_metric": "return_per_node_hour",
     }
     status, run = trigger(airflow, "rllib_sweep", conf)
     assert status == 200, run
@@ -187,3 +188,15 @@ def test_sweep_four_configs_train_concurrently(
     assert parents and parents[0].data.tags["slurm_ray.best_run_id"] in {
         r.info.run_id for r in children
     }
+    # What each job cost, from Slurm accounting; the best and the champion by return per node-hour
+    for child in children:
+        m = child.data.metrics
+        assert m["slurm.nodes"] == 1 and m["slurm.node_hours"] > 0, m
+        # > 1 is possible here: without task/cgroup, torch's threads may outrun 1 CPU
+        assert m["slurm.cpu_efficiency"] > 0, m
+    assert "best.return_per_node_hour" in parents[0].data.metrics
+    best = client.get_run(parents[0].data.tags["slurm_ray.best_run_id"])
+    assert best.data.tags["slurm_ray.promotion.metric"] == "return_per_node_hour"
+    assert best.data.metrics["promotion.new"] == pytest.approx(
+        best.data.metrics["eval_return_mean"] / best.data.metrics["slurm.node_hours"]
+    )

@@ -26,7 +26,6 @@ from mlflow.utils.validation import (
     MAX_PARAM_VAL_LENGTH,
 )
 from slurm_ray.mlflow import relay as relay_mod
-from slurm_ray.mlflow.accounting import slurm_efficiency
 from slurm_ray.mlflow.artifacts import MODEL_DIRNAME, RUN_DIR_ARTIFACTS, RemoteFiles, _fetch_bundle
 from slurm_ray.mlflow.errors import MlflowError, MlflowUnreachableError
 from slurm_ray.mlflow.hook import _CREDENTIALS, credentialed_uri
@@ -377,26 +376,6 @@ def test_elapsed_seconds_bad() -> None:
     assert parse_elapsed(None) is None
     assert parse_elapsed("x-1:00") is None
     assert parse_elapsed("INVALID") is None
-
-
-def test_slurm_efficiency_from_sacct_and_fallbacks() -> None:
-    sacct = "77|3600|2|8|02:00:00\n77.batch|3600|1|4|01:00:00\n"
-    eff = slurm_efficiency(LocalHook(sacct=sacct), "77")
-    assert eff == {
-        "slurm.elapsed_s": 3600.0,
-        "slurm.node_hours": 2.0,
-        "slurm.cpu_efficiency": 0.25,
-    }
-    assert slurm_efficiency(LocalHook(sacct=None), "77") == {}
-
-    class WithStates(LocalHook):
-        def states(self, ids: list[str]) -> dict[str, Any]:
-            return {"77": type("I", (), {"elapsed": "00:30:00", "num_nodes": 2})()}
-
-    assert slurm_efficiency(WithStates(sacct=None), "77") == {
-        "slurm.elapsed_s": 1800.0,
-        "slurm.node_hours": 1.0,
-    }
 
 
 def test_module_stays_light() -> None:

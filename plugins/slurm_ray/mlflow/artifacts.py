@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from slurm_ray.mlflow.accounting import slurm_efficiency
+from slurm_ray.mlflow.accounting import record_job_cost
 from slurm_ray.mlflow.errors import MlflowError
 from slurm_ray.mlflow.keys import finite, safe_key, tag_items
 from slurm_ray.mlflow.registry import register_version
@@ -171,13 +171,15 @@ def _log_files(
 def _log_final(
     client: MlflowClient, run_id: str, hook: RemoteFiles, job_id: str, result: Mapping[str, Any]
 ) -> dict[str, float]:
-    """Final metrics (result fields, Slurm efficiency) and result tags; returns the metrics."""
+    """Final metrics (result fields), result tags and the job's cost; returns the metrics.
+
+    The cost is logged once per job: the operator usually did at completion.
+    """
     from mlflow.entities import Metric, RunTag
 
     step = int(result.get("iterations") or 0)
     now_ms = int(time.time() * 1000)
     metrics = {k: v for k in FINAL_METRIC_KEYS if (v := finite(result.get(k))) is not None}
-    metrics.update(slurm_efficiency(hook, job_id))
     tags = {
         f"slurm_ray.result.{k}": result.get(k) for k in FINAL_TAG_KEYS if result.get(k) is not None
     }
@@ -187,7 +189,7 @@ def _log_final(
         metrics=[Metric(safe_key(k), v, now_ms, step) for k, v in metrics.items()],
         tags=[RunTag(k, v) for k, v in tag_items(tags)],
     )
-    return metrics
+    return {**metrics, **record_job_cost(client, run_id, hook, job_id, wait_s=5.0)}
 
 
 def finalize_run(

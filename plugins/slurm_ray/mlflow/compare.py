@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slurm_ray.mlflow.accounting import NODE_HOURS
 from slurm_ray.mlflow.keys import finite, safe_key, tag_items
+from slurm_ray.mlflow.registry import EVAL_RETURN, RETURN_PER_NODE_HOUR, metric_value
 from slurm_ray.mlflow.relay import SENTINEL_METRIC
 from slurm_ray.mlflow.runs import client_for, ensure_run, experiment_id
 
@@ -134,17 +136,33 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _row(run: Any, metric: str, fallback_metric: str) -> dict[str, Any]:
-    m = run.data.metrics
-    value, used = finite(m.get(metric)), metric
-    if value is None:
-        value, used = finite(m.get(fallback_metric)), fallback_metric
+def _score(m: Mapping[str, Any], metric: str, fallback_metric: str) -> tuple[float | None, str]:
+    """A run's ``metric``, else the same from ``fallback_metric`` (the training return)."""
+    value = metric_value(m, metric)
+    if value is not None:
+        return value, metric
+    if metric == RETURN_PER_NODE_HOUR:
+        return metric_value(m, metric, return_metric=fallback_metric), f"{fallback_metric}/node-h"
+    return finite(m.get(fallback_metric)), fallback_metric
+
+
+def _row(
+    run: Any, metric: str, fallback_metric: str, known: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One table row: the return, what the job cost, and the score the best is picked by.
+
+    ``known``: final values MLflow does not have yet (they win over the run's metrics).
+    """
+    m = {**run.data.metrics, **{k: v for k, v in (known or {}).items() if finite(v) is not None}}
+    value, used = _score(m, metric, fallback_metric)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name or run.info.run_id[:8],
         "status": run.info.status,
-        metric: finite(m.get(metric)),
+        EVAL_RETURN: finite(m.get(EVAL_RETURN)),
         fallback_metric: finite(m.get(fallback_metric)),
+        NODE_HOURS: finite(m.get(NODE_HOURS)),
+        RETURN_PER_NODE_HOUR: metric_value(m, RETURN_PER_NODE_HOUR),
         "env_steps": finite(m.get("env_steps")),
         "iterations": finite(m.get(SENTINEL_METRIC)),
         "wall_s": finite(m.get("wall_s")),
@@ -213,33 +231,52 @@ def _parent_run(
     return str(client.create_run(exp_id, run_name=name).info.run_id)
 
 
+def _series(
+    client: MlflowClient,
+    rows: Sequence[Mapping[str, Any]],
+    params: Sequence[Mapping[str, str]],
+    y_metric: str,
+    x_metric: str,
+) -> list[tuple[str, list[tuple[float, float]]]]:
+    """One (legend label, points) per run."""
+    labels = config_labels([r["run_name"] for r in rows], params)
+    return [
+        (lb, _curve(client, r["run_id"], y_metric, x_metric))
+        for lb, r in zip(labels, rows, strict=True)
+    ]
+
+
 def compare_runs(
     settings: MlflowSettings,
     run_ids: Sequence[str],
     *,
     parent_run_name: str,
     plotter: CurvePlotter,
-    metric: str = "eval_return_mean",
+    metric: str = EVAL_RETURN,
     fallback_metric: str = "episode_return_mean",
     curve_metric: str = "episode_return_mean",
     x_metric: str = "env_steps",
     tags: Mapping[str, str] | None = None,
     nest: bool = True,
+    known: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """
-    Log a comparison of several runs (a sweep) to a parent run and pick the best.
+    """Log a comparison of several runs (a sweep) to a parent run and pick the best.
 
     The parent run (found again by ``tags`` if given, so a retry reuses it) gets
     ``comparison/learning_curves.png`` (``curve_metric`` against ``x_metric``,
     one line per run named by its config, stop thresholds dashed; drawn by
     ``plotter``, e.g. :class:`slurm_ray.mlflow.plot.RemotePlotter`),
-    ``comparison/runs.csv`` and ``comparison/runs.md`` (final metrics), a
-    metric ``<label>.<metric>`` per run and ``best.<metric>``; the child runs
-    are nested under it (``mlflow.parentRunId``). The best run has the highest
-    ``metric`` (``fallback_metric`` for runs without it).
+    ``comparison/runs.csv`` and ``comparison/runs.md`` (final metrics: return,
+    ``slurm.node_hours``, ``return_per_node_hour``), a metric
+    ``<label>.<metric>`` per run and ``best.<metric>``; the child runs are
+    nested under it. The best run has the highest ``metric``
+    (:func:`~slurm_ray.mlflow.registry.metric_value`; from ``fallback_metric``
+    for runs without an evaluation return).
 
     :param nest: show the compared runs under the parent in the MLflow UI
         (sets their ``mlflow.parentRunId``; a run has one parent).
+    :param known: ``{run_id: {metric: value}}`` not in MLflow yet, such as the
+        tasks' ``eval_return_mean`` (from result.json; logged at finalize).
     :returns: ``{"parent_run_id", "best_run_id", "best_value", "metric", "runs",
         "plot_artifact"}``.
     """
@@ -248,17 +285,11 @@ def compare_runs(
     client = client_for(settings)
     parent_id = _parent_run(settings, client, parent_run_name, tags)
     runs = [client.get_run(run_id) for run_id in dict.fromkeys(run_ids)]  # ordered, no duplicates
-    rows = [_row(run, metric, fallback_metric) for run in runs]
+    rows = [_row(run, metric, fallback_metric, (known or {}).get(run.info.run_id)) for run in runs]
     params = [dict(run.data.params) for run in runs]
-    labels = config_labels([r["run_name"] for r in rows], params)
-    series = [
-        (lb, _curve(client, r["run_id"], curve_metric, x_metric))
-        for lb, r in zip(labels, rows, strict=True)
-    ]
-    if nest:
-        for r in rows:
-            if r["run_id"] != parent_id:
-                client.set_tag(r["run_id"], "mlflow.parentRunId", parent_id)
+    series = _series(client, rows, params, curve_metric, x_metric)
+    for r in (r for r in rows if nest and r["run_id"] != parent_id):
+        client.set_tag(r["run_id"], "mlflow.parentRunId", parent_id)
     scored = [r for r in rows if r["score"] is not None]
     best = max(scored, key=lambda r: r["score"]) if scored else None
     title = f"Learning curves: {curve_metric} vs {x_metric} ({settings.experiment_name})"

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from slurm_ray.mlflow.accounting import NODE_HOURS
 from slurm_ray.mlflow.keys import finite, tag_items
 from slurm_ray.mlflow.runs import client_for
 
@@ -19,6 +20,42 @@ _log = logging.getLogger(__name__)
 
 #: Alias that marks the production model version.
 CHAMPION_ALIAS = "champion"
+#: The evaluation return a model is judged by.
+EVAL_RETURN = "eval_return_mean"
+#: The evaluation return per node-hour the job cost (``slurm.node_hours``).
+RETURN_PER_NODE_HOUR = "return_per_node_hour"
+#: What ``promotion_metric`` may name.
+PROMOTION_METRICS = (EVAL_RETURN, RETURN_PER_NODE_HOUR)
+#: The DAGs' ``promotion_metric`` Param: ``Param(EVAL_RETURN, **PROMOTION_PARAM)``.
+PROMOTION_PARAM: dict[str, Any] = {
+    "type": "string",
+    "enum": list(PROMOTION_METRICS),
+    "description": "What picks the best run and the champion: eval_return_mean, or "
+    "return_per_node_hour (eval_return_mean / node-hours from Slurm accounting).",
+}
+
+
+def check_promotion_metric(value: Any) -> str:
+    """``value`` if it is one of :data:`PROMOTION_METRICS`.
+
+    :raises ValueError: naming the field ``promotion_metric`` and the valid values.
+    """
+    if value not in PROMOTION_METRICS:
+        raise ValueError(
+            f"promotion_metric: {value!r} is not one of {', '.join(PROMOTION_METRICS)}"
+        )
+    return str(value)
+
+
+def metric_value(
+    metrics: Mapping[str, Any], metric: str, *, return_metric: str = EVAL_RETURN
+) -> float | None:
+    """A run's ``metric``; :data:`RETURN_PER_NODE_HOUR` is derived from its metrics
+    (``return_metric`` / ``slurm.node_hours``), None without either or at 0 node-hours."""
+    if metric != RETURN_PER_NODE_HOUR:
+        return finite(metrics.get(metric))
+    value, hours = finite(metrics.get(return_metric)), finite(metrics.get(NODE_HOURS))
+    return value / hours if value is not None and hours else None
 
 
 def register_version(
@@ -47,7 +84,7 @@ def register_version(
 def _version_metric(client: MlflowClient, mv: Any, metric: str) -> float | None:
     if mv is None or not mv.run_id:
         return None
-    return finite(client.get_run(mv.run_id).data.metrics.get(metric))
+    return metric_value(client.get_run(mv.run_id).data.metrics, metric)
 
 
 def _decide(
@@ -86,6 +123,7 @@ def _record_decision(client: MlflowClient, run_id: str, decision: Mapping[str, A
     tags = {
         "slurm_ray.promotion.decision": "promoted" if decision["promoted"] else "kept",
         "slurm_ray.promotion.reason": decision["reason"],
+        "slurm_ray.promotion.metric": decision["metric"],
         "slurm_ray.promotion.champion_version": decision["champion_version"] or "",
         "slurm_ray.promotion.champion_value": "" if champ is None else repr(champ),
         "slurm_ray.promotion.new_value": "" if new is None else repr(new),
@@ -98,7 +136,7 @@ def promote_if_better(
     model_name: str,
     version: str | int,
     *,
-    metric: str = "eval_return_mean",
+    metric: str = EVAL_RETURN,
     min_improvement: float | None = None,
     alias: str = CHAMPION_ALIAS,
     log: Any = None,
@@ -107,7 +145,10 @@ def promote_if_better(
     Give ``version`` the ``champion`` alias if its run's ``metric`` beats the champion's.
 
     Promoted when there is no champion yet, or when ``new > champion`` and
-    ``new - champion >= min_improvement`` (default: ``settings.min_improvement``).
+    ``new - champion >= min_improvement`` (default: ``settings.min_improvement``,
+    in the metric's unit). ``metric`` is one of :data:`PROMOTION_METRICS` or
+    any metric of the runs; ``return_per_node_hour`` is computed from each
+    run's ``eval_return_mean`` and ``slurm.node_hours``.
     A version without the metric is never promoted. The decision and both
     numbers are logged on the new version's run (tags ``slurm_ray.promotion.*``,
     metrics ``promotion.new`` / ``promotion.champion``) and on the model version.

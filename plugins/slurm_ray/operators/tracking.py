@@ -178,6 +178,16 @@ class MlflowTracking:
         run.relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
         self.log.info("MLflow metrics relay at completion: %s", stats)
         self.record_queue_wait(run)
+        self.record_cost(run)
+
+    def record_cost(self, run: RunState) -> None:
+        """Log the job's cost from Slurm accounting (h-acct: issue 15 §3)."""
+        run_id, settings = (run.relay or {}).get("run_id"), self.settings(run)
+        if run_id and settings is not None and run.job_id:
+            from slurm_ray.mlflow.accounting import record_job_cost
+            from slurm_ray.mlflow.runs import client_for
+
+            record_job_cost(client_for(settings), run_id, self.hook, run.job_id, log=self.log)
 
     def record_queue_wait(self, run: RunState) -> None:
         """Log ``slurm_queue_wait_s`` (SubmitTime to StartTime, as Slurm reports them).

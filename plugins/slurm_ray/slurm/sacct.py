@@ -36,13 +36,18 @@ SACCT_FORMAT: str = ",".join(SACCT_FIELDS)
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*", re.ASCII)
 
 
-def build_sacct_command(ids: str, fields: Sequence[str] = SACCT_FIELDS) -> str:
-    """``sacct`` of the jobs ``ids`` (allocations only, header line kept).
+def build_sacct_command(
+    ids: str, fields: Sequence[str] = SACCT_FIELDS, *, steps: bool = False
+) -> str:
+    """``sacct`` of the jobs ``ids`` (header line kept).
 
     :param ids: shell text giving comma-separated job ids: validated ids, or a
         variable such as ``"$left"`` that holds them.
+    :param steps: also the job steps' lines (``123.batch``, ``123.0``): usage
+        such as ``MaxRSS`` is recorded per step, and with ``-X`` the
+        allocation's ``TotalCPU`` reads 0 (it is the sum of its steps).
     """
-    return f"sacct -P -X -j {ids} --format={quote(','.join(fields))}"
+    return f"sacct -P{'' if steps else ' -X'} -j {ids} --format={quote(','.join(fields))}"
 
 
 def read_sacct(text: str, fields: Sequence[str] = SACCT_FIELDS) -> list[dict[str, str]]:
