@@ -359,12 +359,8 @@ def render_batch_script(
     catches typos in ``$SLURM_*`` names. ``setup_lines`` (``module load``,
     ``conda activate``, ``source venv/bin/activate``) run with ``nounset``
     switched off, because third-party activation scripts read unset variables.
-    For a ``command`` that traps signals (``--signal=B:USR1@60``, ``scancel``'s
-    SIGTERM) remember that bash runs a trap only after the foreground command
-    returns, so long work must run in the background and be ``wait``-ed for; a
-    trapped signal makes ``wait`` return 128+N, which ``errexit`` turns into
-    the script's exit once the handler has run: a handler that means to keep
-    going must be paired with ``wait "$pid" || rc=$?``.
+    A ``command`` that traps signals must run long work in the background and
+    ``wait "$pid" || rc=$?`` (bash runs traps between commands; errexit).
 
     :param spec: the validated job specification.
     :param command: trusted shell text run last (e.g. the Ray launcher).
