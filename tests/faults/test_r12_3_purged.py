@@ -1,9 +1,14 @@
-"""R12.3 (issue 12 item 3): a job that ended while nobody watched and that Slurm
-has purged (MinJobAge passed, no accounting on the dev cluster) is collected
-from its run directory, not polled until the trigger's 12-h deadline.
+"""R12.3 (issue 12 item 3, issue 15 §3): a job that ended while nobody watched
+and that the controller has purged (MinJobAge passed) is decided at the first
+poll, not polled until the trigger's 12-h deadline. The dev cluster keeps
+accounting (slurmdbd), as real sites do, so the end state comes from sacct:
+COMPLETED for the job that succeeded, FAILED with its exit code for the other.
+(A site without accounting: the run directory decides, tests/unit/test_purged_in_sacct.py
+and the parsers' tests over real output.)
 
 MinJobAge is lowered on the shared dev cluster for the shortest window that
-works (after the jobs ended, until Slurm forgot them) and always restored.
+works (after the jobs ended, until Slurm forgot them) and always restored; the
+test runs alone (``exclusive``) because every job's record is purged meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tests.cluster.test_operator import FakeTI, make_op
 from tests.conftest import DevCluster
 from tests.faults.conftest import trials
 
-pytestmark = [pytest.mark.faults, pytest.mark.cluster]
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.exclusive]
 
 WRITE_RESULT = (
     'printf \'%s\' \'{"status": "succeeded", "stop_reason": "iterations"}\' > result.json.tmp'
@@ -80,13 +85,11 @@ def purged(cluster: DevCluster, job_id: str) -> bool:
 
 
 @pytest.mark.parametrize("trial", range(trials()))
-def test_r12_3_purged_job_is_collected_from_its_run_dir(
+def test_r12_3_purged_job_is_decided_at_the_first_poll(
     cluster: DevCluster, faults, trial: int
 ) -> None:
     if not os.access(cluster.env["SLURM_CONF"], os.W_OK):
         pytest.skip("lowering MinJobAge needs write access to the dev cluster's slurm.conf")
-    if cluster.ssh("command -v sacct && sacct -n -X -j 1", check=False).returncode == 0:
-        pytest.skip("this cluster has accounting: a purged job is still in sacct")
     from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
     from tests.faults.helpers import first_event
@@ -117,14 +120,16 @@ def test_r12_3_purged_job_is_collected_from_its_run_dir(
                     assert time.monotonic() < deadline, "Slurm did not purge the jobs"
                     time.sleep(2)
                     age.hold()
-            # The triggerer is back: the purged jobs are collected, not watched for 12 h.
+            # The triggerer is back: the purged jobs are decided from sacct at once.
             started = time.monotonic()
             events = {
                 name: asyncio.run(first_event(d.trigger, 120)) for name, d in deferred.items()
             }
-            for event in events.values():
-                assert event.payload["status"] == "terminal", event.payload
-                assert event.payload["state"] == "NOT_FOUND", event.payload
+            for name, state in (("ok", "COMPLETED"), ("bad", "FAILED")):
+                payload = events[name].payload
+                assert payload["status"] == "terminal", payload
+                assert payload["state"] == state, payload
+            assert events["bad"].payload["exit_code"] == "3:0", events["bad"].payload
             d = deferred["ok"]
             summary = getattr(ops["ok"], d.method_name)(
                 {"ti": tis["ok"]}, events["ok"].payload, **(d.kwargs or {})
