@@ -30,7 +30,6 @@ state, each trial keeps its newest checkpoint; run again to continue).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
