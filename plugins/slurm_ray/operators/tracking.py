@@ -16,8 +16,18 @@ from airflow.sdk.exceptions import AirflowException
 from slurm_ray.hooks.slurm import SlurmHook
 from slurm_ray.operators.run_state import RunState
 from slurm_ray.slurm.commands import build_earlier_metrics_command
+from slurm_ray.utils.quoting import quote
 
 __all__ = ["QUEUE_WAIT_METRIC", "MlflowTracking"]
+
+
+def _cat_trials(run_dir: str) -> str:
+    """Shell text printing every Tune trial's metrics.jsonl of ``run_dir``."""
+    return (
+        f'for f in {quote(run_dir)}/trials/*/metrics.jsonl; do [ -f "$f" ] && cat -- "$f" && echo; '
+        "done; true"
+    )
+
 
 #: Seconds the job waited in Slurm's queue (SubmitTime to StartTime).
 QUEUE_WAIT_METRIC = "slurm_queue_wait_s"
@@ -170,6 +180,11 @@ class MlflowTracking:
         path = posixpath.join(run.run_dir, "metrics.jsonl")
         raw = self.hook.read_file(path)
         rows = parse_metrics_jsonl(raw, self.log) if raw else []
+        if any("trial_id" in row for row in rows):
+            # A Tune run: each trial's own file is the complete record (the
+            # stream misses what trials wrote after the driver stopped listening).
+            path = posixpath.join(run.run_dir, "trials", "*", "metrics.jsonl")
+            rows = parse_metrics_jsonl(self.hook.run(_cat_trials(run.run_dir)).stdout_bytes)
         if strict:
             stats = deliver_rows(relay, rows, wait_s=self.wait_s, log=self.log, where=path)
         else:
@@ -177,7 +192,22 @@ class MlflowTracking:
         # relay_later: the relay found or created the task's run once the server answered
         run.relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
         self.log.info("MLflow metrics relay at completion: %s", stats)
+        self._end_trials(run, stats.trial_runs, "FINISHED" if strict else "KILLED")
         self.record_queue_wait(run)
+
+    def _end_trials(self, run: RunState, trials: Mapping[str, str | None], status: str) -> None:
+        """End the nested runs of Ray Tune trials (the parent is ended by its own path)."""
+        settings = self.settings(run)
+        if not trials or settings is None:
+            return
+        from slurm_ray.mlflow.runs import end_run
+
+        for trial, run_id in trials.items():
+            if run_id:
+                try:
+                    end_run(settings, run_id, status)
+                except Exception as exc:
+                    self.log.warning("MLflow: could not end the run of trial %s: %s", trial, exc)
 
     def record_queue_wait(self, run: RunState) -> None:
         """Log ``slurm_queue_wait_s`` (SubmitTime to StartTime, as Slurm reports them).
