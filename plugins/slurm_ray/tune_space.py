@@ -135,7 +135,9 @@ def validate_tune(tune: Any, base: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(tune, Mapping):
         raise TuneSpecError(f"tune: must be a mapping, got {type(tune).__name__}")
-    unknown = sorted(set(tune) - {"search", "num_samples", "scheduler", "max_concurrent_trials"})
+    # "trials" is ours (a checked spec is checked again on the cluster); recomputed.
+    known = {"search", "num_samples", "scheduler", "max_concurrent_trials", "trials"}
+    unknown = sorted(set(tune) - known)
     if unknown:
         raise TuneSpecError(f"tune.{unknown[0]}: unknown field")
     scheduler = tune.get("scheduler", "fifo")

@@ -100,3 +100,8 @@ def test_tune_dag_shape() -> None:
     assert "sanity_check" in {t.task_id for t in tune.upstream_list}
     for name in ("search", "num_samples", "scheduler", "max_concurrent_trials", "lr", "nodes"):
         assert dag.params.get_param(name).description, name
+
+
+def test_a_checked_spec_passes_again_as_the_driver_checks_it() -> None:
+    spec = validate_tune({"search": {"lr": {"grid": [0.001, 0.003]}}, "num_samples": 2}, BASE)
+    assert validate_tune(spec, BASE) == spec
