@@ -135,6 +135,10 @@ def _stream_callback(run_dir: Path) -> Any:
     class TrialStream(Callback):
         """Appends each trial's row to DIR/metrics.jsonl (this process is its one writer)."""
 
+        def on_step_begin(self, iteration: int, trials: Any, **info: Any) -> None:
+            if iteration <= 1:  # Tune's signal handlers are in place by now
+                _note_signals()
+
         def on_trial_result(
             self, iteration: int, trials: Any, trial: Any, result: dict, **info: Any
         ) -> None:
@@ -149,6 +153,34 @@ def _stream_callback(run_dir: Path) -> Any:
                 )
 
     return TrialStream()
+
+
+def _note_signals() -> None:
+    """Record which signal stopped the sweep, then let Tune's handler save its state.
+
+    Tune installs its own SIGINT/SIGUSR1 handlers in fit(); after an interrupt its
+    trials' statuses do not tell an interrupted sweep from a finished one.
+    """
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        inner = signal.getsignal(sig)
+        if getattr(inner, "_noted", False):
+            continue
+
+        def handler(signum: int, frame: Any, _inner: Any = inner) -> None:
+            if train._Stop.signame is None:
+                train._Stop.signame = signal.Signals(signum).name
+            if callable(_inner):
+                _inner(signum, frame)
+
+        handler._noted = True  # type: ignore[attr-defined]
+        signal.signal(sig, handler)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # scancel: the same graceful path as Ctrl+C (Tune saves its state).
+    if train._Stop.signame is None:
+        train._Stop.signame = "SIGTERM"
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 # --- the experiment ---------------------------------------------------------------
@@ -273,6 +305,16 @@ def trial_outcomes(grid: Any) -> list[dict[str, Any]]:
     return out
 
 
+def interrupted(trainer: Any, tune_info: dict[str, Any] | None = None) -> int:
+    reason = f"signal:{train._Stop.signame or 'unknown'}"
+    result = trainer.result(
+        "interrupted", reason, exit_code=train.EXIT_INTERRUPTED, tune=tune_info or {}
+    )
+    train._write_json_atomic(trainer.result_path, result)
+    print(f"tune: interrupted ({reason}); the state is saved, run again to continue", flush=True)
+    return train.EXIT_INTERRUPTED
+
+
 def finish(trainer: Any, grid: Any, spec: dict[str, Any]) -> int:
     """Pick the best trial, evaluate and export it, write result.json; the exit code."""
     trials = trial_outcomes(grid)
@@ -281,13 +323,8 @@ def finish(trainer: Any, grid: Any, spec: dict[str, Any]) -> int:
         "num_trials": len(trials),
         "trials": trials,
     }
-    if any(t["status"] not in FINISHED for t in trials):
-        result = trainer.result(
-            "interrupted", "signal:SIGUSR1", exit_code=train.EXIT_INTERRUPTED, tune=tune_info
-        )
-        train._write_json_atomic(trainer.result_path, result)
-        print("tune: interrupted; the experiment state is saved, run again to continue", flush=True)
-        return train.EXIT_INTERRUPTED
+    if train._Stop.signame is not None or any(t["status"] not in FINISHED for t in trials):
+        return interrupted(trainer, tune_info)
     best = grid.get_best_result(metric=SCORE, mode="max", scope="last")
     if best is None or best.checkpoint is None:
         errors = "; ".join(str(e) for e in grid.errors)[:2000]
@@ -358,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = train.Trainer(cfg, run_dir, args)
     try:
         trainer.connect()
-        # Tune saves its state on SIGINT and SIGUSR1 (it installs both in fit);
-        # scancel's SIGTERM takes the same graceful path.
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        if train._Stop.signame is not None:  # a signal while Ray was starting
+            return interrupted(trainer)
         grid = build_tuner(cfg, spec, cfg.to_dict(), run_dir).fit()
         return finish(trainer, grid, spec)
     except Exception as exc:
