@@ -4,12 +4,11 @@
     python -u tune_driver.py --config config.json --run-dir DIR [--local [--num-cpus N]]
                              [--export-model]
 
-config.json is ``{"base": <training config>, "tune": <tune_space spec>}``;
-both are checked (``training_config``, ``tune_space``, staged next to this
-file) before Ray starts. Each trial is one ``train.Trainer`` (the single-run
-driver's build / resume / metrics / checkpoint code) in a Tune function
-trainable, taking 1 + num_env_runners CPUs (``num_env_runners`` null means 0
-here: the allocation's CPUs go to concurrent trials).
+config.json is ``{"base": <training config>, "tune": <tune_space spec>}``, checked
+(``training_config``, ``tune_space``, staged next to this file) before Ray starts.
+Each trial is a ``train.Trainer`` (build / resume / metrics / checkpoints) in a
+Tune function trainable taking 1 + num_env_runners CPUs (null means 0 here: the
+allocation's CPUs go to concurrent trials).
 
 Files in DIR (the run-directory contract, extended):
 
@@ -23,9 +22,9 @@ Files in DIR (the run-directory contract, extended):
     result.json        train.py's result for the best trial (its checkpoint,
                        evaluation, model export) plus "tune": every trial's outcome
 
-Exit codes as train.py: 0 done, 1 failed (no trial produced a checkpoint),
-2 bad config, 75 interrupted (SIGUSR1 before the time limit: Tune saves its
-state, each trial keeps its newest checkpoint; run again to continue).
+Exit codes as train.py: 0 done, 1 failed (no trial has a checkpoint), 2 bad
+config, 75 interrupted (SIGUSR1 before the time limit, or scancel's SIGTERM:
+Tune saves its state, each trial keeps its newest checkpoint; run again).
 """
 
 from __future__ import annotations
@@ -46,8 +45,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import train  # noqa: E402  (staged next to this file; loads training_config)
-
-tc = train.tc
 
 
 def _load_tune_space() -> Any:
@@ -189,16 +186,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def param_space(spec: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    make = {
-        "grid": tune.grid_search,
-        "choice": tune.choice,
-        "loguniform": lambda bounds: tune.loguniform(*bounds),
-    }
-    return {
-        key: make[kind](values)
-        for key, dim in spec["search"].items()
-        for kind, values in dim.items()
-    }
+    make = {"grid": tune.grid_search, "choice": tune.choice, "loguniform": tune.loguniform}
+    out = {}
+    for key, dim in spec["search"].items():
+        ((kind, values),) = dim.items()
+        out[key] = make[kind](*values) if kind == "loguniform" else make[kind](values)
+    return out
 
 
 def scheduler(spec: dict[str, Any], cfg: Any) -> Any:
@@ -207,12 +200,7 @@ def scheduler(spec: dict[str, Any], cfg: Any) -> Any:
 
     if spec["scheduler"] == "asha":
         max_t = int(cfg.stop.iterations)
-        return ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=max_t,
-            grace_period=max(1, max_t // 4),
-            reduction_factor=2,
-        )
+        return ASHAScheduler(max_t=max_t, grace_period=max(1, max_t // 4), reduction_factor=2)
     if spec["scheduler"] == "pbt":
         mutations: dict[str, Any] = {}
         for key, dim in spec["search"].items():
@@ -328,17 +316,12 @@ def finish(trainer: Any, grid: Any, spec: dict[str, Any]) -> int:
     best = grid.get_best_result(metric=SCORE, mode="max", scope="last")
     if best is None or best.checkpoint is None:
         errors = "; ".join(str(e) for e in grid.errors)[:2000]
-        result = trainer.result(
-            "failed",
-            "error",
-            exit_code=train.EXIT_FAILED,
-            tune=tune_info,
-            error=errors or "no checkpoint",
-        )
+        error = errors or "no trial has a checkpoint"
+        result = trainer.result("failed", "error", exit_code=1, tune=tune_info, error=error)
         train._write_json_atomic(trainer.result_path, result)
         return train.EXIT_FAILED
     m = best.metrics.get("row") or {}
-    trainer.cfg = tc.validate_config({**trainer.cfg.to_dict(), **best.config})
+    trainer.cfg = train.tc.validate_config({**trainer.cfg.to_dict(), **best.config})
     trainer.eff = trainer.cfg.resolved()
     trainer.checkpoint = Path(best.checkpoint.path)
     trainer.iteration = int(m.get("iteration") or 0)
@@ -351,10 +334,7 @@ def finish(trainer: Any, grid: Any, spec: dict[str, Any]) -> int:
         "succeeded", reason, exit_code=train.EXIT_OK, tune=tune_info, **trainer.evaluate()
     )
     train._write_json_atomic(trainer.result_path, result)
-    print(
-        f"tune: best trial {m.get('trial_id')} {best.config}: return {trainer.last_return}, eval {result['eval_return_mean']}",
-        flush=True,
-    )
+    print(f"tune: best trial {m.get('trial_id')} {best.config}: {result['eval_return_mean']=}")
     if trainer.args.export_model:
         train._write_json_atomic(trainer.result_path, result | trainer.export_model())
     return train.EXIT_OK
@@ -371,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(Path(args.config).read_text())
         base = raw["base"]
         modules = [m for m in os.environ.get("SLURM_RAY_ENV_MODULES", "").split(",") if m]
-        cfg = tc.validate_config(base, env_modules=modules)
+        cfg = train.tc.validate_config(base, env_modules=modules)
         train.check_env_id(cfg.env_id)
         spec = ts.validate_tune(raw["tune"], cfg.to_dict())
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -388,10 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    print(
-        f"tune: {spec['trials']} trial(s), scheduler {spec['scheduler']}, search {json.dumps(spec['search'])}",
-        flush=True,
-    )
+    print(f"tune: {spec['trials']} trial(s), {spec['scheduler']}, {json.dumps(spec['search'])}")
     trainer = train.Trainer(cfg, run_dir, args)
     try:
         trainer.connect()
