@@ -313,7 +313,9 @@ class MetricsRelay:
                     self.log.warning("MLflow connection %s: %s", self.conn_id, short_error(exc))
             stats = await asyncio.to_thread(self.send, rows)
         if stats.sent:
-            self.log.info("MLflow: logged %d step(s), up to step %s", stats.sent, stats.watermark)
+            where = f"{len(stats.trial_runs)} trial runs" if stats.trial_runs else "the run"
+            where += "" if stats.trial_runs else f", up to step {stats.watermark}"
+            self.log.info("MLflow: logged %d step(s) to %s", stats.sent, where)
 
 
 def make_async_sink(
