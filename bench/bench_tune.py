@@ -194,6 +194,7 @@ def section(data: dict[str, Any]) -> str:
     t, j = data["runs"]["tune"], data["runs"]["jobs"]
     rows = [
         ["wall time (first submit to last job end)", fmt(t["wall_s"], ".0f", " s"), fmt(j["wall_s"], ".0f", " s"), fmt(ratio(t["wall_s"], j["wall_s"]), ".2f", "x")],
+        ["span (first job start to last job end)", fmt(t["span_s"], ".0f", " s"), fmt(j["span_s"], ".0f", " s"), fmt(ratio(t["span_s"], j["span_s"]), ".2f", "x")],
         ["node-seconds allocated", fmt(t["node_s"], ".0f"), fmt(j["node_s"], ".0f"), fmt(ratio(t["node_s"], j["node_s"]), ".2f", "x")],
         ["CPU-seconds allocated", fmt(t["cpu_s"], ".0f"), fmt(j["cpu_s"], ".0f"), fmt(ratio(t["cpu_s"], j["cpu_s"]), ".2f", "x")],
         ["best final return (mean)", fmt(t["best_return"], ".1f"), fmt(j["best_return"], ".1f"), "-"],

@@ -105,3 +105,20 @@ def test_tune_dag_shape() -> None:
 def test_a_checked_spec_passes_again_as_the_driver_checks_it() -> None:
     spec = validate_tune({"search": {"lr": {"grid": [0.001, 0.003]}}, "num_samples": 2}, BASE)
     assert validate_tune(spec, BASE) == spec
+
+
+def test_the_dag_defaults_resolve_to_a_tune_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trigger form's defaults pass the resolve task's checks (asha needs stop_iterations)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from slurm_ray.pipeline import resolve_or_fail
+    from slurm_ray.tune_plan import TUNE_PARAMS
+
+    monkeypatch.setenv("SLURM_RAY_MLFLOW_URI", "http://127.0.0.1:5000")
+    dag = DagBag(dag_folder=str(DAGS / "rllib_tune.py")).dags["rllib_tune"]
+    params = {k: dag.params[k] for k in dag.params}
+    resolved = resolve_or_fail({k: v for k, v in params.items() if k not in TUNE_PARAMS})
+    plan = plan_tune(resolved, params)
+    assert plan["config"]["tune"]["scheduler"] == "asha"
+    assert plan["config"]["tune"]["trials"] == params["num_samples"]
+    assert plan["config"]["base"]["stop"]["iterations"] == 20
+    assert resolved["mlflow"]["experiment_name"] == "rllib_tune"
