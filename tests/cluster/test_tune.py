@@ -207,3 +207,29 @@ def test_on_kill_cancels_the_one_tune_job(cluster: DevCluster) -> None:
         assert cluster.ssh(f"cat {stream}").stdout == before
     finally:
         cluster.ssh(f"scancel {shlex.quote(job_id)}", check=False)
+
+
+def test_completion_reads_every_trial_file_past_the_output_cap(cluster: DevCluster) -> None:
+    """The catch-up's one command keeps only the tail of a big output: then every
+    trial file is read on its own, and no row is lost."""
+    import logging
+
+    from slurm_ray.hooks.slurm import SlurmHook
+    from slurm_ray.operators.tracking import MlflowTracking
+
+    run_dir = cluster.new_dir("tune-cap")
+    trials = [f"abcde_{i:05d}" for i in range(3)]
+    for t in trials:
+        text = "".join(json.dumps(_row(t, s, 0.1)) + "\n" for s in range(1, 21))
+        path = f"{run_dir}/trials/{t}/metrics.jsonl"
+        cluster.ssh(f"mkdir -p {run_dir}/trials/{t} && printf %s {shlex.quote(text)} > {path}")
+    wanted = {(t, s) for t in trials for s in range(1, 21)}
+    for cap in (1 << 20, 2000):  # room for all, then far less than one file
+        hook = SlurmHook("slurm_dev", max_output=cap)
+        try:
+            tracking = MlflowTracking(None, hook, logging.getLogger("t"), wait_s=1)
+            rows = tracking._trial_rows(run_dir)
+        finally:
+            hook.close()
+        assert {(r["trial_id"], r["iteration"]) for r in rows} == wanted, cap
+        assert len(rows) == len(wanted), cap

@@ -8,6 +8,7 @@ end makes sure MLflow has every row.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,7 +185,7 @@ class MlflowTracking:
             # A Tune run: each trial's own file is the complete record (the
             # stream misses what trials wrote after the driver stopped listening).
             path = posixpath.join(run.run_dir, "trials", "*", "metrics.jsonl")
-            rows = parse_metrics_jsonl(self.hook.run(_cat_trials(run.run_dir)).stdout_bytes)
+            rows = self._trial_rows(run.run_dir)
         if strict:
             stats = deliver_rows(relay, rows, wait_s=self.wait_s, log=self.log, where=path)
         else:
@@ -194,6 +195,21 @@ class MlflowTracking:
         self.log.info("MLflow metrics relay at completion: %s", stats)
         self._end_trials(run, stats.trial_runs, "FINISHED" if strict else "KILLED")
         self.record_queue_wait(run)
+
+    def _trial_rows(self, run_dir: str) -> list[dict[str, Any]]:
+        """Every trial's metrics.jsonl rows: one command, or one read per trial when
+        the command's output passed the hook's cap (it keeps only the tail)."""
+        from slurm_ray.mlflow.relay import parse_metrics_jsonl
+
+        res = self.hook.run(_cat_trials(run_dir))
+        if not res.stdout_cut:
+            return parse_metrics_jsonl(res.stdout_bytes, self.log)
+        rows: list[dict[str, Any]] = []
+        for trial in self.hook.run(f"ls -1 -- {quote(run_dir)}/trials").stdout.split():
+            if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", trial):
+                raw = self.hook.read_file(posixpath.join(run_dir, "trials", trial, "metrics.jsonl"))
+                rows += parse_metrics_jsonl(raw or b"", self.log)
+        return rows
 
     def _end_trials(self, run: RunState, trials: Mapping[str, str | None], status: str) -> None:
         """End the nested runs of Ray Tune trials (the parent is ended by its own path)."""
