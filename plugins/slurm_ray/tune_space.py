@@ -20,13 +20,14 @@ product of the grid sizes.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-try:  # Airflow side
+if "training_config" in sys.modules:  # cluster side: loaded by train.py, staged beside us
+    tc = sys.modules["training_config"]
+else:  # Airflow side
     from slurm_ray import training_config as tc
-except ImportError:  # cluster side: tune_driver loaded it as a top-level module
-    import training_config as tc  # type: ignore[no-redef]
 
 __all__ = [
     "KINDS",
