@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -365,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_INIT", "1")
+    # Tune's restore locks files in $RAY_TMPDIR/_ray_lockfiles (default /tmp): a
+    # name any user of the node can create first, which then fails the restore.
+    private_tmp = tempfile.mkdtemp(prefix="rs-tune-", dir=os.environ.get("SLURM_RAY_TMPDIR"))
+    os.environ["RAY_TMPDIR"] = private_tmp
     if args.local:
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -388,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return train.EXIT_FAILED
     finally:
         trainer.shutdown()
+        shutil.rmtree(private_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

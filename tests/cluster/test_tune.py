@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
-from tests.cluster.test_operator import FakeTI, make_op
+from tests.cluster.test_operator import FakeTI, make_op, run_deferred
 from tests.conftest import DevCluster
 from tests.mlflow_fixtures import MlflowServer
 
@@ -43,7 +43,9 @@ def _row(trial: str, step: int, lr: float) -> dict[str, Any]:
 def _children(client: Any, parent: str) -> dict[str, Any]:
     exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    return {r.data.tags["slurm_ray.trial_id"]: r for r in runs}
+    trials = [r.data.tags["slurm_ray.trial_id"] for r in runs]
+    assert len(trials) == len(set(trials)), f"a trial has more than one run: {sorted(trials)}"
+    return dict(zip(trials, runs, strict=True))
 
 
 def test_trial_rows_go_to_nested_runs_each_step_once(mlflow_server: MlflowServer) -> None:
@@ -233,3 +235,64 @@ def test_completion_reads_every_trial_file_past_the_output_cap(cluster: DevClust
             hook.close()
         assert {(r["trial_id"], r["iteration"]) for r in rows} == wanted, cap
         assert len(rows) == len(wanted), cap
+
+
+@pytest.mark.slow
+def test_pre_timeout_signal_then_retry_resumes_the_sweep(
+    cluster: DevCluster, mlflow_server: MlflowServer
+) -> None:
+    """Slurm's pre-timeout SIGUSR1 (sent here with scancel) ends try 1 with Tune's state
+    saved; try 2's job restores the same trials and finishes them; every step is in
+    its trial's nested run once."""
+    from mlflow.tracking import MlflowClient
+    from slurm_ray.tune_plan import TUNE_ENTRYPOINT, plan_tune, tune_files
+
+    ti = FakeTI(task_id="tune_resume", dag_id="test_tune")
+    mlflow = {"tracking_uri": mlflow_server.url, "experiment_name": f"resume-{ti.run_id[8:16]}"}
+    plan = plan_tune(
+        {"config": TINY | {"stop": {"iterations": 6}, "checkpoint_every": 1},
+         "job_spec": {"nodes": 2, "cpus_per_task": 1, "time": "15"}},
+        {"search": {"lr": {"grid": [0.001, 0.003]}}, "num_samples": 1},
+    )  # fmt: skip
+
+    def op() -> Any:
+        return make_op(cluster, "tune_resume", entrypoint=TUNE_ENTRYPOINT, mlflow=mlflow,
+                       extra_files=tune_files(), config=plan["config"], job_spec=plan["job_spec"])  # fmt: skip
+
+    first = op()
+    with pytest.raises(TaskDeferred) as deferred:
+        first.execute({"ti": ti})
+    job_id, run_dir = ti.xcom["slurm_job_id"], ti.xcom["run_dir"]
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rows = cluster.ssh(f"cat {run_dir}/metrics.jsonl 2>/dev/null", check=False).stdout
+            done = [json.loads(ln) for ln in rows.splitlines() if ln.strip()]
+            if len({r["trial_id"] for r in done if r["iteration"] >= 2}) == 2:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the trials did not reach iteration 2 within 300 s")
+        cluster.ssh(f"scancel --batch --signal=USR1 {shlex.quote(job_id)}")
+        event = asyncio.run(asyncio.wait_for(anext(deferred.value.trigger.run()), 300))
+    finally:
+        cluster.ssh(f"scancel {shlex.quote(job_id)}", check=False)
+    with pytest.raises(AirflowException):
+        first.execute_complete({"ti": ti}, event.payload, **deferred.value.kwargs)
+    interrupted = json.loads(cluster.ssh(f"cat {run_dir}/result.json").stdout)
+    assert interrupted["status"] == "interrupted" and interrupted["exit_code"] == 75
+    trial_ids = {t["trial_id"] for t in interrupted["tune"]["trials"]}
+
+    ti.try_number = 2
+    summary = run_deferred(op(), {"ti": ti}, timeout=600)
+    result = json.loads(cluster.ssh(f"cat {summary['run_dir']}/result.json").stdout)
+    assert result["status"] == "succeeded", result
+    assert {t["trial_id"] for t in result["tune"]["trials"]} == trial_ids
+    log = cluster.ssh(f"cat {summary['run_dir']}/slurm-*.out").stdout
+    assert f"continuing the experiment of {run_dir}" in log
+    client = MlflowClient(mlflow_server.url)
+    kids = _children(client, summary["mlflow_run_id"])
+    assert set(kids) == trial_ids
+    for trial, run in kids.items():
+        history = client.get_metric_history(run.info.run_id, "episode_return_mean")
+        assert sorted(m.step for m in history) == list(range(1, 7)), trial

@@ -147,7 +147,8 @@ class MlflowTracking:
         from slurm_ray.mlflow.relay import make_relay, parse_metrics_jsonl, relay_rows
 
         stats = relay_rows(
-            make_relay(settings, run_id=run.mlflow_run_id),
+            # The task's tags: a Tune trial's nested run is found again by them.
+            make_relay(settings, run_id=run.mlflow_run_id, tags=self.tags(run)),
             parse_metrics_jsonl(raw, self.log),
             log=self.log,
             strict=False,
