@@ -61,11 +61,10 @@ def _load_tune_space() -> Any:
 
 
 ts = _load_tune_space()
-EXPERIMENT = "tune"  # DIR/tune: Tune's experiment directory
-TRIALS = "trials"
+EXPERIMENT, TRIALS = "tune", "trials"  # DIR/tune: Tune's experiment state
 FINISHED = ("TERMINATED", "ERROR")
-#: What schedulers and the best-trial choice compare: the newest mean return.
-SCORE = "score"
+SCORE = "score"  # what schedulers and the best-trial choice compare: the newest return
+STREAM_ENV = "SLURM_RAY_TUNE_STREAM"  # DIR/metrics.jsonl of this try
 
 
 # --- one trial -----------------------------------------------------------------
@@ -127,11 +126,12 @@ def _restore(trainer: Any, path: Path) -> None:
 # --- the driver's view: one stream of every trial's rows ---------------------------
 
 
-def _stream_callback(run_dir: Path) -> Any:
+def _stream_callback() -> Any:
     from ray.tune import Callback
 
     class TrialStream(Callback):
-        """Appends each trial's row to DIR/metrics.jsonl (this process is its one writer)."""
+        """Appends each trial's row to DIR/metrics.jsonl (this process is its one writer);
+        DIR from the environment: Tuner.restore brings back the earlier try's callback."""
 
         def on_step_begin(self, iteration: int, trials: Any, **info: Any) -> None:
             if iteration <= 1:  # Tune's signal handlers are in place by now
@@ -142,7 +142,7 @@ def _stream_callback(run_dir: Path) -> Any:
         ) -> None:
             row = result.get("row")
             if isinstance(row, dict):
-                train._append_jsonl(run_dir / "metrics.jsonl", row)
+                train._append_jsonl(Path(os.environ[STREAM_ENV]), row)
                 ret = row.get("episode_return_mean")
                 print(
                     f"trial {row.get('trial_id')} iter {row.get('iteration'):>4} | return "
@@ -154,11 +154,8 @@ def _stream_callback(run_dir: Path) -> Any:
 
 
 def _note_signals() -> None:
-    """Record which signal stopped the sweep, then let Tune's handler save its state.
-
-    Tune installs its own SIGINT/SIGUSR1 handlers in fit(); after an interrupt its
-    trials' statuses do not tell an interrupted sweep from a finished one.
-    """
+    """Note the signal that stops the sweep, then let Tune's own handler save its state
+    (after an interrupt, trial statuses do not tell it from a finished sweep)."""
     for sig in (signal.SIGUSR1, signal.SIGINT):
         inner = signal.getsignal(sig)
         if getattr(inner, "_noted", False):
@@ -270,7 +267,7 @@ def build_tuner(cfg: Any, spec: dict[str, Any], base: dict[str, Any], run_dir: P
         run_config=tune.RunConfig(
             name=EXPERIMENT,
             storage_path=str(run_dir),
-            callbacks=[_stream_callback(run_dir)],
+            callbacks=[_stream_callback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             verbose=0,  # one line per result from TrialStream instead
         ),
@@ -370,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     # name any user of the node can create first, which then fails the restore.
     private_tmp = tempfile.mkdtemp(prefix="rs-tune-", dir=os.environ.get("SLURM_RAY_TMPDIR"))
     os.environ["RAY_TMPDIR"] = private_tmp
+    os.environ[STREAM_ENV] = str(run_dir / "metrics.jsonl")
     if args.local:
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -112,6 +112,7 @@ def test_sigusr1_saves_the_sweep_and_the_next_try_resumes_it(
     assert interrupted["status"] == "interrupted"
     before = trial_rows(first)
     assert all(max(v) < 6 for v in before.values()), before
+    first_stream = (first / "metrics.jsonl").read_text()
 
     proc2 = subprocess.run(
         command(cluster_python, second, config),
@@ -127,5 +128,10 @@ def test_sigusr1_saves_the_sweep_and_the_next_try_resumes_it(
         # Every iteration is there; those after the restored checkpoint may appear twice.
         assert sorted(set(steps)) == list(range(1, 7)), (trial, steps)
     assert {t["status"] for t in res["tune"]["trials"]} == {"TERMINATED"}
+    # The restored sweep streams into this try's directory, not the earlier one's.
+    assert (first / "metrics.jsonl").read_text() == first_stream
+    streamed = [json.loads(ln) for ln in (second / "metrics.jsonl").read_text().splitlines()]
+    assert {r["trial_id"] for r in streamed} == set(before)
+    assert {r["iteration"] for r in streamed} >= {6}
     assert Path(res["rl_module_checkpoint"]).is_dir()
     assert str(second / "tune") in res["checkpoint"]
