@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slurm_ray.mlflow.errors import MlflowError, MlflowUnreachableError
@@ -73,10 +73,13 @@ def make_relay(
     ``run_id`` None (``relay_later`` while the server was down at submit time):
     the relay finds or creates the run from ``tags`` once the server answers.
     """
-    relay: dict[str, Any] = {"tracking_uri": settings.tracking_uri, "run_id": run_id}
-    if run_id is None:
-        relay["experiment_name"] = settings.experiment_name
-        relay["tags"] = dict(tags or {})
+    # Experiment and tags always: trial rows (Ray Tune) make nested runs from them.
+    relay: dict[str, Any] = {
+        "tracking_uri": settings.tracking_uri,
+        "run_id": run_id,
+        "experiment_name": settings.experiment_name,
+        "tags": dict(tags or {}),
+    }
     relay["timeout"] = settings.request_timeout
     if settings.conn_id:
         relay["conn_id"] = settings.conn_id
@@ -96,6 +99,8 @@ class RelayStats:
     unreachable: bool = False
     #: the run the rows go to (found or created by now for a relay_later relay)
     run_id: str | None = None
+    #: nested runs of Ray Tune trials: trial id -> MLflow run id (None: not created yet)
+    trial_runs: dict[str, str | None] = field(default_factory=dict)
 
 
 class MetricsRelay:
@@ -119,7 +124,12 @@ class MetricsRelay:
     :param log: logger for warnings (the trigger's ``self.log``).
     """
 
-    def __init__(self, relay: Mapping[str, Any], log: Any = None) -> None:
+    def __init__(
+        self, relay: Mapping[str, Any], log: Any = None, *, parent: MetricsRelay | None = None
+    ) -> None:
+        self.parent = parent
+        self._children: dict[str, MetricsRelay] = {}
+        self.params: Mapping[str, Any] | None = None  # a trial's config, logged at creation
         self.tracking_uri = str(relay["tracking_uri"]).rstrip("/")
         self.run_id: str | None = relay.get("run_id") or None
         self.experiment_name: str | None = relay.get("experiment_name")
@@ -162,12 +172,54 @@ class MetricsRelay:
             if not self.experiment_name or not self.tags:
                 raise MlflowError("relay has neither run_id nor experiment_name + tags")
             settings = MlflowSettings(self.tracking_uri, self.experiment_name, conn_id=self.conn_id)
-            self.run_id = ensure_run(settings, tags=self.tags)
-            self.log.info("MLflow relay: run %s found/created for the task", self.run_id)
+            if self.parent is None:
+                self.run_id = ensure_run(settings, tags=self.tags)
+                self.log.info("MLflow relay: run %s found/created for the task", self.run_id)
+            else:
+                parent_id = self.parent._resolve_run()
+                name = f"trial {self.tags['trial_id']}"
+                run_id = ensure_run(settings, tags=self.tags, params=self.params, run_name=name)
+                _client(self.tracking_uri).set_tag(run_id, "mlflow.parentRunId", parent_id)
+                self.run_id = run_id
         return self.run_id
+
+    def _route(self, rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """This run's rows; trial rows are queued in their trial's relay."""
+        own: list[Mapping[str, Any]] = []
+        for row in rows:
+            trial = row.get("trial_id") if self.parent is None else None
+            if not isinstance(trial, str) or not trial:
+                own.append(row)
+                continue
+            child = self._children.get(trial)
+            if child is None:
+                relay = {
+                    "tracking_uri": self.tracking_uri,
+                    "run_id": None,
+                    "experiment_name": self.experiment_name,
+                    "tags": {**self.tags, "trial_id": trial},
+                    "timeout": self.timeout,
+                    "conn_id": self.conn_id,
+                }
+                child = self._children[trial] = MetricsRelay(relay, self.log, parent=self)
+            if child.params is None and isinstance(row.get("trial_config"), Mapping):
+                child.params = row["trial_config"]
+            child._add([row])
+        return own
 
     def send(self, rows: Iterable[Mapping[str, Any]] = ()) -> RelayStats:
         """Queue ``rows`` and send everything pending (blocking; never raises)."""
+        stats = self._send_own(self._route(rows))
+        for trial, child in self._children.items():
+            got = child.send()
+            stats.trial_runs[trial] = got.run_id
+            stats.sent, stats.skipped = stats.sent + got.sent, stats.skipped + got.skipped
+            stats.pending += got.pending
+            if got.error and not stats.error:
+                stats.error, stats.unreachable = f"trial {trial}: {got.error}", got.unreachable
+        return stats
+
+    def _send_own(self, rows: Iterable[Mapping[str, Any]]) -> RelayStats:
         stats = RelayStats()
         bad = self._add(rows)
         if bad:
@@ -261,7 +313,9 @@ class MetricsRelay:
                     self.log.warning("MLflow connection %s: %s", self.conn_id, short_error(exc))
             stats = await asyncio.to_thread(self.send, rows)
         if stats.sent:
-            self.log.info("MLflow: logged %d step(s), up to step %s", stats.sent, stats.watermark)
+            where = f"{len(stats.trial_runs)} trial runs" if stats.trial_runs else "the run"
+            where += "" if stats.trial_runs else f", up to step {stats.watermark}"
+            self.log.info("MLflow: logged %d step(s) to %s", stats.sent, where)
 
 
 def make_async_sink(

@@ -8,6 +8,7 @@ end makes sure MLflow has every row.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +17,18 @@ from airflow.sdk.exceptions import AirflowException
 from slurm_ray.hooks.slurm import SlurmHook
 from slurm_ray.operators.run_state import RunState
 from slurm_ray.slurm.commands import build_earlier_metrics_command
+from slurm_ray.utils.quoting import quote
 
 __all__ = ["QUEUE_WAIT_METRIC", "MlflowTracking"]
+
+
+def _cat_trials(run_dir: str) -> str:
+    """Shell text printing every Tune trial's metrics.jsonl of ``run_dir``."""
+    return (
+        f'for f in {quote(run_dir)}/trials/*/metrics.jsonl; do [ -f "$f" ] && cat -- "$f" && echo; '
+        "done; true"
+    )
+
 
 #: Seconds the job waited in Slurm's queue (SubmitTime to StartTime).
 QUEUE_WAIT_METRIC = "slurm_queue_wait_s"
@@ -136,7 +147,8 @@ class MlflowTracking:
         from slurm_ray.mlflow.relay import make_relay, parse_metrics_jsonl, relay_rows
 
         stats = relay_rows(
-            make_relay(settings, run_id=run.mlflow_run_id),
+            # The task's tags: a Tune trial's nested run is found again by them.
+            make_relay(settings, run_id=run.mlflow_run_id, tags=self.tags(run)),
             parse_metrics_jsonl(raw, self.log),
             log=self.log,
             strict=False,
@@ -170,6 +182,11 @@ class MlflowTracking:
         path = posixpath.join(run.run_dir, "metrics.jsonl")
         raw = self.hook.read_file(path)
         rows = parse_metrics_jsonl(raw, self.log) if raw else []
+        if any("trial_id" in row for row in rows):
+            # A Tune run: each trial's own file is the complete record (the
+            # stream misses what trials wrote after the driver stopped listening).
+            path = posixpath.join(run.run_dir, "trials", "*", "metrics.jsonl")
+            rows = self._trial_rows(run.run_dir)
         if strict:
             stats = deliver_rows(relay, rows, wait_s=self.wait_s, log=self.log, where=path)
         else:
@@ -177,6 +194,7 @@ class MlflowTracking:
         # relay_later: the relay found or created the task's run once the server answered
         run.relay = {**relay, "run_id": stats.run_id or relay.get("run_id")}
         self.log.info("MLflow metrics relay at completion: %s", stats)
+        self._end_trials(run, stats.trial_runs, "FINISHED" if strict else "KILLED")
         self.record_queue_wait(run)
         self.record_cost(run)
 
@@ -188,6 +206,35 @@ class MlflowTracking:
             from slurm_ray.mlflow.runs import client_for
 
             record_job_cost(client_for(settings), run_id, self.hook, run.job_id, log=self.log)
+
+    def _trial_rows(self, run_dir: str) -> list[dict[str, Any]]:
+        """Every trial's metrics.jsonl rows: one command, or one read per trial when
+        the command's output passed the hook's cap (it keeps only the tail)."""
+        from slurm_ray.mlflow.relay import parse_metrics_jsonl
+
+        res = self.hook.run(_cat_trials(run_dir))
+        if not res.stdout_cut:
+            return parse_metrics_jsonl(res.stdout_bytes, self.log)
+        rows: list[dict[str, Any]] = []
+        for trial in self.hook.run(f"ls -1 -- {quote(run_dir)}/trials").stdout.split():
+            if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", trial):
+                raw = self.hook.read_file(posixpath.join(run_dir, "trials", trial, "metrics.jsonl"))
+                rows += parse_metrics_jsonl(raw or b"", self.log)
+        return rows
+
+    def _end_trials(self, run: RunState, trials: Mapping[str, str | None], status: str) -> None:
+        """End the nested runs of Ray Tune trials (the parent is ended by its own path)."""
+        settings = self.settings(run)
+        if not trials or settings is None:
+            return
+        from slurm_ray.mlflow.runs import end_run
+
+        for trial, run_id in trials.items():
+            if run_id:
+                try:
+                    end_run(settings, run_id, status)
+                except Exception as exc:
+                    self.log.warning("MLflow: could not end the run of trial %s: %s", trial, exc)
 
     def record_queue_wait(self, run: RunState) -> None:
         """Log ``slurm_queue_wait_s`` (SubmitTime to StartTime, as Slurm reports them).
