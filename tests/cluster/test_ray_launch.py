@@ -321,7 +321,12 @@ def test_scancel_leaves_no_ray_process(job):
     # Reaped by ours, or by another job of the same user that started on the
     # node first (a parallel test lane, another session): either way the dirs
     # are gone and Ray's logs were moved into the cancelled job's run directory.
-    ssh(f"test -s {j.dir}/ray-logs/{jobid}.n2.ray/raylet.out")
+    moved = ssh(f"test -s {j.dir}/ray-logs/{jobid}.n2.ray/raylet.out", check=False)
+    assert moved.returncode == 0, (
+        f"no Ray logs of n2 moved; left={left}\n"
+        + ssh(f"ls -la {j.dir}/ray-logs {j.dir}/ray-logs/*.ray", check=False).stdout
+        + f"\ncancelled job:\n{j.out(jobid)}\nnext job:\n{j.out(nxt)}"
+    )
     reaped = "temp dir(s) that ended jobs (cancelled) left"
     if reaped not in j.out(nxt):
         print(f"job {jobid}'s temp dirs were reaped by another job of this user")
