@@ -46,7 +46,10 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     params={
-        **airflow_params({"experiment_name": "rllib_tune", "stop_iterations": 20}),
+        # Trials sample in their own process by default: every CPU runs a trial.
+        **airflow_params(
+            {"experiment_name": "rllib_tune", "stop_iterations": 20, "num_env_runners": 0}
+        ),
         **tune_params(),
     },
     render_template_as_native_obj=True,

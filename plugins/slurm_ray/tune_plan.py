@@ -85,6 +85,15 @@ def plan_tune(resolved: Mapping[str, Any], params: Mapping[str, Any]) -> dict[st
     except TuneSpecError as exc:
         raise AirflowFailException(f"invalid Params: {str(exc).removeprefix('tune.')}") from exc
     job_spec = {**resolved["job_spec"], "signal": f"B:USR1@{CHECKPOINT_SIGNAL_S}"}
+    # Tune would wait forever (until the time limit) for a trial that cannot fit.
+    need = 1 + int(resolved["config"].get("num_env_runners") or 0)
+    cpus = int(job_spec.get("nodes") or 1) * int(job_spec.get("cpus_per_task") or 1)
+    if need > cpus:
+        raise AirflowFailException(
+            f"invalid Params: num_env_runners: a trial needs {need} CPUs (1 + num_env_runners) "
+            f"but the job has {cpus} (nodes x cpus_per_node); lower num_env_runners "
+            "(0: the trial samples itself) or give the job more CPUs"
+        )
     return {"config": {"base": dict(resolved["config"]), "tune": spec}, "job_spec": job_spec}
 
 

@@ -122,3 +122,16 @@ def test_the_dag_defaults_resolve_to_a_tune_job(monkeypatch: pytest.MonkeyPatch)
     assert plan["config"]["tune"]["trials"] == params["num_samples"]
     assert plan["config"]["base"]["stop"]["iterations"] == 20
     assert resolved["mlflow"]["experiment_name"] == "rllib_tune"
+
+
+def test_a_trial_that_cannot_fit_the_job_is_refused_naming_num_env_runners() -> None:
+    """Tune would wait until the time limit for a trial bigger than the allocation."""
+    spec = {"search": {"lr": {"grid": [0.001, 0.01]}}}
+    small = {"nodes": 1, "cpus_per_task": 2, "time": "00:30:00"}
+    resolved = {"config": {**BASE, "num_env_runners": 2}, "job_spec": small}
+    with pytest.raises(AirflowFailException, match=r"num_env_runners: a trial needs 3 CPUs"):
+        plan_tune(resolved, spec)
+    fits = {"config": {**BASE, "num_env_runners": 1}, "job_spec": small}
+    assert plan_tune(fits, spec)["job_spec"]["cpus_per_task"] == 2
+    # the DAG's own default: trials sample in their own process
+    assert plan_tune({"config": {**BASE, "num_env_runners": 0}, "job_spec": small}, spec)
