@@ -29,6 +29,7 @@ from slurm_ray.pipeline import (
     promote_model,
     register_trained_model,
     resolve_or_fail,
+    train_kwargs,
 )
 from slurm_ray.tune_plan import (
     TUNE_ENTRYPOINT,
@@ -70,15 +71,7 @@ with DAG(
     env, sanity = environment_tasks(resolved)
     train = SlurmRayOperator(
         task_id="tune",
-        ssh_conn_id=resolved["ssh_conn_id"],
-        remote_base_dir=resolved["remote_base_dir"],
-        job_spec=resolved["job_spec"],
-        environment=resolved["environment"],
-        config=resolved["config"],
-        mlflow=resolved["mlflow"],
-        job_url_template=resolved["job_url_template"],
-        env_modules=resolved["env_modules"],
-        cluster_name=resolved["profile"],
+        **train_kwargs(resolved),
         entrypoint=TUNE_ENTRYPOINT,
         extra_files=tune_files(),
         retries=TRAIN_RETRIES,
