@@ -625,17 +625,18 @@ cmd_status() {
 }
 
 # One up or down at a time: parallel test lanes and other checkouts sharing
-# the cluster call them concurrently.
+# the cluster call them concurrently. flock holds the lock and runs this
+# script again; --close keeps the lock's descriptor out of the daemons it
+# starts (they would hold the lock for as long as they live).
 serialized() {
   mkdir -p "$STATE/run"
-  exec 9>"$STATE/run/devcluster.lock"
-  flock 9
-  "$@"
+  exec flock --close "$STATE/run/devcluster.lock" bash "${BASH_SOURCE[0]}" "locked-$1"
 }
 
 case ${1:-} in
-  up) serialized cmd_up ;;
-  down) serialized cmd_down ;;
+  up | down) serialized "$1" ;;
+  locked-up) cmd_up ;;
+  locked-down) cmd_down ;;
   status) cmd_status ;;
   *) die "usage: $0 up|down|status" ;;
 esac
