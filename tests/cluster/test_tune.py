@@ -99,7 +99,8 @@ def test_tune_job_nested_runs_and_best_model_registered(
         "experiment_name": experiment,
         "registered_model_name": f"tune-model-{ti.run_id[8:16]}",
     }
-    base = TINY | {"stop": {"iterations": 3}}
+    # long enough that the live relay is seen while the job still runs (1-s polls)
+    base = TINY | {"stop": {"iterations": 6}}
     plan = plan_tune(
         {"config": base, "job_spec": {"nodes": 2, "cpus_per_task": 1, "time": "15"}},
         {"search": {"lr": {"grid": [0.001, 0.003]}}, "num_samples": 1, "scheduler": "fifo"},
@@ -122,7 +123,7 @@ def test_tune_job_nested_runs_and_best_model_registered(
     async def watch() -> Any:
         task = asyncio.ensure_future(anext(deferred.value.trigger.run()))
         while not task.done():
-            await asyncio.sleep(2)
+            await asyncio.sleep(0.5)
             state = cluster.ssh(f"squeue -h -j {job_id} -o %T", check=False).stdout.strip()
             if state == "RUNNING":
                 seen_live.update(
@@ -148,7 +149,7 @@ def test_tune_job_nested_runs_and_best_model_registered(
     assert set(kids) == set(trials)
     for trial, run in kids.items():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "episode_return_mean")]
-        assert sorted(steps) == [1, 2, 3], trial
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], trial
         assert run.data.params["lr"] == str(trials[trial]["config"]["lr"])
         assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
