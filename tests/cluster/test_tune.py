@@ -12,22 +12,14 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
 from tests.cluster.test_operator import FakeTI, make_op, run_deferred
+from tests.cluster_side.test_tune_driver import BASE as TUNE_BASE
 from tests.conftest import DevCluster
 from tests.mlflow_fixtures import MlflowServer
 
 pytestmark = pytest.mark.cluster
 
 #: Small and fast: 1 CPU per trial (no env runners), a few short iterations.
-TINY = {
-    "num_env_runners": 0,
-    "num_envs_per_env_runner": 2,
-    "train_batch_size": 400,
-    "minibatch_size": 100,
-    "num_epochs": 1,
-    "hidden_sizes": [16],
-    "checkpoint_every": 2,
-    "eval_episodes": 1,
-}
+TINY = TUNE_BASE | {"checkpoint_every": 2}
 
 
 def _row(trial: str, step: int, lr: float) -> dict[str, Any]:
