@@ -31,7 +31,8 @@ ORDER: dict[str, str] = {
     "watch_jobs": "Watching 100 Slurm jobs: SSH connections and commands",
     "train_throughput": "Training throughput: operator path vs the driver run directly",
     "demo_walltime": "Demo wall time: trigger to registered model vs the driver run directly",
-    "demo_walltime_long": "Demo wall time for a longer job (40 iterations, about a minute)",
+    "demo_walltime_long": "Demo wall time for a 90-s training job",
+    "demo_walltime_10min": "Demo wall time for a 10-minute training job",
 }
 
 

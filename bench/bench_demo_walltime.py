@@ -53,10 +53,25 @@ from _report import (
 NAME = "demo_walltime"
 DAG_ID = "rllib_train"
 CONF = {"experiment_name": "bench_demo", "register_model_name": "rllib-bench"}
-#: --long: a fixed 40-iteration job (~1 min of training here) instead of "to 450".
-LONG = {"stop_return_mean": None, "stop_iterations": 40}
-TARGET_RATIO = 1.15
-TARGET_OVERHEAD_S = 15.0
+#: --long LENGTH: the job trains for a fixed time instead of "to 450" (issue 16 §2:
+#: the ratio is judged on jobs of realistic length), with its wall-time ratio target.
+LENGTHS = {"90s": (1.5, 1.15), "10min": (10.0, 1.03)}
+#: Without --long: the default "to 450" job (30-50 s here); no ratio target of its own.
+SHORT_TARGET_RATIO = 1.15
+TARGET_OVERHEAD_S = 8.0
+TARGET_RATIO = SHORT_TARGET_RATIO
+
+
+def long_conf(minutes: float) -> dict[str, Any]:
+    """Conf of a job that trains ``minutes`` (no return, iteration or step stop)."""
+    return {
+        "stop_return_mean": None,
+        "stop_iterations": None,
+        "stop_env_steps": None,
+        "stop_minutes": minutes,
+    }
+
+
 TASKS = ("resolve", "build_env", "sanity_check", "train", "register_model", "promote")
 
 
@@ -412,13 +427,21 @@ def body(start: dict[str, Any], pairs: int, name: str = NAME) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=1 if quick() else 2)
-    p.add_argument("--long", action="store_true", help=f"a longer job: conf {json.dumps(LONG)}")
+    p.add_argument("--pairs", type=int, default=1 if quick() else 3)
+    p.add_argument(
+        "--long",
+        nargs="?",
+        const="90s",
+        choices=sorted(LENGTHS),
+        help="a job that trains this long (default 90s) instead of to return 450",
+    )
     a = p.parse_args(argv)
     name = NAME
     if a.long:
-        CONF.update(LONG)
-        name = f"{NAME}_long"
+        global TARGET_RATIO
+        minutes, TARGET_RATIO = LENGTHS[a.long]
+        CONF.update(long_conf(minutes))
+        name = f"{NAME}_long" if a.long == "90s" else f"{NAME}_{a.long}"
     return run_main(name, lambda start: body(start, a.pairs, name))
 
 

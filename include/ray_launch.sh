@@ -15,8 +15,8 @@
 #      does not count against step resources, so no --overlap is needed);
 #      Only what a batch job needs: no dashboard, no usage stats, no
 #      autoscaler monitor (the allocation is fixed); a worker runs `ray start`
-#      as soon as the head's GCS holds its session name, beside the head's
-#      own raylet start-up (no fixed sleeps; bench/bench_ray_formation.py);
+#      as soon as the head's raylet has registered in the GCS, beside the
+#      head's agents' start-up (no fixed sleeps; bench/bench_ray_formation.py);
 #   2. waits until every node has joined (GCS port first, then the GCS node
 #      table; no fixed sleeps) and prints
 #        ray_launch: cluster ready nodes=N cpus=C gpus=G in X.XXs (address=IP:PORT)
@@ -461,8 +461,8 @@ node_main() {
     args+=(--address="$_RL_HEAD_IP:$GCS_PORT")
     printf 'ray start %s\n' "${args[*]}"
     # `ray start` via ray_wait.py: imports Ray while the head is starting,
-    # then starts (no fixed sleep) as soon as the head's GCS holds its
-    # session name, while the head's own raylet is still starting.
+    # then starts (no fixed sleep) as soon as the head's raylet has
+    # registered in the GCS, while the head's agents are still starting.
     python "$_RL_SELF_DIR/ray_wait.py" worker-start "$_RL_HEAD_IP:$GCS_PORT" \
       "${SLURM_RAY_JOIN_TIMEOUT:-180}" start "${args[@]}" &
   fi
