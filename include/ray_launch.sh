@@ -790,6 +790,7 @@ main() {
   wait_pid "$EP_PID"
   FINAL_RC=$WAIT_RC
   EP_PID=""
+  # Read by slurm_ray's job watcher (slurm/follow.py ENTRYPOINT_EXITED): keep it.
   log "entrypoint exited with status $FINAL_RC"
   exit "$FINAL_RC"
 }

@@ -55,6 +55,9 @@ export_env() {
   export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=10
   export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL=10
   export AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT=600
+  # An idle scheduler loop sleeps this long (default 1 s): every hand-off
+  # between a run's tasks waits for it (bench/results.md §4 breakdown).
+  export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=${SLURM_RAY_SCHEDULER_IDLE_SLEEP:-0.25}
   export AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE=True
   export AIRFLOW__TRIGGERER__DEFAULT_CAPACITY=200
   export SLURM_RAY_MLFLOW_URI=$MLFLOW_URI

@@ -9,6 +9,7 @@ import pytest
 from slurm_ray.hooks.slurm import CommandResult
 from slurm_ray.slurm.parsers import SQUEUE_FORMAT
 from slurm_ray.triggers import slurm_job
+from slurm_ray.triggers.host_poller import _Subscription
 from slurm_ray.triggers.slurm_job import SlurmJobTrigger, _HostPoller
 from slurm_ray.utils import states
 
@@ -224,3 +225,61 @@ def test_poller_leaves_the_registry_when_nobody_watches(monkeypatch) -> None:
     # A new event loop (the id of the old one may be reused) gets a fresh poller.
     assert asyncio.run(one("9")).payload["state"] == "COMPLETED"
     assert _HostPoller.registry == {}
+
+
+def test_hurry_ends_the_current_wait_early() -> None:
+    """A subscriber that hurries shortens the wait already under way (issue 16 §2)."""
+    poller = _HostPoller("c", None, client=lambda conn_id: FakeClient([""]))
+    sub = _Subscription(job_id="1", interval=30.0, files={})
+    poller.subs[id(sub)] = sub
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        sleeping = asyncio.ensure_future(poller._sleep())
+        await asyncio.sleep(0.05)
+        assert not sleeping.done()
+        poller.hurry(sub, 0.2)
+        await asyncio.wait_for(sleeping, 5)
+        return loop.time() - t0
+
+    took = asyncio.run(main())
+    assert 0.2 <= took < 1.0, took
+    assert sub.interval == 0.2
+    poller.hurry(sub, 5.0)  # never slower than asked for at the start
+    assert sub.interval == 0.2
+
+
+def _log_tail(data: bytes, start: int = 0) -> str:
+    import base64
+
+    return f"@@slurm_ray:tail 0 {start} {start + len(data)}\n{base64.b64encode(data).decode()}\n"
+
+
+def test_the_entrypoint_exit_line_makes_the_trigger_poll_faster(monkeypatch) -> None:
+    """After ray_launch's "entrypoint exited" line the job's end is noticed within
+    half a second, not a whole poll interval later."""
+    from slurm_ray.slurm.follow import ENTRYPOINT_EXITED
+
+    line = ENTRYPOINT_EXITED + b" 0\n"
+    client = FakeClient(
+        [
+            squeue_line("12", "RUNNING") + _log_tail(b"training\n"),
+            squeue_line("12", "RUNNING") + _log_tail(line, 9),
+            squeue_line("12", "RUNNING") + _log_tail(b"", 9 + len(line)),
+            squeue_line("12", "COMPLETED") + _log_tail(b"", 9 + len(line)),
+        ]
+    )
+    install(monkeypatch, client)
+    trig = SlurmJobTrigger(job_id="12", ssh_conn_id="c", log_path="/x/l", poll_interval=1.0)
+
+    async def main() -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        event = await asyncio.wait_for(first_event(trig), 20)
+        return event, loop.time() - t0
+
+    event, took = asyncio.run(main())
+    assert event.payload["state"] == "COMPLETED"
+    # 1 s to the poll that shows the line, then two polls 0.5 s apart (not 1 s).
+    assert 1.9 <= took < 2.9, took

@@ -29,6 +29,9 @@ METRICS_LINE_MAX = 1024 * 1024
 LOG_BACKLOG_MAX = 64 * 1024 * 1024
 #: Polls a finished job's files are read for before its end is reported anyway.
 DRAIN_POLLS = 10
+#: The line include/ray_launch.sh writes when the training has exited: the job
+#: ends within a second (Ray stops), so its watcher polls faster from then on.
+ENTRYPOINT_EXITED = b"ray_launch: entrypoint exited with status"
 
 
 @dataclass

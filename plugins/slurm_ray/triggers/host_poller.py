@@ -213,7 +213,7 @@ class _HostPoller:
                 f" ({res.stderr.strip()[:200]})" if res.exit_code else "",
             )
             self._hand_out(res.stdout, subs, job_ids, owners)
-            await self._sleep(interval)
+            await self._sleep()
 
     async def _run_reconnecting(
         self, poll: PollCommand, subs: list[_Subscription]
@@ -278,16 +278,24 @@ class _HostPoller:
         for s in subs:
             s.deliver(per_sub[id(s)])
 
-    async def _sleep(self, seconds: float) -> None:
-        """Wait out the interval; end early only when nobody is watching any more.
+    def hurry(self, sub: _Subscription, interval: float) -> None:
+        """Poll every ``interval`` s for ``sub`` from now on (its job is about to end)."""
+        if interval < sub.interval:
+            sub.interval = interval
+            self.wake.set()
+
+    async def _sleep(self, seconds: float | None = None) -> None:
+        """Wait out ``seconds`` (None: the shortest interval of the subscribers, read
+        again when one hurries); end early when nobody is watching any more.
 
         A trigger that subscribes mid-interval waits for the next poll rather
         than forcing one: one command per interval, however jobs arrive.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
+        start = loop.time()
         while self.subs:
-            remaining = deadline - loop.time()
+            wait = seconds if seconds is not None else min(s.interval for s in self.subs.values())
+            remaining = start + wait - loop.time()
             if remaining <= 0:
                 return
             self.wake.clear()

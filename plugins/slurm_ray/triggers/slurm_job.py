@@ -15,12 +15,14 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.async_client import AsyncSlurmClient
-from slurm_ray.slurm.follow import JobWatch, TailStream, caught_up
+from slurm_ray.slurm.follow import ENTRYPOINT_EXITED, JobWatch, TailStream, caught_up
 from slurm_ray.slurm.ids import validate_job_id
 from slurm_ray.slurm.poll import TailChunk, TailRequest, validate_tail
 from slurm_ray.triggers.host_poller import PollResult, _HostPoller, _Subscription
 from slurm_ray.utils.states import JobInfo, SlurmState, is_terminal
 
+#: Poll interval once the job's entrypoint has exited (its end is noticed sooner).
+ENDING_POLL_S = 0.5
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
@@ -155,7 +157,8 @@ class SlurmJobTrigger(BaseTrigger):
                         return
                     continue
                 self._reconnected()
-                await self._consume(result, streams, files, sink)
+                if await self._consume(result, streams, files, sink):
+                    poller.hurry(sub, ENDING_POLL_S)
                 watch.see(result.info)
                 chunks = [result.chunks.get(n, TailChunk()) for n in streams]
                 if watch.done(caught_up(list(streams.values()), chunks)):
@@ -219,8 +222,11 @@ class SlurmJobTrigger(BaseTrigger):
         streams: dict[str, TailStream],
         files: dict[str, list[Any]],
         sink: MetricsSink | None,
-    ) -> None:
-        """Show the new log lines and relay the new metrics rows of one poll."""
+    ) -> bool:
+        """Show the new log lines and relay the new metrics rows of one poll.
+
+        :return: whether the job's entrypoint has just exited (its end is near).
+        """
         # Offsets move before anything is awaited, so the next poll (built
         # while the relay below may still run) reads on from here.
         new = {n: streams[n].take(c) for n, c in result.chunks.items()}
@@ -239,6 +245,7 @@ class SlurmJobTrigger(BaseTrigger):
                 parsed = parse_metrics_jsonl(b"\n".join(rows), self.log)
                 if parsed:
                     await sink(parsed)
+        return ENTRYPOINT_EXITED in new.get("log", b"")
 
     async def _next_result(self, sub: _Subscription, poller: _HostPoller) -> PollResult | None:
         """The next poll result; None when none came in time (or the deadline passed)."""
