@@ -67,3 +67,29 @@ def test_rows_of_a_rewritten_metrics_file_are_relayed(tmp_path: Path, monkeypatc
     )
     assert ended.state is SlurmState.COMPLETED
     assert got == [1, 2, 3, 4, 10, 11]
+
+
+def test_the_wait_polls_faster_once_the_entrypoint_exited(tmp_path: Path, monkeypatch) -> None:
+    """After ray_launch's "entrypoint exited" line the worker's wait sleeps 0.5 s, not
+    a whole poll interval, so the job's end is noticed at once (as the trigger does)."""
+    from slurm_ray.operators import job_manager
+    from slurm_ray.slurm.follow import ENTRYPOINT_EXITED
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(job_manager.time, "sleep", sleeps.append)
+    log = tmp_path / "slurm-8.out"
+    log.write_bytes(b"training\n")
+
+    def running() -> SlurmState:
+        return SlurmState.RUNNING
+
+    def exited() -> SlurmState:
+        log.write_bytes(log.read_bytes() + ENTRYPOINT_EXITED + b" 0\n")
+        return SlurmState.RUNNING
+
+    manager = SlurmJobManager(
+        FileHook([running, exited, running, lambda: SlurmState.COMPLETED]),  # type: ignore[arg-type]
+        logging.getLogger("t.follow"),
+    )
+    assert manager.follow("8", str(log), 10.0).state is SlurmState.COMPLETED
+    assert sleeps == [10.0, 0.5, 0.5], sleeps

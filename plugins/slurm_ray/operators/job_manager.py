@@ -19,7 +19,13 @@ from airflow.sdk.exceptions import AirflowException
 from slurm_ray.hooks.slurm import SlurmHook, SlurmSSHError
 from slurm_ray.operators import job_outcome
 from slurm_ray.slurm import commands
-from slurm_ray.slurm.follow import JobWatch, TailStream, caught_up
+from slurm_ray.slurm.follow import (
+    ENDING_POLL_S,
+    ENTRYPOINT_EXITED,
+    JobWatch,
+    TailStream,
+    caught_up,
+)
 from slurm_ray.slurm.parsers import last_lines, parse_claim_output, parse_node_states
 from slurm_ray.slurm.poll import TailRequest
 from slurm_ray.utils.environment import EnvironmentSpec
@@ -163,6 +169,8 @@ class SlurmJobManager:
                 states, chunks = self.hook.poll([job_id], tails)
                 new = [s.take(c) for s, c in zip(streams, chunks, strict=True)]
                 streams[0].show(new[0])
+                if ENTRYPOINT_EXITED in new[0]:
+                    poll_interval = min(poll_interval, ENDING_POLL_S)
                 if on_metrics is not None and len(streams) > 1:
                     rows = streams[1].lines(new[1])
                     if rows:

@@ -32,6 +32,8 @@ DRAIN_POLLS = 10
 #: The line include/ray_launch.sh writes when the training has exited: the job
 #: ends within a second (Ray stops), so its watcher polls faster from then on.
 ENTRYPOINT_EXITED = b"ray_launch: entrypoint exited with status"
+#: Poll interval once that line is seen.
+ENDING_POLL_S = 0.5
 
 
 @dataclass

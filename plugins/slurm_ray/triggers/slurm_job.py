@@ -15,14 +15,18 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurm_ray.hooks.async_client import AsyncSlurmClient
-from slurm_ray.slurm.follow import ENTRYPOINT_EXITED, JobWatch, TailStream, caught_up
+from slurm_ray.slurm.follow import (
+    ENDING_POLL_S,
+    ENTRYPOINT_EXITED,
+    JobWatch,
+    TailStream,
+    caught_up,
+)
 from slurm_ray.slurm.ids import validate_job_id
 from slurm_ray.slurm.poll import TailChunk, TailRequest, validate_tail
 from slurm_ray.triggers.host_poller import PollResult, _HostPoller, _Subscription
 from slurm_ray.utils.states import JobInfo, SlurmState, is_terminal
 
-#: Poll interval once the job's entrypoint has exited (its end is noticed sooner).
-ENDING_POLL_S = 0.5
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
