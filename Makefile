@@ -99,8 +99,10 @@ bench: venv cluster-up  ## run every benchmark -> bench/results.md (BENCH_QUICK=
 	  echo "== bench/bench_$$b.py"; \
 	  $(VENV)/bin/python bench/bench_$$b.py || rc=$$?; \
 	done; \
-	echo "== bench/bench_demo_walltime.py --long"; \
-	$(VENV)/bin/python bench/bench_demo_walltime.py --long || rc=$$?; \
+	echo "== bench/bench_demo_walltime.py --long 90s"; \
+	$(VENV)/bin/python bench/bench_demo_walltime.py --long 90s || rc=$$?; \
+	echo "== bench/bench_demo_walltime.py --long 10min --pairs 1 (21 min a pair)"; \
+	$(VENV)/bin/python bench/bench_demo_walltime.py --long 10min --pairs 1 || rc=$$?; \
 	$(VENV)/bin/python bench/_report.py; \
 	exit $$rc
 
