@@ -76,7 +76,8 @@
 # 128+n a fatal signal n arrived before ENTRYPOINT started.
 #
 # Files: <run dir>/ray-logs/<jobid>.<node>.log (output of `ray start` per
-# node); Ray's temp dir on each node is a fresh private `mktemp -d`
+# node, and of its cleanup); <jobid>.cleanup.log (srun's own messages when the
+# cleanup step failed); Ray's temp dir on each node is a fresh private `mktemp -d`
 # (<tmp root>/rs-<jobid>.XXXXXX, mode 700: a neighbour can neither pre-create
 # nor own it), removed when the node's step ends, also on failure and
 # scancel; unless the job succeeded, Ray's logs are first copied to
@@ -211,9 +212,11 @@ each_node_srun() {
   local t=$1 g rc=0
   shift
   if ((${#HET_SIZES[@]} == 0)); then
+    # An explicit status: a bare `return` in a function that the EXIT trap
+    # calls returns the status from before the trap (the job's).
     timeout "$t" srun --export=ALL --overlap --nodes="$NUM_NODES" --ntasks="$NUM_NODES" \
-      --ntasks-per-node=1 --cpus-per-task=1 "$@"
-    return
+      --ntasks-per-node=1 --cpus-per-task=1 "$@" || rc=$?
+    return "$rc"
   fi
   for g in "${!HET_SIZES[@]}"; do
     timeout "$t" srun --het-group="$g" --export=ALL --overlap --nodes="${HET_SIZES[g]}" \
@@ -334,6 +337,8 @@ private_dir() {
     err "temp dir $d is not private"
     return 1
   fi
+  # Whose dir it is, for cleanups on a temp root that nodes share.
+  printf '%s\n' "${SLURMD_NODENAME:-$(hostname -s)}" >"$d/node"
   printf '%s\n' "$d"
 }
 
@@ -481,6 +486,7 @@ node_signal() {
 node_exit() {
   local rc=$? i
   trap '' TERM INT HUP
+  printf '%s node step exiting (status %s)\n' "$(date '+%T.%N')" "$rc"
   if pid_running "$RAY_PID"; then
     kill -TERM "$RAY_PID" 2>/dev/null
     for ((i = 0; i < 30; i++)); do
@@ -509,6 +515,7 @@ remove_node_tmp() {
     for s in "$d"/ray/session_2*; do
       [[ -d $s/logs ]] && mkdir -p "$dest" && cp -r "$s/logs/." "$dest/" 2>/dev/null
     done
+    printf '%s Ray logs of %s -> %s (status %s)\n' "$(date '+%T.%N')" "$d" "$dest" "$status"
   fi
   # Ray's daemons may still be exiting and writing.
   for ((i = 0; i < 5; i++)); do
@@ -516,21 +523,28 @@ remove_node_tmp() {
     sleep 0.2
   done
   rm -f "$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.tmp"
+  printf '%s removed %s\n' "$(date '+%T.%N')" "$d"
 }
 
 # __cleanup__ STATUS, one task per node after the Ray steps ended: remove the
 # temp dir the node step recorded, and any other dir of this job on the node
 # (a step killed between creating its dir and recording it, e.g. when the
-# join timed out while it started). Only this job's dirs, owned by us.
+# join timed out while it started). Only this job's dirs, owned by us, and
+# not another node's where the temp root is shared: that node's task keeps
+# its logs under its own name.
 cleanup_main() {
   local node=${SLURMD_NODENAME:-$(hostname -s)} rec d=""
+  exec >>"$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.log" 2>&1
   rec="$_RL_RUN_DIR/ray-logs/$SLURM_JOB_ID.$node.tmp"
+  printf '==== %s cleanup on %s job %s step %s (status %s, record %s)\n' "$(date '+%F %T.%N')" \
+    "$node" "$SLURM_JOB_ID" "${SLURM_STEP_ID:-?}" "$1" "$([[ -f $rec ]] && head -n 1 "$rec")"
   [[ -f $rec ]] && d=$(head -n 1 "$rec")
   if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
     remove_node_tmp "$d" "$node" "$1"
   fi
   for d in "${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID".??????; do
     if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
+      [[ -f $d/node && $(head -n 1 "$d/node") != "$node" ]] && continue
       remove_node_tmp "$d" "$node" "$1"
     fi
   done
@@ -618,8 +632,13 @@ on_exit() {
     else
       # The batch shell holds the job's CPUs on the first node only; the
       # Ray steps are gone, but --overlap keeps this from ever waiting.
-      each_node_srun 60 bash "$SELF" __cleanup__ "$rc" >/dev/null 2>&1 ||
-        log "could not remove Ray's temp dirs on every node"
+      local crc=0 clog="$RUN_DIR/ray-logs/$SLURM_JOB_ID.cleanup.log"
+      each_node_srun 60 bash "$SELF" __cleanup__ "$rc" >>"$clog" 2>&1 || crc=$?
+      if ((crc != 0)); then
+        log "could not remove Ray's temp dirs on every node (srun status $crc; see $clog)"
+      elif [[ ! -s $clog ]]; then
+        rm -f "$clog"
+      fi
       rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
       if [[ $rc != 0 ]]; then
         log "kept Ray's logs in $RUN_DIR/ray-logs/$SLURM_JOB_ID.<node>.ray/ (exit status $rc); ray start output in $RUN_DIR/ray-logs/"

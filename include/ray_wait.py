@@ -39,6 +39,7 @@ Needs the Ray job's environment: RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -205,6 +206,7 @@ def port_free(port: int) -> bool:
 
 
 TMP_NAME = re.compile(r"rs-(\d+)\.[A-Za-z0-9]{6}")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def reap(root: str, job: int, live: set[int], node: str) -> None:
@@ -222,12 +224,23 @@ def reap(root: str, job: int, live: set[int], node: str) -> None:
                 run_dir = f.readline().rstrip("\n")
         except OSError:
             run_dir = ""
+        # On a temp root that nodes share, the dir names the node it was made on.
+        try:
+            with open(os.path.join(entry.path, "node")) as f:
+                owner = f.readline().strip()
+        except OSError:
+            owner = ""
+        if not NODE_NAME.fullmatch(owner):
+            owner = node
         logs_dir = os.path.join(run_dir, "ray-logs")
         if run_dir and os.path.isdir(logs_dir) and os.stat(logs_dir).st_uid == uid:
-            dest = os.path.join(logs_dir, f"{m.group(1)}.{node}.ray")
+            dest = os.path.join(logs_dir, f"{m.group(1)}.{owner}.ray")
             for logs in glob.glob(os.path.join(entry.path, "ray", "session_2*", "logs")):
                 shutil.copytree(logs, dest, symlinks=True, dirs_exist_ok=True)
         shutil.rmtree(entry.path, ignore_errors=True)
+        if run_dir and os.path.isdir(logs_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(logs_dir, f"{m.group(1)}.{owner}.tmp"))
         print(f"reaped {entry.path}")
 
 

@@ -8,6 +8,7 @@ unmarked tests source the launcher and check its pure helpers locally.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -265,6 +266,7 @@ def test_failing_entrypoint_exit_code(job):
     assert info["ExitCode"] == "7:0", out
     assert "entrypoint exited with status 7" in out
     assert f"kept Ray's logs in {j.dir}/ray-logs/{jobid}.<node>.ray/" in out
+    assert "could not remove Ray's temp dirs" not in out
     m = READY_RE.search(out)
     assert m, out
     wait_no_ray(jobid, timeout=15)
@@ -516,6 +518,76 @@ def test_read_result_is_data_only(tmp_path):
     assert out.splitlines()[-1] == "2 3.5 0 n1"
     assert "ignoring unexpected line" in out
     assert not marker.exists()
+
+
+def _fake_node_dir(root, run, jobid: int, suffix: str, node: str):
+    """A node's temp dir as node_main leaves it when srun SIGKILLs the step."""
+    d = root / f"rs-{jobid}.{suffix}"
+    logs = d / "ray" / "session_2026-12-01_00-00-00_000000_1" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "raylet.out").write_text(f"raylet of {node}\n")
+    (d / "node").write_text(f"{node}\n")
+    (d / "run_dir").write_text(f"{run}\n")
+    (run / "ray-logs" / f"{jobid}.{node}.tmp").write_text(f"{d}\n")
+    return d
+
+
+def test_cleanup_on_a_shared_temp_root_keeps_each_nodes_logs(tmp_path):
+    """The dev nodes (and sites with SLURM_RAY_TMP_ROOT on shared storage)
+    share the temp root: one node's cleanup task must not take the other
+    node's dir, or its logs land under the wrong node's name (or nowhere)."""
+    root, run = tmp_path / "tmp", tmp_path / "run"
+    root.mkdir()
+    (run / "ray-logs").mkdir(parents=True)
+    d1 = _fake_node_dir(root, run, 4242, "AAAAAA", "n1")
+    d2 = _fake_node_dir(root, run, 4242, "BBBBBB", "n2")
+    env = {"SLURM_JOB_ID": "4242", "_RL_RUN_DIR": str(run), "SLURM_RAY_TMP_ROOT": str(root)}
+    bash_fn("cleanup_main 7", SLURMD_NODENAME="n1", **env)
+    assert not d1.exists()
+    assert d2.is_dir(), "n1's cleanup removed n2's temp dir"
+    assert (run / "ray-logs/4242.n1.ray/raylet.out").read_text() == "raylet of n1\n"
+    assert not (run / "ray-logs/4242.n1.tmp").exists()
+    bash_fn("cleanup_main 7", SLURMD_NODENAME="n2", **env)
+    assert not d2.exists()
+    assert (run / "ray-logs/4242.n2.ray/raylet.out").read_text() == "raylet of n2\n"
+    assert sorted(p.name for p in (run / "ray-logs").iterdir()) == [
+        "4242.n1.log",
+        "4242.n1.ray",
+        "4242.n2.log",
+        "4242.n2.ray",
+    ]
+
+
+def test_the_next_jobs_reaper_names_logs_after_the_node_that_made_them(tmp_path):
+    spec = importlib.util.spec_from_file_location("ray_wait", INCLUDE / "ray_wait.py")
+    assert spec and spec.loader
+    ray_wait = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_wait)
+    root, run = tmp_path / "tmp", tmp_path / "run"
+    root.mkdir()
+    (run / "ray-logs").mkdir(parents=True)
+    gone = _fake_node_dir(root, run, 41, "BBBBBB", "n2")
+    live = _fake_node_dir(root, run, 42, "CCCCCC", "n2")
+    ray_wait.reap(str(root), 50, {42}, "n1")
+    assert not gone.exists() and live.is_dir()
+    assert (run / "ray-logs/41.n2.ray/raylet.out").read_text() == "raylet of n2\n"
+    assert not (run / "ray-logs/41.n2.tmp").exists()
+    assert not (run / "ray-logs/41.n1.ray").exists()
+
+
+def test_each_node_srun_status_inside_the_exit_trap(tmp_path):
+    """on_exit runs the cleanup step from the EXIT trap: a bare `return` there
+    gave back the job's status, so every failed job also logged a cleanup failure."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    out = bash_fn(
+        'NUM_NODES=2; HET_SIZES=(); t() { each_node_srun 5 true; echo "rc=$?"; }; '
+        "trap 't; exit 0' EXIT; (exit 7)",
+        PATH=f"{bin_dir}:/usr/bin:/bin",
+    )
+    assert out == "rc=0"
 
 
 def test_launcher_refuses_outside_slurm():
