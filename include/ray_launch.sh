@@ -84,7 +84,9 @@
 # <run dir>/ray-logs/<jobid>.<node>.ray/.
 #
 # Shared site: nothing read back from a file is executed (results are
-# key=value data, parsed strictly, from a private directory).
+# key=value data, parsed strictly, from a private directory). A port of the
+# probed block taken before Ray binds it (exit 98 of the node's step) starts
+# Ray once more on another block.
 #
 # Portable to bash 4.4 (RHEL 8 / SLES 15 login and compute nodes).
 
@@ -387,9 +389,11 @@ node_main() {
   local role=$1 cpus=$2 ray_cpus=${3:-$2} ray_gpus=${4:-}
   set_ports "$_RL_PORT_BASE"
   local node=${SLURMD_NODENAME:-$(hostname -s)}
-  local logdir="$_RL_RUN_DIR/ray-logs"
+  local logdir="$_RL_RUN_DIR/ray-logs" logf off i
   mkdir -p "$logdir"
-  exec >>"$logdir/$SLURM_JOB_ID.$node.log" 2>&1
+  logf="$logdir/$SLURM_JOB_ID.$node.log"
+  off=$(stat -c %s "$logf" 2>/dev/null) || off=0
+  exec >>"$logf" 2>&1
   printf '==== %s %s on %s job %s step %s\n' "$(date '+%F %T')" "$role" "$node" \
     "$SLURM_JOB_ID" "${SLURM_STEP_ID:-?}"
 
@@ -473,8 +477,38 @@ node_main() {
   fi
   # A child, not exec: when Ray exits by itself this shell still cleans up.
   RAY_PID=$!
+  if ! watch_bind "$tmp" "$logf" "$off"; then
+    err "a port of block $_RL_PORT_BASE-$((_RL_PORT_BASE + 99)) on $node was taken after the probe"
+    # `ray start` ignores SIGTERM while it waits for its GCS.
+    node_signal TERM
+    for ((i = 0; i < 20; i++)); do
+      pid_running "$RAY_PID" || break
+      sleep 0.1
+    done
+    node_signal KILL
+    wait_pid "$RAY_PID"
+    exit 98
+  fi
   wait_pid "$RAY_PID"
   exit "$WAIT_RC"
+}
+
+# watch_bind TMP LOG OFFSET: until `ray start` says in LOG (past OFFSET) that
+# Ray started, look in Ray's own logs for a port it could not bind: taken by
+# someone after the probe. Ray gives up on that only after ~40 s; status 1
+# (the line printed) at once, so that the batch shell tries another block.
+watch_bind() {
+  local tmp=$1 logf=$2 off=$3 line
+  while pid_running "$RAY_PID"; do
+    tail -c +"$((off + 1))" "$logf" 2>/dev/null | grep -q "Ray runtime started" && return 0
+    line=$(grep -hs -m 1 "Failed to start the grpc server" "$tmp"/session_2*/logs/*.out)
+    if [[ -n $line ]]; then
+      printf '%s\n' "${line:0:400}"
+      return 1
+    fi
+    sleep 0.2
+  done
+  return 0
 }
 
 node_signal() {
@@ -545,6 +579,7 @@ cleanup_main() {
   for d in "${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID".??????; do
     if [[ $d =~ /rs-$SLURM_JOB_ID\.[A-Za-z0-9]{6}$ && -d $d && ! -L $d && -O $d ]]; then
       [[ -f $d/node && $(head -n 1 "$d/node") != "$node" ]] && continue
+      [[ -e $d/batch ]] && continue # the batch shell's own, in use between two tries
       remove_node_tmp "$d" "$node" "$1"
     fi
   done
@@ -649,6 +684,71 @@ on_exit() {
   exit "$rc"
 }
 
+# form_cluster PY CPUS...: probe the ports, start Ray on every node (one srun
+# step each) and wait until all joined. Sets alive, cpus, gpus, and for a
+# step that exited first dead_node and dead_rc (its status); 1 when not formed.
+form_cluster() {
+  local py=$1 prc tp
+  shift
+  local cpus_list=("$@")
+  tp=$(now)
+  choose_ports
+  prc=$?
+  if ((prc != 0)); then
+    FINAL_RC=$prc
+    exit "$prc"
+  fi
+  set_ports "$PORT_BASE"
+  export _RL_PORT_BASE=$PORT_BASE
+
+  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)) (probed in $(elapsed "$tp")s), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
+
+  # Start every node at once; workers wait for the head's GCS themselves.
+  # srun's own messages go to the node's log next to `ray start`'s output.
+  local i role het=() ray_cpus ray_gpus=()
+  if ((${#HET_SIZES[@]})); then
+    log "hetjob: component 0 (GPU, no Ray CPUs) ${NODES[*]:0:HET_SIZES[0]}, component 1 (CPU) ${NODES[*]:HET_SIZES[0]}"
+  fi
+  for ((i = 0; i < NUM_NODES; i++)); do
+    role=worker
+    ((i == 0)) && role='head'
+    ray_cpus=${cpus_list[i]}
+    if ((${#HET_SIZES[@]})); then
+      het=(--het-group="${HET_GROUP[i]}")
+      ray_gpus=(0)
+      ((HET_GROUP[i] == 0)) && ray_cpus=0 ray_gpus=()
+    fi
+    srun "${het[@]}" --export=ALL --nodes=1 --ntasks=1 --cpus-per-task="${cpus_list[i]}" \
+      -w "${NODES[i]}" --job-name="ray-$role" \
+      bash "$SELF" __node__ "$role" "${cpus_list[i]}" "$ray_cpus" "${ray_gpus[@]}" \
+      >>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.${NODES[i]}.log" 2>&1 &
+    STEP_PIDS+=($!)
+    STEP_NODES+=("${NODES[i]}")
+  done
+
+  # Wait for all nodes; ray_wait.py watches the srun PIDs as well.
+  local result="$PRIV_DIR/wait"
+  local watch=() rc
+  for ((i = 0; i < NUM_NODES; i++)); do watch+=(--watch "${STEP_PIDS[i]}=${STEP_NODES[i]}"); done
+  "$py" -u "$_RL_SELF_DIR/ray_wait.py" --address "$HEAD_IP:$GCS_PORT" \
+    --nodes "$NUM_NODES" --timeout "${SLURM_RAY_JOIN_TIMEOUT:-180}" \
+    --result "$result" "${watch[@]}" &
+  WAIT_PID=$!
+  wait_pid "$WAIT_PID"
+  rc=$WAIT_RC
+  WAIT_PID=""
+  alive=0 cpus=0 gpus=0 dead_node="" dead_rc=0
+  [[ -f $result ]] && read_result "$result"
+  rm -f "$result"
+  for ((i = 0; i < NUM_NODES; i++)); do
+    if [[ ${STEP_NODES[i]} == "$dead_node" ]]; then
+      wait_pid "${STEP_PIDS[i]}"
+      dead_rc=$WAIT_RC
+    fi
+  done
+  return $((rc != 0))
+}
+
 main() {
   if (($# == 0)); then
     err "usage: ray_launch.sh ENTRYPOINT [ARGS...]"
@@ -713,6 +813,7 @@ main() {
 
   # The batch shell's own private dir (ray_wait's result; SLURM_RAY_TMPDIR).
   PRIV_DIR=$(private_dir) || exit 2
+  : >"$PRIV_DIR/batch"
   export SLURM_RAY_TMPDIR=$PRIV_DIR
   mkdir -p "$RUN_DIR/ray-logs"
   rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
@@ -739,59 +840,19 @@ main() {
     log "warning: batch shell runs on $short_host, not on the first node $HEAD_NODE"
   fi
 
-  local prc tp
-  tp=$(now)
-  choose_ports
-  prc=$?
-  if ((prc != 0)); then
-    FINAL_RC=$prc
-    exit "$prc"
-  fi
-  set_ports "$PORT_BASE"
-  export _RL_PORT_BASE=$PORT_BASE
-
-  log "job $SLURM_JOB_ID: head $HEAD_NODE ($HEAD_IP:$GCS_PORT), nodes ${NODES[*]}, cpus/node ${cpus_list[*]}, ports $PORT_BASE-$((PORT_BASE + 99)) (probed in $(elapsed "$tp")s), temp ${SLURM_RAY_TMP_ROOT:-/tmp}/rs-$SLURM_JOB_ID.XXXXXX (private, per node)"
-
-  # Start every node at once; workers wait for the head's GCS themselves.
-  # srun's own messages go to the node's log next to `ray start`'s output.
-  local i role het=() ray_cpus ray_gpus=()
-  if ((${#HET_SIZES[@]})); then
-    log "hetjob: component 0 (GPU, no Ray CPUs) ${NODES[*]:0:HET_SIZES[0]}, component 1 (CPU) ${NODES[*]:HET_SIZES[0]}"
-  fi
-  for ((i = 0; i < NUM_NODES; i++)); do
-    role=worker
-    ((i == 0)) && role='head'
-    ray_cpus=${cpus_list[i]}
-    if ((${#HET_SIZES[@]})); then
-      het=(--het-group="${HET_GROUP[i]}")
-      ray_gpus=(0)
-      ((HET_GROUP[i] == 0)) && ray_cpus=0 ray_gpus=()
+  # Two tries: the probe leaves a window (about a second) in which someone
+  # else can take a port of the block before Ray binds it.
+  local try took alive=0 cpus=0 gpus=0 dead_node="" dead_rc=0
+  for try in 1 2; do
+    form_cluster "$py" "${cpus_list[@]}" && break
+    if ((try == 1 && dead_rc == 98)); then
+      log "a port of block $PORT_BASE-$((PORT_BASE + 99)) was taken on $dead_node after the probe (see $RUN_DIR/ray-logs/$SLURM_JOB_ID.$dead_node.log); starting Ray again on another block"
+      stop_steps
+      each_node_srun 60 bash "$SELF" __cleanup__ 0 >>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.cleanup.log" 2>&1
+      STEP_PIDS=() STEP_NODES=()
+      continue
     fi
-    srun "${het[@]}" --export=ALL --nodes=1 --ntasks=1 --cpus-per-task="${cpus_list[i]}" \
-      -w "${NODES[i]}" --job-name="ray-$role" \
-      bash "$SELF" __node__ "$role" "${cpus_list[i]}" "$ray_cpus" "${ray_gpus[@]}" \
-      >>"$RUN_DIR/ray-logs/$SLURM_JOB_ID.${NODES[i]}.log" 2>&1 &
-    STEP_PIDS+=($!)
-    STEP_NODES+=("${NODES[i]}")
-  done
-
-  # Wait for all nodes; ray_wait.py watches the srun PIDs as well.
-  local result="$PRIV_DIR/wait"
-  local watch=() rc
-  for ((i = 0; i < NUM_NODES; i++)); do watch+=(--watch "${STEP_PIDS[i]}=${STEP_NODES[i]}"); done
-  "$py" -u "$_RL_SELF_DIR/ray_wait.py" --address "$HEAD_IP:$GCS_PORT" \
-    --nodes "$NUM_NODES" --timeout "${SLURM_RAY_JOIN_TIMEOUT:-180}" \
-    --result "$result" "${watch[@]}" &
-  WAIT_PID=$!
-  wait_pid "$WAIT_PID"
-  rc=$WAIT_RC
-  WAIT_PID=""
-  local alive=0 cpus=0 gpus=0 dead_node=""
-  [[ -f $result ]] && read_result "$result"
-  rm -f "$result"
-  local took
-  took=$(elapsed "$t0")
-  if ((rc != 0)); then
+    took=$(elapsed "$t0")
     if [[ -n $dead_node ]]; then
       err "ray start on $dead_node exited before the cluster formed (see $RUN_DIR/ray-logs/$SLURM_JOB_ID.$dead_node.log)"
       local logf="$RUN_DIR/ray-logs/$SLURM_JOB_ID.$dead_node.log"
@@ -800,7 +861,8 @@ main() {
     err "only $alive of $NUM_NODES Ray nodes joined after $took s; see $RUN_DIR/ray-logs/"
     FINAL_RC=3
     exit 3
-  fi
+  done
+  took=$(elapsed "$t0")
   log "cluster ready nodes=$alive cpus=$cpus gpus=$gpus in ${took}s (address=$HEAD_IP:$GCS_PORT)"
 
   export RAY_ADDRESS="$HEAD_IP:$GCS_PORT"

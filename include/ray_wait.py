@@ -47,6 +47,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 
 POLL_S = 0.2
@@ -91,6 +92,15 @@ class NodeTable:
         self._client = None
         self._driver = False
 
+    @staticmethod
+    def private_api() -> bool:
+        """Ray's GcsClient is importable (else a driver reads ``ray.nodes()``)."""
+        try:
+            from ray._raylet import GcsClient  # noqa: F401
+        except (ImportError, AttributeError):
+            return False
+        return True
+
     def _connect(self) -> None:
         try:
             from ray._raylet import GcsClient
@@ -126,6 +136,33 @@ class NodeTable:
             import ray
 
             ray.shutdown()
+
+
+class Reader(threading.Thread):
+    """Reads the node table again and again in the background: a GCS call can
+    block for ~40 s (something else answers on the port), and meanwhile the
+    main loop must still notice a node's step that exited."""
+
+    def __init__(self, table: NodeTable) -> None:
+        super().__init__(daemon=True)
+        self.table = table
+        self.latest: tuple[int, float, float] | None = None
+        self.fresh = threading.Event()  # set after each read
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.latest = self.table.alive()
+            except Exception as e:  # GCS still starting; keep polling
+                log(f"node table not readable yet: {e!r}")
+            self.fresh.set()
+            self.done.wait(POLL_S)
+
+    def wait_fresh(self, timeout: float) -> None:
+        """Until the next read (or `timeout`): the main loop wakes with it."""
+        self.fresh.wait(timeout)
+        self.fresh.clear()
 
 
 def fmt(x: float) -> str:
@@ -207,6 +244,15 @@ def port_free(port: int) -> bool:
 
 TMP_NAME = re.compile(r"rs-(\d+)\.[A-Za-z0-9]{6}")
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CLAIMED = ".reaping"  # a reaper renames a dir first: of several, one takes it
+
+
+def first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def reap(root: str, job: int, live: set[int], node: str) -> None:
@@ -216,31 +262,32 @@ def reap(root: str, job: int, live: set[int], node: str) -> None:
         m = TMP_NAME.fullmatch(entry.name)
         if not m or int(m.group(1)) >= job or int(m.group(1)) in live:
             continue
-        st = entry.stat(follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            # Where the temp root is shared (several nodes, or two jobs starting
+            # at once), other reapers see the same dir: the rename decides.
+            path = entry.path + CLAIMED
+            os.rename(entry.path, path)
+        except OSError:
             continue
-        try:
-            with open(os.path.join(entry.path, "run_dir")) as f:
-                run_dir = f.readline().rstrip("\n")
-        except OSError:
-            run_dir = ""
-        # On a temp root that nodes share, the dir names the node it was made on.
-        try:
-            with open(os.path.join(entry.path, "node")) as f:
-                owner = f.readline().strip()
-        except OSError:
-            owner = ""
+        run_dir = first_line(os.path.join(path, "run_dir"))
+        # The dir names the node it was made on, which may not be this one.
+        owner = first_line(os.path.join(path, "node"))
         if not NODE_NAME.fullmatch(owner):
             owner = node
         logs_dir = os.path.join(run_dir, "ray-logs")
         if run_dir and os.path.isdir(logs_dir) and os.stat(logs_dir).st_uid == uid:
             dest = os.path.join(logs_dir, f"{m.group(1)}.{owner}.ray")
-            for logs in glob.glob(os.path.join(entry.path, "ray", "session_2*", "logs")):
-                shutil.copytree(logs, dest, symlinks=True, dirs_exist_ok=True)
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if run_dir and os.path.isdir(logs_dir):
+            try:
+                for logs in glob.glob(os.path.join(path, "ray", "session_2*", "logs")):
+                    shutil.copytree(logs, dest, symlinks=True, dirs_exist_ok=True)
+            except OSError as e:
+                log(f"could not keep all of Ray's logs of {entry.path}: {e!r}")
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(logs_dir, f"{m.group(1)}.{owner}.tmp"))
+        shutil.rmtree(path, ignore_errors=True)
         print(f"reaped {entry.path}")
 
 
@@ -313,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
     next_progress = t0 + PROGRESS_EVERY_S
     table = NodeTable(a.address)
+    # A driver (the fallback) must connect from the main thread.
+    reader = Reader(table) if NodeTable.private_api() else None
     rc = 3
     try:
         phase = "gcs"
@@ -332,11 +381,17 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"GCS {a.address} is up after {now - t0:.2f}s")
                     continue
             else:
-                try:
-                    n, cpus, gpus = table.alive()
-                except Exception as e:  # GCS still starting; keep polling
-                    log(f"node table not readable yet: {e!r}")
-                    n, cpus, gpus = state["alive"], state["cpus"], state["gpus"]
+                if reader is not None:
+                    if reader.ident is None:
+                        reader.start()
+                    got = reader.latest
+                else:
+                    try:
+                        got = table.alive()
+                    except Exception as e:  # GCS still starting; keep polling
+                        log(f"node table not readable yet: {e!r}")
+                        got = None
+                n, cpus, gpus = got or (state["alive"], state["cpus"], state["gpus"])
                 state.update(alive=n, cpus=cpus, gpus=gpus)
                 if n >= a.nodes:
                     rc = 0
@@ -344,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             if now >= next_progress:
                 log(f"waiting: {state['alive']}/{a.nodes} nodes after {now - t0:.0f}s ({phase})")
                 next_progress = now + PROGRESS_EVERY_S
-            time.sleep(POLL_S)
+            if reader is not None and reader.ident is not None:
+                reader.wait_fresh(POLL_S)
+            else:
+                time.sleep(POLL_S)
     except KeyboardInterrupt:
         rc = 5
     except Exception as e:
@@ -353,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         write_result()
         table.close()
+    if reader is not None and reader.is_alive():
+        reader.done.set()
+        reader.join(1.0)
+        if reader.is_alive():  # blocked in a GCS call: do not wait for it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
     return rc
 
 

@@ -13,8 +13,8 @@ Without ``-n`` the group markers do nothing.
 
 The summary gives, per tier (the folder under tests/), the tests run, how many
 failed, the seconds spent in them (setup + call + teardown) and the wall-clock
-span from the tier's first test start to its last test end. tests/conftest.py
-imports these hooks.
+span from the tier's first test start to its last test end; every test's
+time goes to .dev/test-durations.tsv. tests/conftest.py imports these hooks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ class _Tier:
 
 
 _TIERS: dict[str, _Tier] = {}
+_TESTS: dict[str, list[float]] = {}  # nodeid -> [seconds, first start, failed]
 _SESSION_START = time.time()
+# Every test's time, for whoever plans where the test run's minutes go.
+DURATIONS = Path(__file__).resolve().parents[1] / ".dev" / "test-durations.tsv"
 
 
 def tier_of(nodeid: str) -> str:
@@ -79,6 +82,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.failed:
         tier.failed.add(report.nodeid)
     tier.seconds += report.duration
+    row = _TESTS.setdefault(report.nodeid, [0.0, report.start or 0.0, 0.0])
+    row[0] += report.duration
+    row[2] = max(row[2], float(report.failed))
     if report.start:
         tier.start = min(tier.start, report.start)
         tier.stop = max(tier.stop, report.stop)
@@ -100,3 +106,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"{name:<14}{len(t.tests):>7}{len(t.failed):>8}{_mmss(t.seconds):>11}{span:>11}"
         )
     tr.write_line(f"session wall: {_mmss(time.time() - _SESSION_START)} (pytest only)")
+    DURATIONS.parent.mkdir(exist_ok=True)
+    with DURATIONS.open("w") as fh:
+        fh.write("seconds\tstart\tfailed\ttier\ttest\n")
+        for nodeid, (secs, start, failed) in sorted(_TESTS.items(), key=lambda kv: -kv[1][0]):
+            fh.write(f"{secs:.2f}\t{start:.1f}\t{int(failed)}\t{tier_of(nodeid)}\t{nodeid}\n")
+    tr.write_line(f"every test's time: {DURATIONS}")

@@ -12,6 +12,7 @@ import importlib.util
 import re
 import shlex
 import subprocess
+import sys
 import time
 import uuid
 
@@ -541,10 +542,15 @@ def test_cleanup_on_a_shared_temp_root_keeps_each_nodes_logs(tmp_path):
     (run / "ray-logs").mkdir(parents=True)
     d1 = _fake_node_dir(root, run, 4242, "AAAAAA", "n1")
     d2 = _fake_node_dir(root, run, 4242, "BBBBBB", "n2")
+    batch = root / "rs-4242.CCCCCC"  # the batch shell's own, between two tries
+    batch.mkdir()
+    (batch / "node").write_text("n1\n")
+    (batch / "batch").touch()
     env = {"SLURM_JOB_ID": "4242", "_RL_RUN_DIR": str(run), "SLURM_RAY_TMP_ROOT": str(root)}
     bash_fn("cleanup_main 7", SLURMD_NODENAME="n1", **env)
     assert not d1.exists()
     assert d2.is_dir(), "n1's cleanup removed n2's temp dir"
+    assert batch.is_dir(), "the cleanup removed the batch shell's dir"
     assert (run / "ray-logs/4242.n1.ray/raylet.out").read_text() == "raylet of n1\n"
     assert not (run / "ray-logs/4242.n1.tmp").exists()
     bash_fn("cleanup_main 7", SLURMD_NODENAME="n2", **env)
@@ -573,6 +579,39 @@ def test_the_next_jobs_reaper_names_logs_after_the_node_that_made_them(tmp_path)
     assert (run / "ray-logs/41.n2.ray/raylet.out").read_text() == "raylet of n2\n"
     assert not (run / "ray-logs/41.n2.tmp").exists()
     assert not (run / "ray-logs/41.n1.ray").exists()
+
+
+def test_reapers_at_once_take_each_dir_once_and_keep_its_logs(tmp_path):
+    """Both dev nodes share /tmp, and two jobs may start together: four reapers
+    see the same dirs. Each dir is reaped once, with all of its logs."""
+    root, run = tmp_path / "tmp", tmp_path / "run"
+    root.mkdir()
+    (run / "ray-logs").mkdir(parents=True)
+    for i in range(40):
+        logs = _fake_node_dir(root, run, 100 + i, f"D{i:05d}", "n2") / "ray"
+        for k in range(20):
+            (logs / "session_2026-12-01_00-00-00_000000_1/logs" / f"w{k}.log").write_text(
+                "x" * 4096
+            )
+    code = "import sys, ray_wait; ray_wait.reap(sys.argv[1], 1000, set(), sys.argv[2])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root), node],
+            cwd=INCLUDE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in ("n1", "n2", "n1", "n2")
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    reaped = [line for out, _ in outs for line in out.splitlines()]
+    assert len(reaped) == len(set(reaped)) == 40, reaped
+    assert list(root.iterdir()) == []
+    for i in range(40):
+        kept = run / "ray-logs" / f"{100 + i}.n2.ray"
+        assert len(list(kept.iterdir())) == 21, kept
 
 
 def test_each_node_srun_status_inside_the_exit_trap(tmp_path):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.cluster.test_ray_launch import READY_RE, Job, bash_fn, ssh, wait_done
+from tests.cluster.test_ray_launch import READY_RE, Job, bash_fn, ssh, tmp_dirs, wait_done
 from tests.conftest import DevCluster
 from tests.neighbour import Neighbour
 
@@ -171,3 +171,58 @@ def test_ports_taken_by_neighbour_move_the_block(
         int(x) for x in neighbour.run("cat /proc/sys/net/ipv4/ip_local_port_range").stdout.split()
     )
     assert gcs + 99 < lo or gcs > hi, (gcs, lo, hi)
+
+
+# The racer: watches `ps` for our job's head `ray start` (its command line
+# names the port and the job's temp dir) and listens on that port before
+# Ray's GCS binds it, i.e. after the launcher's probe said it was free.
+RACE = """\
+import os, re, socket, sys, time
+job = sys.argv[1]
+print("WATCHING", flush=True)
+while True:
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        m = re.search(r"--port=(\\d+)", cmd)
+        if m and " start " in cmd and "--head" in cmd and f"/rs-{job}." in cmd:
+            server = socket.create_server(("0.0.0.0", int(m.group(1))))
+            print("BOUND", m.group(1), flush=True)
+            time.sleep(600)
+            sys.exit()
+    time.sleep(0.05)
+"""
+
+
+def test_port_taken_after_the_probe_starts_ray_again_on_another_block(
+    ray_job: Callable[[str], Job], neighbour: Neighbour
+) -> None:
+    """The window the probe leaves: the neighbour listens on the head's GCS
+    port once `ray start` runs. Ray itself gives up only after ~40 s with the
+    job FAILED; the launcher notices Ray's bind error at once and forms the
+    cluster on another block."""
+    j = ray_job("portrace")
+    j.put("ok.py", "import os, ray\nray.init(address=os.environ['RAY_ADDRESS'])\nprint('OK')\n")
+    jobid = j.submit("python -u ok.py", sbatch="#SBATCH --hold\n")
+    racer = neighbour.spawn(f"python3 -c {shlex.quote(RACE)} {jobid}", node="n1")
+    neighbour.wait_line(racer, "WATCHING")
+    release(jobid)
+    info = wait_done(jobid)
+    out = j.out(jobid)
+    bound = int(neighbour.wait_line(racer, "BOUND", timeout=5).split()[1])
+    assert info["JobState"] == "COMPLETED", out
+    assert "OK" in out
+    assert re.search(
+        rf"a port of block {bound}-{bound + 99} was taken on n1 after the probe .*"
+        r"starting Ray again on another block",
+        out,
+    ), out
+    m = READY_RE.search(out)
+    assert m and m.group(1) == "2", out
+    assert not bound <= int(m.group(6)) <= bound + 99, out
+    assert float(m.group(4)) < 30, f"the retry waited for Ray to give up:\n{out}"
+    node_log = ssh(f"cat {shlex.quote(str(j.dir / 'ray-logs' / f'{jobid}.n1.log'))}").stdout
+    assert f"The specified port is {bound}" in node_log, node_log
+    assert tmp_dirs(jobid) == []

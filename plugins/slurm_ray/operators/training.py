@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowException
 from slurm_ray.hooks.slurm import HostKeyError, SlurmHook, SlurmSSHError
 from slurm_ray.links import MlflowRunLink, SlurmJobLink
 from slurm_ray.operators import job_outcome, training_job
+from slurm_ray.operators.deferral import ensure_still_running
 from slurm_ray.operators.identity import resolve_remote_paths, run_identity
 from slurm_ray.operators.job_manager import SlurmJobManager
 from slurm_ray.operators.run_state import RunState
@@ -120,6 +121,7 @@ class SlurmRayOperator(BaseOperator):
     operator_extra_links = (SlurmJobLink(), MlflowRunLink())
     ui_color = "#d8ecf7"
     _run: RunState | None = None
+    _killed = False  # on_kill ran: Airflow's SIGTERM handler lets execute go on
 
     def __init__(
         self,
@@ -308,6 +310,9 @@ class SlurmRayOperator(BaseOperator):
         log_path = posixpath.join(run.run_dir, f"slurm-{run.job_id}.out")
         metrics_path = posixpath.join(run.run_dir, "metrics.jsonl")
         run.relay = self.tracking.relay_settings(run)
+        if self.deferrable or self._killed:
+            cancel, ti = self.manager.cancel_quietly, run.context["ti"]
+            ensure_still_running(ti, run.job_id, cancel, self.log, killed=self._killed)
         if self.deferrable:
             from slurm_ray.triggers.slurm_job import SlurmJobTrigger
 
@@ -388,6 +393,8 @@ class SlurmRayOperator(BaseOperator):
         )
 
     def on_kill(self) -> None:
-        """The task was killed while running in a worker: cancel the job."""
+        """The task was killed while running in a worker: cancel the job (one
+        submitted after this is cancelled before it is followed)."""
+        self._killed = True
         if self._run is not None:
             self.manager.cancel_quietly(self._run.job_id)
