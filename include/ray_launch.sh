@@ -506,7 +506,7 @@ watch_bind() {
       printf '%s\n' "${line:0:400}"
       return 1
     fi
-    sleep 0.2
+    sleep 0.5 # a watcher only: Ray starts meanwhile
   done
   return 0
 }

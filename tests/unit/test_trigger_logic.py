@@ -283,3 +283,27 @@ def test_the_entrypoint_exit_line_makes_the_trigger_poll_faster(monkeypatch) -> 
     assert event.payload["state"] == "COMPLETED"
     # 1 s to the poll that shows the line, then two polls 0.5 s apart (not 1 s).
     assert 1.9 <= took < 2.9, took
+
+
+async def test_on_kill_cancel_survives_a_second_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The triggerer may cancel the trigger's task again while on_kill waits
+    (and swallows that): the scancel must still run to its end."""
+    done: list[str] = []
+
+    async def slow_cancel(self: SlurmJobTrigger) -> tuple[bool, str]:
+        await asyncio.sleep(0.3)
+        done.append(self.job_id)
+        return True, "confirmed"
+
+    monkeypatch.setattr(SlurmJobTrigger, "_cancel", slow_cancel)
+    trig = SlurmJobTrigger(job_id="77", ssh_conn_id="c", log_path="/x/l")
+    killer = asyncio.ensure_future(trig.on_kill())
+    await asyncio.sleep(0.05)
+    killer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killer
+    assert done == []
+    await asyncio.sleep(0.4)
+    assert done == ["77"]

@@ -27,6 +27,9 @@ from slurm_ray.slurm.poll import TailChunk, TailRequest, validate_tail
 from slurm_ray.triggers.host_poller import PollResult, _HostPoller, _Subscription
 from slurm_ray.utils.states import JobInfo, SlurmState, is_terminal
 
+# Cancels that outlive the on_kill that started them (the loop keeps only weak references).
+_CANCELS: set[asyncio.Future[Any]] = set()
+
 #: Called with the new complete ``metrics.jsonl`` rows; set by the MLflow relay.
 MetricsSink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
@@ -268,8 +271,15 @@ class SlurmJobTrigger(BaseTrigger):
             return None
 
     async def on_kill(self) -> None:
-        """The user cleared/failed the deferred task: cancel the Slurm job."""
-        await self._cancel()
+        """The user cleared/failed the deferred task: cancel the Slurm job.
+
+        Shielded: the triggerer can cancel the trigger's task once more while
+        on_kill waits, and swallows that silently (seen under load: the
+        scancel never ran). The cancel then completes in the background."""
+        task = asyncio.ensure_future(self._cancel())
+        _CANCELS.add(task)
+        task.add_done_callback(_CANCELS.discard)
+        await asyncio.shield(task)
 
     #: scancel attempts, their backoff multiplier (s) and the time they may take in all.
     CANCEL_ATTEMPTS = 5
