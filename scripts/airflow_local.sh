@@ -55,6 +55,10 @@ export_env() {
   export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=10
   export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL=10
   export AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT=600
+  # A task's calls to the API server (XCom, state) give up after 5 s by default,
+  # retried for about a minute: too little on a small machine while a sweep's
+  # tasks start together (measured: XCom pushes failed the tasks).
+  export AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT=30
   # An idle scheduler loop sleeps this long (default 1 s): every hand-off
   # between a run's tasks waits for it (bench/results.md §4 breakdown).
   export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=${SLURM_RAY_SCHEDULER_IDLE_SLEEP:-0.25}

@@ -31,6 +31,8 @@ HOST_IP=$NET.1
 NODES=(n1 n2)
 NODE_CPUS=${SLURM_RAY_DEV_NODE_CPUS:-4}
 NODE_MEM_MB=${SLURM_RAY_DEV_NODE_MEM_MB:-8000}
+# Niceness of slurmd and so of every job (start_slurmd); 0 turns it off.
+NODE_NICE=${SLURM_RAY_DEV_NODE_NICE:-10}
 CONF=$STATE/etc/slurm.conf
 MUNGE_SOCK=$STATE/munge/munge.socket.2
 RUN=$STATE/run
@@ -396,8 +398,12 @@ start_slurmd() {
   rm -f "$pf"
   # `ip netns exec` remounts /sys and hides the cgroup tree from slurmd, so
   # enter the namespace by hand and give the node its own hostname and hosts.
+  # The nodes stand in for other machines but share this one's cores with
+  # Airflow, MLflow and the browser: at nice $NODE_NICE their jobs (which
+  # inherit slurmd's nice, PropagatePrioProcess=0) cannot starve that control
+  # plane, as four Ray clusters starting at once did (API calls over 60 s).
   nsenter --net="/run/netns/sr-$n" unshare --uts --mount --propagation private \
-    /bin/sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && export SLURM_CONF="$3" && exec slurmd -N "$1" -f "$3"' \
+    nice -n "$NODE_NICE" /bin/sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && export SLURM_CONF="$3" && exec slurmd -N "$1" -f "$3"' \
     sh "$n" "$STATE/etc/hosts" "$CONF"
   wait_for 15 "slurmd $n pid file" test -s "$pf"
 }

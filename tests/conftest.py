@@ -116,5 +116,5 @@ def cluster() -> Iterator[DevCluster]:
 
 
 # Session fixtures shared by several test folders (imported last: they use `cluster`).
-from tests.airflow_fixtures import airflow  # noqa: E402, F401
+from tests.airflow_fixtures import _no_run_outlives_its_test, airflow  # noqa: E402, F401
 from tests.neighbour import neighbour  # noqa: E402, F401

@@ -93,7 +93,7 @@ def test_two_node_job_as_normal_user(cluster: DevCluster) -> None:
         """\
         #!/bin/bash
         #SBATCH --nodes=2 --ntasks-per-node=1 --output=out-%j.txt --time=2
-        srun --export=ALL bash -c 'echo "$(id -un) $(hostname) $(getent ahostsv4 "$(hostname)" | head -1 | cut -d" " -f1)"'
+        srun --export=ALL bash -c 'echo "$(id -un) $(hostname) $(getent ahostsv4 "$(hostname)" | head -1 | cut -d" " -f1) $(nice)"'
         """
     )
     cluster.ssh(f"cd {d} && cat > job.sh <<'EOF'\n{script}EOF")
@@ -103,6 +103,8 @@ def test_two_node_job_as_normal_user(cluster: DevCluster) -> None:
     assert [r[0] for r in rows] == ["slurmray", "slurmray"]
     assert [r[1] for r in rows] == ["n1", "n2"]
     assert len({r[2] for r in rows}) == 2 and all(r[2].startswith("10.213.77.") for r in rows)
+    # Jobs yield the shared cores to Airflow and MLflow (devcluster.sh start_slurmd).
+    assert [r[3] for r in rows] == [os.environ.get("SLURM_RAY_DEV_NODE_NICE", "10")] * 2
 
 
 def test_tcp_from_n2_step_to_listener_on_n1(cluster: DevCluster) -> None:

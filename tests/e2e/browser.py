@@ -55,7 +55,11 @@ class Browser:
         options.binary_location = CHROMIUM
         for flag in (*FLAGS, f"--user-data-dir={self._profile}"):
             options.add_argument(flag)
-        self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        # The person's browser is another machine on a real site; here it shares
+        # two cores with Airflow and the cluster, so it yields (a Grid page
+        # left open re-renders at a core's worth).
+        service = Service(CHROMEDRIVER, popen_kw={"preexec_fn": lambda: os.nice(10)})
+        self.driver = webdriver.Chrome(options=options, service=service)
         self.driver.set_page_load_timeout(60)
         self._step = 0
 

@@ -32,8 +32,11 @@ from tests.mlflow_fixtures import MlflowServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.e2e]
 
+# Half the default batch: the restart needs training to go on for ~20 s after
+# the kill, not the 6 minutes that 16 default iterations took in a busy CI run.
 CONF = {
     "stop_iterations": 16,
+    "train_batch_size": 2000,
     "stop_return_mean": None,
     "experiment_name": "faults_r2",
     "register_model_name": "faults-r2",
