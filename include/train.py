@@ -388,10 +388,14 @@ class Trainer:
         # RLlib's Trainable makes a log dir under ~/ray_results on every build and
         # build_algo() cannot be given another one: repoint the module constant
         # (read at call time). The dir stays empty outside Tune and Ray makes it
-        # world-writable, so a private temp dir removed at shutdown, not the run dir.
+        # world-writable, so a private temp dir removed at shutdown, not the run
+        # dir; in a job, inside the launcher's private dir (SLURM_RAY_TMPDIR),
+        # which goes even when a cancelled job never reaches shutdown.
         import ray.tune.trainable.trainable as trainable_mod
 
-        self.rllib_log_dir = tempfile.mkdtemp(prefix="rs-rllib-")
+        self.rllib_log_dir = tempfile.mkdtemp(
+            prefix="rs-rllib-", dir=os.environ.get("SLURM_RAY_TMPDIR") or None
+        )
         trainable_mod.DEFAULT_STORAGE_PATH = self.rllib_log_dir
 
         eff = self.eff

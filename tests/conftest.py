@@ -32,9 +32,13 @@ STATE = Path(os.environ.get("SLURM_RAY_DEV_STATE", "/var/lib/slurm-ray-dev"))
 # Airflow reads its configuration at import time: point it at a throwaway home
 # before any test imports it.
 if "AIRFLOW_HOME" not in os.environ or os.environ.get("SLURM_RAY_TEST_FRESH_HOME", "1") == "1":
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="slurm-ray-airflow-")
+    # Each pytest process (xdist: each worker) made one; 800 piled up in /tmp.
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pwd
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
@@ -62,6 +64,12 @@ def test_ppo_learns_on_both_nodes(cluster: DevCluster) -> None:
     cluster.ssh(f"test -d {shlex.quote(result['rl_module_checkpoint'])}")
 
 
+def rllib_dirs() -> set[Path]:
+    """RLlib log dirs of the job user left in /tmp (the nodes' /tmp is this machine's)."""
+    uid = pwd.getpwnam("slurmray").pw_uid
+    return {p for p in Path("/tmp").glob("rs-rllib-*") if p.stat().st_uid == uid}
+
+
 def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> None:
     config = {
         "num_env_runners": 1,
@@ -75,6 +83,7 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
         "eval_episodes": 1,
     }
     spec = {"nodes": 2, "cpus_per_task": 1, "time": "15"}
+    before = rllib_dirs()
     ti1 = FakeTI(task_id="resume")
     op1 = make_op(cluster, "resume", config=config, job_spec=spec)
     with pytest.raises(TaskDeferred):
@@ -107,6 +116,9 @@ def test_retry_resumes_from_checkpoint_of_cancelled_try(cluster: DevCluster) -> 
     first = rows[0]["iteration"]
     assert first >= 3, "the retry started from scratch instead of the checkpoint"
     assert rows[-1]["iteration"] == result["iterations"] == 15
+    # Neither the cancelled try nor the finished one left a dir in the node's
+    # /tmp (a cancelled job's train.py never reaches its own cleanup).
+    assert rllib_dirs() - before == set()
 
 
 def test_bad_config_is_refused_before_submission(cluster: DevCluster) -> None:

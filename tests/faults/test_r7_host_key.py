@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -104,6 +105,7 @@ def second_sshd(cluster: DevCluster) -> Iterator[SecondSshd]:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 CONNECTED = re.compile(r"Connection from \S+ port (\d+) on ")
