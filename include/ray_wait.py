@@ -31,7 +31,8 @@ ephemeral range: PORT is then ``ephemeral``). With ``--reap`` it first
 removes this user's temp dirs ROOT/rs-<id>.XXXXXX of ended jobs (an id below
 JOBID that is not in the comma-separated LIVE_IDS): what a cancelled job
 could not remove (srun SIGKILLs its steps), after moving Ray's logs into
-that job's run directory; it prints ``reaped DIR``.
+that job's run directory; it prints ``reaped DIR``. A dir another reaper
+claimed (renamed to ``.reaping``) and left for ten minutes is taken again.
 
 Needs the Ray job's environment: RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH.
 """
@@ -242,9 +243,11 @@ def port_free(port: int) -> bool:
     return True
 
 
-TMP_NAME = re.compile(r"rs-(\d+)\.[A-Za-z0-9]{6}")
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CLAIMED = ".reaping"  # a reaper renames a dir first: of several, one takes it
+# rs-<job>.XXXXXX, or one a reaper claimed (again, after it died: .<pid>)
+TMP_NAME = re.compile(r"rs-(\d+)\.[A-Za-z0-9]{6}(\.reaping(?:\.\d+)?)?")
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+STALE_CLAIM_S = 600.0  # a reaper at work renamed its dir seconds ago
 
 
 def first_line(path: str) -> str:
@@ -255,7 +258,9 @@ def first_line(path: str) -> str:
         return ""
 
 
-def reap(root: str, job: int, live: set[int], node: str) -> None:
+def reap(
+    root: str, job: int, live: set[int], node: str, stale_claim_s: float = STALE_CLAIM_S
+) -> None:
     """Remove this user's temp dirs of ended jobs under `root` (see the module doc)."""
     uid = os.getuid()
     for entry in os.scandir(root):
@@ -267,8 +272,14 @@ def reap(root: str, job: int, live: set[int], node: str) -> None:
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
                 continue
             # Where the temp root is shared (several nodes, or two jobs starting
-            # at once), other reapers see the same dir: the rename decides.
-            path = entry.path + CLAIMED
+            # at once), other reapers see the same dir: the rename decides. A
+            # rename sets the dir's ctime: an old claim is a reaper that died.
+            if not m.group(2):
+                path = entry.path + CLAIMED
+            elif time.time() - st.st_ctime >= stale_claim_s:
+                path = os.path.join(root, f"{entry.name.split(CLAIMED)[0]}{CLAIMED}.{os.getpid()}")
+            else:
+                continue
             os.rename(entry.path, path)
         except OSError:
             continue

@@ -443,12 +443,14 @@ def test_compare_runs_plot_table_best(
 # -- the model: export on the cluster, log + register from Airflow, load on the cluster ----
 
 TINY_PPO = r"""
-import json, os, sys, time
+import json, os, shutil, sys, tempfile, time
 from pathlib import Path
 run_dir = Path(sys.argv[1])
 import ray
 from ray.rllib.algorithms.ppo import PPOConfig
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+# Not Ray's default /tmp/ray: world-writable, and it stays.
+ray_tmp = tempfile.mkdtemp(prefix="rs-test-")
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
 algo = (
     PPOConfig().environment("CartPole-v1")
     .env_runners(num_env_runners=0)
@@ -477,13 +479,16 @@ ret = r["env_runners"].get("episode_return_mean")
 }))
 algo.stop()
 ray.shutdown()
+shutil.rmtree(ray_tmp, ignore_errors=True)
 """
 
 PLAY = r"""
-import json, sys
+import json, sys, tempfile
 import gymnasium as gym, mlflow, mlflow.pyfunc, numpy as np
 mlflow.set_tracking_uri(sys.argv[1])
-model = mlflow.pyfunc.load_model(sys.argv[2])
+# MLflow downloads a registry model to a temp dir it never removes.
+dst = tempfile.TemporaryDirectory(prefix="rs-test-model-")
+model = mlflow.pyfunc.load_model(sys.argv[2], dst_path=dst.name)
 env = gym.make("CartPole-v1")
 obs, _ = env.reset(seed=0)
 total, done, actions = 0.0, False, set()

@@ -645,3 +645,24 @@ def test_launcher_refuses_outside_slurm():
 
 def test_launcher_is_clean_bash():
     assert subprocess.run(["bash", "-n", str(INCLUDE / "ray_launch.sh")]).returncode == 0
+
+
+def test_a_dir_left_claimed_by_a_reaper_that_died_is_reaped_later(tmp_path):
+    """A reaper renames a dir before it removes it; one killed in between left
+    `rs-13.XXXXXX.reaping` in the dev nodes' /tmp for good."""
+    spec = importlib.util.spec_from_file_location("ray_wait", INCLUDE / "ray_wait.py")
+    assert spec and spec.loader
+    ray_wait = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_wait)
+    root, run = tmp_path / "tmp", tmp_path / "run"
+    root.mkdir()
+    (run / "ray-logs").mkdir(parents=True)
+    left = _fake_node_dir(root, run, 13, "EEEEEE", "n2")
+    claimed = left.rename(root / "rs-13.EEEEEE.reaping")
+    # Just claimed: another reaper is at work on it.
+    ray_wait.reap(str(root), 50, set(), "n1")
+    assert claimed.is_dir()
+    # Claimed longer ago than the limit (0 s here): taken again, logs kept.
+    ray_wait.reap(str(root), 50, set(), "n1", stale_claim_s=0)
+    assert list(root.iterdir()) == []
+    assert (run / "ray-logs/13.n2.ray/raylet.out").read_text() == "raylet of n2\n"
