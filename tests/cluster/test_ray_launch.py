@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -564,11 +565,17 @@ def test_cleanup_on_a_shared_temp_root_keeps_each_nodes_logs(tmp_path):
     ]
 
 
-def test_the_next_jobs_reaper_names_logs_after_the_node_that_made_them(tmp_path):
+def _ray_wait() -> Any:
+    """include/ray_wait.py as a module (it is a script on the cluster side)."""
     spec = importlib.util.spec_from_file_location("ray_wait", INCLUDE / "ray_wait.py")
     assert spec and spec.loader
-    ray_wait = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ray_wait)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_next_jobs_reaper_names_logs_after_the_node_that_made_them(tmp_path):
+    ray_wait = _ray_wait()
     root, run = tmp_path / "tmp", tmp_path / "run"
     root.mkdir()
     (run / "ray-logs").mkdir(parents=True)
@@ -650,10 +657,7 @@ def test_launcher_is_clean_bash():
 def test_a_dir_left_claimed_by_a_reaper_that_died_is_reaped_later(tmp_path):
     """A reaper renames a dir before it removes it; one killed in between left
     `rs-13.XXXXXX.reaping` in the dev nodes' /tmp for good."""
-    spec = importlib.util.spec_from_file_location("ray_wait", INCLUDE / "ray_wait.py")
-    assert spec and spec.loader
-    ray_wait = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ray_wait)
+    ray_wait = _ray_wait()
     root, run = tmp_path / "tmp", tmp_path / "run"
     root.mkdir()
     (run / "ray-logs").mkdir(parents=True)
