@@ -390,11 +390,13 @@ class Trainer:
         # (read at call time). The dir stays empty outside Tune and Ray makes it
         # world-writable, so a private temp dir removed at shutdown, not the run
         # dir; in a job, inside the launcher's private dir (SLURM_RAY_TMPDIR),
-        # which goes even when a cancelled job never reaches shutdown.
+        # which goes even when a cancelled job never reaches shutdown. A Tune
+        # trial on another node inherits that path but not the dir: /tmp there.
         import ray.tune.trainable.trainable as trainable_mod
 
+        private = os.environ.get("SLURM_RAY_TMPDIR") or ""
         self.rllib_log_dir = tempfile.mkdtemp(
-            prefix="rs-rllib-", dir=os.environ.get("SLURM_RAY_TMPDIR") or None
+            prefix="rs-rllib-", dir=private if os.path.isdir(private) else None
         )
         trainable_mod.DEFAULT_STORAGE_PATH = self.rllib_log_dir
 
