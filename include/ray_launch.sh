@@ -59,8 +59,11 @@
 # Environment exported to every process of the job (Ray daemons, ENTRYPOINT):
 #   RAY_ADDRESS=HEAD_IP:GCS_PORT (ENTRYPOINT only), RAY_AUTH_MODE=token,
 #   RAY_AUTH_TOKEN_PATH=<run dir>/.ray_auth_token.<jobid> (mode 600, removed
-#   at exit), RAY_USAGE_STATS_ENABLED=0, SLURM_RAY_NUM_NODES, SLURM_RAY_TMPDIR
-#   (a private temp dir of the batch shell, removed at exit).
+#   at exit), RAY_USAGE_STATS_ENABLED=0, SLURM_RAY_NUM_NODES, and
+#   SLURM_RAY_TMPDIR = RAY_TMPDIR: a private (0700) temp dir on the process's
+#   own node (the batch shell's for ENTRYPOINT, each node step's for its Ray
+#   processes), removed at exit; Ray's file locks (`_ray_lockfiles`) go there
+#   instead of a name in the shared /tmp.
 #
 # A heterogeneous job (SLURM_HET_SIZE set; slurm_ray's GPU hetjob: component
 # 0 the GPU node(s), component 1 the CPU nodes) takes its nodes and CPUs from
@@ -413,6 +416,9 @@ node_main() {
   # our private dir, which nobody else can enter.
   local tmp=$NODE_TMP/ray
   printf 'temp dir %s\n' "$tmp"
+  # Ray's daemons and workers on this node inherit these, not the batch
+  # shell's dir: on a real site that path exists only on the batch node.
+  export SLURM_RAY_TMPDIR=$NODE_TMP RAY_TMPDIR=$NODE_TMP
   # For the cleanup step (srun's SIGTERM reaches this shell as SIGKILL), and
   # for the next job's reaper when a scancel leaves the dir behind.
   (umask 077 && printf '%s\n' "$NODE_TMP" >"$logdir/$SLURM_JOB_ID.$node.tmp" &&
@@ -803,7 +809,7 @@ main() {
   export _RL_RUN_DIR=$RUN_DIR
   _RL_SELF_DIR=$(dirname "$SELF")
   export _RL_SELF_DIR
-  unset RAY_ADDRESS SLURM_RAY_TMPDIR
+  unset RAY_ADDRESS SLURM_RAY_TMPDIR RAY_TMPDIR
 
   trap on_exit EXIT
   trap 'on_signal USR1' USR1
@@ -814,7 +820,7 @@ main() {
   # The batch shell's own private dir (ray_wait's result; SLURM_RAY_TMPDIR).
   PRIV_DIR=$(private_dir) || exit 2
   : >"$PRIV_DIR/batch"
-  export SLURM_RAY_TMPDIR=$PRIV_DIR
+  export SLURM_RAY_TMPDIR=$PRIV_DIR RAY_TMPDIR=$PRIV_DIR
   mkdir -p "$RUN_DIR/ray-logs"
   rm -f "$RUN_DIR/ray-logs/$SLURM_JOB_ID.status"
 

@@ -390,11 +390,11 @@ class Trainer:
         # (read at call time). The dir stays empty outside Tune and Ray makes it
         # world-writable, so a private temp dir removed at shutdown, not the run
         # dir; in a job, inside the launcher's private dir (SLURM_RAY_TMPDIR),
-        # which goes even when a cancelled job never reaches shutdown. A Tune
-        # trial on another node inherits that path but not the dir: /tmp there.
+        # which goes even when a cancelled job never reaches shutdown (each
+        # node's Ray workers get their node's own); with --local, in Ray's.
         import ray.tune.trainable.trainable as trainable_mod
 
-        private = os.environ.get("SLURM_RAY_TMPDIR") or ""
+        private = os.environ.get("SLURM_RAY_TMPDIR") or self.local_temp_dir or ""
         self.rllib_log_dir = tempfile.mkdtemp(
             prefix="rs-rllib-", dir=private if os.path.isdir(private) else None
         )

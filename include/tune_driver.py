@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     # name any user of the node can create first, which then fails the restore.
     private_tmp = tempfile.mkdtemp(prefix="rs-tune-", dir=os.environ.get("SLURM_RAY_TMPDIR"))
     os.environ["RAY_TMPDIR"] = private_tmp
+    # A local Ray's trial actors inherit it and keep RLlib's dir there: a trial
+    # that Tune kills (a signal, a scheduler's stop) never reaches its cleanup.
+    os.environ["SLURM_RAY_TMPDIR"] = private_tmp
     os.environ[STREAM_ENV] = str(run_dir / "metrics.jsonl")
     if args.local:
         os.environ.pop("RAY_ADDRESS", None)

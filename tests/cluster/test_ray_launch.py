@@ -194,13 +194,27 @@ print(f"ALIVE {len(alive)} HOSTS {','.join(hosts)}", flush=True)
 
 @ray.remote(num_cpus=1)
 def where():
-    return socket.gethostname()
+    # The private dir a worker is given, against the one its node's Ray runs in.
+    ray_dir = ray._private.worker.global_worker.node.get_temp_dir_path()
+    mine = os.environ.get("SLURM_RAY_TMPDIR", "")
+    st = os.stat(mine) if os.path.isdir(mine) else None
+    ok = (
+        os.path.dirname(ray_dir) == mine
+        and os.environ.get("RAY_TMPDIR") == mine
+        and st is not None and st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o700
+    )
+    return socket.gethostname(), ok, f"{mine} {os.environ.get('RAY_TMPDIR')} ray={ray_dir}"
 
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Pin
-ran = sorted(set(ray.get([
+seen = ray.get([
     where.options(scheduling_strategy=Pin(n["NodeID"], soft=False)).remote() for n in alive
-])))
-print(f"TASKS_RAN_ON {','.join(ran)}", flush=True)
+])
+print(f"TASKS_RAN_ON {','.join(sorted({h for h, _, _ in seen}))}", flush=True)
+for host, ok, dirs in sorted(seen):
+    print(f"NODE_TMPDIR {host} {'own' if ok else 'WRONG'} {dirs}", flush=True)
+driver_tmp = os.environ.get("SLURM_RAY_TMPDIR", "")
+print("DRIVER_TMPDIR", "own" if os.path.isdir(driver_tmp)
+      and os.environ.get("RAY_TMPDIR") == driver_tmp else "WRONG", driver_tmp, flush=True)
 mode = os.stat(os.environ["RAY_AUTH_TOKEN_PATH"]).st_mode & 0o777
 print("AUTH", os.environ.get("RAY_AUTH_MODE"), oct(mode))
 # Optional rendezvous: wait until N jobs have written their marker.
@@ -245,6 +259,10 @@ def test_two_node_cluster_runs_entrypoint(job):
     assert float(m.group(2)) == 2  # 1 CPU per node (--cpus-per-task=1), head included
     assert "ALIVE 2 HOSTS n1,n2" in out
     assert "TASKS_RAN_ON n1,n2" in out
+    # Each node's Ray workers get that node's private dir (a path from the
+    # batch node does not exist on another node of a real site).
+    assert re.findall(r"NODE_TMPDIR (\S+) own ", out) == ["n1", "n2"], out
+    assert "DRIVER_TMPDIR own " in out, out
     assert "AUTH token 0o600" in out
     assert "entrypoint exited with status 0" in out
     wait_no_ray(jobid, timeout=15)

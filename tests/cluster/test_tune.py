@@ -20,6 +20,7 @@ pytestmark = pytest.mark.cluster
 
 #: Small and fast: 1 CPU per trial (no env runners), a few short iterations.
 TINY = TUNE_BASE | {"checkpoint_every": 2}
+ITERS = 16  # the length of the sweep that a signal interrupts and a retry resumes
 
 
 def _row(trial: str, step: int, lr: float) -> dict[str, Any]:
@@ -243,7 +244,9 @@ def test_pre_timeout_signal_then_retry_resumes_the_sweep(
     ti = FakeTI(task_id="tune_resume", dag_id="test_tune")
     mlflow = {"tracking_uri": mlflow_server.url, "experiment_name": f"resume-{ti.run_id[8:16]}"}
     plan = plan_tune(
-        {"config": TINY | {"stop": {"iterations": 6}, "checkpoint_every": 1},
+        # 16 iterations: a trial runs 2 a second on a quiet machine, and 6 had all
+        # ended before the loop below saw iteration 2 (the signal came too late).
+        {"config": TINY | {"stop": {"iterations": ITERS}, "checkpoint_every": 1},
          "job_spec": {"nodes": 2, "cpus_per_task": 1, "time": "15"}},
         {"search": {"lr": {"grid": [0.001, 0.003]}}, "num_samples": 1},
     )  # fmt: skip
@@ -263,7 +266,7 @@ def test_pre_timeout_signal_then_retry_resumes_the_sweep(
             done = [json.loads(ln) for ln in rows.splitlines() if ln.strip()]
             if len({r["trial_id"] for r in done if r["iteration"] >= 2}) == 2:
                 break
-            time.sleep(1)
+            time.sleep(0.3)
         else:
             pytest.fail("the trials did not reach iteration 2 within 300 s")
         cluster.ssh(f"scancel --batch --signal=USR1 {shlex.quote(job_id)}")
@@ -288,4 +291,4 @@ def test_pre_timeout_signal_then_retry_resumes_the_sweep(
     assert set(kids) == trial_ids
     for trial, run in kids.items():
         history = client.get_metric_history(run.info.run_id, "episode_return_mean")
-        assert sorted(m.step for m in history) == list(range(1, 7)), trial
+        assert sorted(m.step for m in history) == list(range(1, ITERS + 1)), trial

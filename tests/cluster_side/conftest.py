@@ -7,6 +7,7 @@ gymnasium: every cluster-side script runs as a subprocess of the cluster venv
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -115,3 +116,25 @@ def run_script(python: Path, script: str, *args: str, timeout: float = 300, **en
         timeout=timeout,
         env=subprocess_env(**env),
     )
+
+
+def _own_temp_dirs() -> set[Path]:
+    uid = os.getuid()
+    found = set()
+    for path in Path("/tmp").glob("rs-*"):
+        with contextlib.suppress(OSError):
+            if path.lstat().st_uid == uid:
+                found.add(path)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_temp_dir_left_in_tmp() -> Iterator[None]:
+    """A local driver leaves no dir of its own (Ray's, RLlib's: `rs-*`) in the
+    shared /tmp, even when it or its actors were ended by a signal."""
+    before = _own_temp_dirs()
+    yield
+    left = _own_temp_dirs() - before
+    for path in left:  # one leak must not fail the next test too
+        shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"left in /tmp: {sorted(map(str, left))}"
