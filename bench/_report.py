@@ -2,15 +2,16 @@
 
 Every benchmark calls :func:`save` with its raw result, a Markdown section and
 a few summary rows (figure, baseline from the same run, ratio, target).
-:func:`assemble` rebuilds ``bench/results.md`` from every ``bench/out/*.json``
-in a fixed order, so one benchmark can be re-run alone without losing the
-others' sections.
+:func:`assemble` rebuilds ``bench/results.md`` in a fixed order: the benchmark
+just run from its ``bench/out`` JSON, every other section as results.md records
+it, so one benchmark can be re-run alone without losing the others' sections.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -25,13 +26,17 @@ REPO = BENCH.parent
 OUT = BENCH / "out"
 RESULTS = BENCH / "results.md"
 
-#: Section order in results.md (benchmark name -> title).
+#: Section order in results.md (benchmark name -> title); the number of a section
+#: is its place here. Sections 6-8 were recorded by hand (see each section).
 ORDER: dict[str, str] = {
     "ray_formation": "Ray cluster formation inside the allocation",
     "watch_jobs": "Watching 100 Slurm jobs: SSH connections and commands",
     "train_throughput": "Training throughput: operator path vs the driver run directly",
     "demo_walltime": "Demo wall time: trigger to registered model vs the driver run directly",
     "demo_walltime_long": "Demo wall time for a 90-s training job",
+    "watch_jobs_stdin": "Watching 100, 1,000 and 5,000 held jobs: one poll on stdin",
+    "watch_jobs_100_1000": "Watching 100 and 1,000 held jobs side by side",
+    "tune_vs_jobs": "Ray Tune in one allocation vs one Slurm job per configuration",
     "demo_walltime_10min": "Demo wall time for a 10-minute training job",
 }
 
@@ -137,7 +142,7 @@ def save(
     path = OUT / f"{name}.json"
     data = {"benchmark": name, **result, "section_md": section, "summary_rows": summary}
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    assemble()
+    assemble(name)
     return path
 
 
@@ -179,8 +184,26 @@ def _load(name: str) -> dict[str, Any] | None:
     return data if "section_md" in data else None
 
 
-def assemble() -> Path:
-    """Rebuild ``bench/results.md`` from the saved benchmark results."""
+def _recorded() -> tuple[dict[int, str], dict[int, list[str]]]:
+    """The sections (by number) and summary rows of the results.md on disk."""
+    sections: dict[int, str] = {}
+    rows: dict[int, list[str]] = {}
+    if not RESULTS.exists():
+        return sections, rows
+    text = RESULTS.read_text()
+    for m in re.finditer(r"^## (\d+)\. .*?(?=^## \d+\. |\Z)", text, re.S | re.M):
+        sections[int(m.group(1))] = m.group(0).strip()
+    for line in text.splitlines():
+        if m := re.match(r"\| (\d+)\. ", line):
+            rows.setdefault(int(m.group(1)), []).append(line)
+    return sections, rows
+
+
+def assemble(fresh: str | None = None) -> Path:
+    """Rebuild ``bench/results.md``: benchmark ``fresh`` (the one just saved) from its
+    ``bench/out`` JSON, every other section as results.md already records it (the
+    JSON of an earlier run on this machine is not what was committed), else from
+    its JSON, else "not run"."""
     m = machine()
     parts = [
         "# slurm_ray benchmarks",
@@ -198,22 +221,27 @@ def assemble() -> Path:
         "## Summary",
         "",
     ]
-    rows: list[list[str]] = []
+    kept_sections, kept_rows = _recorded()
+    header = ["figure", "measured", "baseline (same run)", "ratio", "target", "met"]
+    lines = table(header, []).splitlines()
     sections: list[str] = []
     for i, (name, title) in enumerate(ORDER.items(), 1):
         data = _load(name)
-        if data is None:
-            rows.append([f"{i}. {title}", "not run", "-", "-", "-", "-"])
+        if (name != fresh and i in kept_sections) or data is None:
+            if i in kept_sections:
+                lines += kept_rows.get(i, [])
+                sections.append(kept_sections[i] + "\n")
+            else:
+                lines += table(
+                    header, [[f"{i}. {title}", "not run", "-", "-", "-", "-"]]
+                ).splitlines()[2:]
             continue
         for r in data.get("summary_rows", []):
             met = {True: "yes", False: "**no**", None: "-"}[r.get("met")]
-            rows.append(
-                [f"{i}. {r['figure']}", r["value"], r["baseline"], r["ratio"], r["target"], met]
-            )
+            cells = [f"{i}. {r['figure']}", r["value"], r["baseline"], r["ratio"], r["target"], met]
+            lines += table(header, [cells]).splitlines()[2:]
         sections.append(f"## {i}. {title}\n\n{data['section_md'].strip()}\n")
-    parts.append(
-        table(["figure", "measured", "baseline (same run)", "ratio", "target", "met"], rows)
-    )
+    parts.append("\n".join(lines))
     parts.append("")
     parts.extend(sections)
     RESULTS.write_text("\n".join(parts).rstrip() + "\n")
