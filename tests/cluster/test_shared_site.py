@@ -226,3 +226,46 @@ def test_port_taken_after_the_probe_starts_ray_again_on_another_block(
     node_log = ssh(f"cat {shlex.quote(str(j.dir / 'ray-logs' / f'{jobid}.n1.log'))}").stdout
     assert f"The specified port is {bound}" in node_log, node_log
     assert tmp_dirs(jobid) == []
+
+
+# On every node, takes the file lock Ray Train/Tune take around a checkpoint
+# copy (`TempFileLock`: a lock file under `$RAY_TMPDIR/_ray_lockfiles`).
+LOCK = """\
+import os, socket, ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+
+@ray.remote(num_cpus=1)
+def lock():
+    from ray.air._internal.filelock import TempFileLock
+    try:
+        with TempFileLock("/some/checkpoint", timeout=5):
+            return socket.gethostname(), "ok"
+    except Exception as exc:
+        return socket.gethostname(), f"{type(exc).__name__}: {exc}"
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Pin
+for host, said in sorted(ray.get([lock.options(scheduling_strategy=Pin(n["NodeID"], soft=False))
+                                  .remote() for n in ray.nodes() if n["Alive"]])):
+    print("LOCK", host, said, flush=True)
+"""
+
+
+def test_squatted_ray_lock_dir_does_not_stop_ray_file_locks(
+    ray_job: Callable[[str], Job], neighbour: Neighbour
+) -> None:
+    """The neighbour owns /tmp/_ray_lockfiles, Ray's default lock dir: every node's
+    Ray workers still take their file locks (in the node's private dir)."""
+    squat = "/tmp/_ray_lockfiles"
+    made = neighbour.run(f"mkdir -m 755 {squat}", node="n1", check=False).returncode == 0
+    if made:
+        neighbour.litter(squat)
+    owner = ssh(f"stat -c %U {squat}").stdout.strip()
+    if owner == "slurmray":
+        pytest.skip(f"{squat} already belongs to the job user: nothing to squat")
+    j = ray_job("lockdir")
+    j.put("lock.py", LOCK)
+    jobid = j.submit("python -u lock.py")
+    info = wait_done(jobid)
+    out = j.out(jobid)
+    assert info["JobState"] == "COMPLETED", out
+    assert re.findall(r"^LOCK (\S+) ok$", out, re.M) == ["n1", "n2"], out
