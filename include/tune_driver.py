@@ -363,13 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_INIT", "1")
-    # Tune's restore locks files in $RAY_TMPDIR/_ray_lockfiles (default /tmp): a
-    # name any user of the node can create first, which then fails the restore.
+    # Tune's locks go to $RAY_TMPDIR/_ray_lockfiles (default: a name in /tmp any user
+    # can take first); a local Ray's trials keep RLlib's dir in SLURM_RAY_TMPDIR
+    # (a trial Tune kills never reaches its cleanup). Both private, removed at exit.
     private_tmp = tempfile.mkdtemp(prefix="rs-tune-", dir=os.environ.get("SLURM_RAY_TMPDIR"))
-    os.environ["RAY_TMPDIR"] = private_tmp
-    # A local Ray's trial actors inherit it and keep RLlib's dir there: a trial
-    # that Tune kills (a signal, a scheduler's stop) never reaches its cleanup.
-    os.environ["SLURM_RAY_TMPDIR"] = private_tmp
+    os.environ["RAY_TMPDIR"] = os.environ["SLURM_RAY_TMPDIR"] = private_tmp
     os.environ[STREAM_ENV] = str(run_dir / "metrics.jsonl")
     if args.local:
         os.environ.pop("RAY_ADDRESS", None)
